@@ -1,0 +1,591 @@
+"""Semantic IDs (SIDs) for items: OPQ codes, collision-free, with forward/inverted indexes.
+
+Each item becomes a tuple of `n_digit` (4) codes in 0..255. The pipeline is:
+
+    item embeddings [N, D]
+      -> center, zero-pad D to a multiple of n_digit
+      -> OPQ (Ge et al., CVPR 2013, non-parametric): alternate per-subspace k-means with a
+         rotation update by orthogonal Procrustes
+      -> codes [N, 4]
+      -> collision resolution: two items never share a SID
+      -> SIDIndex: forward index (item -> codes, uint8, 4 bytes per item), inverted index
+         (codes -> item), prefix constraints (which next codes lead to a real item)
+
+The token-id layout shared with the model (one vocabulary, no overlapping ranges):
+
+    0 PAD | 1 BOS | 2 EOS | 3 .. 3+U-1 user buckets | 3+U + d*256 + c for digit d, code c
+
+Only numpy is needed; torch tensors are accepted (and returned) by `SIDIndex.prefix_mask` and
+`SIDIndex.lookup` so the beam search can hand its tensors over directly.
+
+    python sid.py --emb items.npy --out DIR    # build and save an index from any [N, D] matrix
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import io
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PAD, BOS, EOS = 0, 1, 2
+N_SPECIAL = 3
+N_DIGIT = 4
+CODEBOOK_SIZE = 256
+INDEX_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-id layout and user buckets
+# ----------------------------------------------------------------------------------------------
+
+def _as_int_array(values, name: str) -> np.ndarray:
+    """Integer numpy view of `values` (numpy, torch or list); floats and bools are an error."""
+    array = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name}: expected an integer array, got dtype {array.dtype}")
+    return array
+
+
+def _check_range(array: np.ndarray, low: int, high: int, name: str) -> None:
+    """Raise unless every value is in [low, high)."""
+    if array.size and (array.min() < low or array.max() >= high):
+        bad = array[(array < low) | (array >= high)].ravel()[0]
+        raise ValueError(f"{name}: expected values in [{low}, {high}), got {int(bad)}")
+
+
+def codes_to_tokens(codes, n_user_buckets: int, codebook_size: int = CODEBOOK_SIZE) -> np.ndarray:
+    """SID codes [..., n_digit] in 0..codebook_size-1 -> token ids [..., n_digit] (int64)."""
+    codes = _as_int_array(codes, "codes").astype(np.int64)
+    _check_range(codes, 0, codebook_size, "codes")
+    digit = np.arange(codes.shape[-1], dtype=np.int64)
+    return N_SPECIAL + n_user_buckets + digit * codebook_size + codes
+
+
+def tokens_to_codes(tokens, n_user_buckets: int, codebook_size: int = CODEBOOK_SIZE) -> np.ndarray:
+    """Token ids [..., n_digit] -> SID codes [..., n_digit] (int64). Each digit has its own range."""
+    tokens = _as_int_array(tokens, "tokens").astype(np.int64)
+    digit = np.arange(tokens.shape[-1], dtype=np.int64)
+    codes = tokens - (N_SPECIAL + n_user_buckets + digit * codebook_size)
+    if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+        bad = np.argwhere((codes < 0) | (codes >= codebook_size))[0]
+        raise ValueError(f"tokens: digit {bad[-1]} expects ids in "
+                         f"[{N_SPECIAL + n_user_buckets + bad[-1] * codebook_size}, "
+                         f"{N_SPECIAL + n_user_buckets + (bad[-1] + 1) * codebook_size}), "
+                         f"got {int(tokens[tuple(bad)])}")
+    return codes
+
+
+def user_bucket(raw_user_id, n_user_buckets: int) -> int:
+    """Stable hash of a raw user id (hashed by its str form) into [0, n_user_buckets).
+
+    Python's hash() of a str is salted per process, so it would give every process, and every
+    run, different buckets. blake2b is the same everywhere.
+    """
+    if n_user_buckets <= 0:
+        raise ValueError(f"n_user_buckets: expected a positive int, got {n_user_buckets}")
+    digest = hashlib.blake2b(str(raw_user_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n_user_buckets
+
+
+# ----------------------------------------------------------------------------------------------
+# k-means
+# ----------------------------------------------------------------------------------------------
+
+def _check_embeddings(x, name: str = "embeddings") -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array [n_items, dim], got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one item and one dimension, got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a numeric array, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        row = int(np.argwhere(~np.isfinite(x))[0, 0])
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in row {row}")
+    return x
+
+
+def _partial_distance_blocks(x: np.ndarray, centroids: np.ndarray, chunk_rows: int = 8192):
+    """Yield (start, block) with block = |c|^2 - 2 x.c for rows start:start+chunk_rows.
+
+    |x - c|^2 = |x|^2 - 2 x.c + |c|^2, and |x|^2 does not change which centroid is nearest, so it
+    is added only where a distance is reported. Chunks bound memory to chunk_rows * K floats.
+    """
+    c_sq = (centroids * centroids).sum(1)
+    minus_two_c = -2.0 * centroids.T                                   # [D, K]
+    for start in range(0, x.shape[0], chunk_rows):  # loop over chunks only
+        block = x[start:start + chunk_rows] @ minus_two_c
+        block += c_sq
+        yield start, block
+
+
+def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Squared distances x [N, D] to centroids [K, D] -> [N, K], clipped at 0 (rounding)."""
+    out = np.empty((x.shape[0], centroids.shape[0]), dtype=x.dtype)
+    x_sq = (x * x).sum(1, keepdims=True)
+    for start, block in _partial_distance_blocks(x, centroids):
+        out[start:start + len(block)] = np.maximum(block + x_sq[start:start + len(block)], 0.0)
+    return out
+
+
+def _assign(x: np.ndarray, centroids: np.ndarray):
+    """Nearest centroid per row [N] and its squared distance [N], without building [N, K]."""
+    codes = np.empty(x.shape[0], dtype=np.int64)
+    dist = (x * x).sum(1)
+    for start, block in _partial_distance_blocks(x, centroids):
+        best = block.argmin(1)
+        codes[start:start + len(block)] = best
+        dist[start:start + len(block)] += np.take_along_axis(block, best[:, None], 1)[:, 0]
+    return codes, np.maximum(dist, 0.0)
+
+
+def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007). Needs k <= number of distinct rows.
+
+    Distances are kept in float64 so that distinct points keep a positive chance of being drawn.
+    """
+    x64 = x.astype(np.float64)
+    x_sq = (x64 * x64).sum(1)
+    picks = [int(rng.integers(x.shape[0]))]
+    closest = np.maximum(x_sq - 2.0 * x64 @ x64[picks[0]] + x_sq[picks[0]], 0.0)
+    for _ in range(1, k):  # sequential by definition; each step is vectorised over points
+        cumulative = np.cumsum(closest)
+        if cumulative[-1] > 0:  # draw with probability proportional to the squared distance
+            pick = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(x) - 1)
+        else:
+            pick = int(rng.integers(x.shape[0]))
+        picks.append(pick)
+        np.minimum(closest, np.maximum(x_sq - 2.0 * x64 @ x64[pick] + x_sq[pick], 0.0), out=closest)
+    return x[picks].copy()
+
+
+def lloyd(x: np.ndarray, centroids: np.ndarray, n_iter: int):
+    """n_iter Lloyd steps from the given centroids. Returns (centroids, codes, mean sq. error).
+
+    A step assigns every point to its nearest centroid, then moves each centroid to its cluster's
+    mean; neither half can raise the error. The returned codes are the last assignment and the
+    error is measured against the moved centroids, so (codes, centroids) is always a consistent
+    quantisation. An empty cluster is re-seeded at the point farthest from its centroid (never NaN).
+    """
+    centroids = centroids.copy()
+    k = centroids.shape[0]
+    codes = np.zeros(len(x), np.int64)
+    for _ in range(max(n_iter, 1)):
+        codes, dist = _assign(x, centroids)
+        counts = np.bincount(codes, minlength=k)
+        # Cluster sums in one pass: sort rows by cluster, then add each contiguous run.
+        order = np.argsort(codes, kind="stable")
+        filled = counts > 0
+        starts = (np.cumsum(counts) - counts)[filled]
+        centroids[filled] = np.add.reduceat(x[order], starts, axis=0) / counts[filled, None]
+        empty = np.flatnonzero(~filled)
+        if empty.size:  # an empty centroid is far from every point: moving it changes nobody's cost
+            far = np.argsort(-dist, kind="stable")[: empty.size]
+            far = far[dist[far] > 0]  # a point already on a centroid cannot help
+            centroids[empty[: far.size]] = x[far]
+    residual = x - centroids[codes]
+    return centroids, codes, float((residual * residual).sum(1).mean())
+
+
+def kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, max_points_per_centroid: int = 256):
+    """k-means++ then Lloyd. Returns (centroids [k', D], codes [N]) with k' = min(k, distinct rows).
+
+    Training uses at most `max_points_per_centroid * k` rows (a seeded subsample, as faiss does);
+    every row is then encoded.
+    """
+    x = _check_embeddings(x, "kmeans input")
+    if k <= 0:
+        raise ValueError(f"k: expected a positive int, got {k}")
+    rng = np.random.default_rng(seed)
+    train = x
+    if x.shape[0] > max_points_per_centroid * k:
+        train = x[np.sort(rng.choice(x.shape[0], max_points_per_centroid * k, replace=False))]
+    k = min(k, np.unique(train, axis=0).shape[0])
+    centroids, _, _ = lloyd(train, kmeans_plusplus(train, k, rng), n_iter)
+    codes, _ = _assign(x, centroids)
+    return centroids, codes
+
+
+# ----------------------------------------------------------------------------------------------
+# OPQ
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class OPQ:
+    """A trained OPQ quantiser: x -> ((x - mean) padded) @ rotation, split into n_digit subspaces.
+
+    codebooks[d] is [n_centroids[d], dsub]; codes n_centroids[d]..255 have no centroid.
+    """
+    mean: np.ndarray                 # [D] training mean, subtracted first
+    rotation: np.ndarray             # [D', D'] orthogonal, D' = D rounded up to n_digit
+    codebooks: list                  # n_digit arrays [k_d, dsub]
+    errors: list = field(default_factory=list)  # mean squared error after each OPQ iteration
+
+    @property
+    def n_digit(self) -> int:
+        return len(self.codebooks)
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        """[N, D] -> [N, D'] centered, zero-padded and rotated (float32)."""
+        x = _check_embeddings(x)
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"embeddings: expected dim {self.mean.shape[0]}, got {x.shape[1]}")
+        centered = _pad_to(x.astype(np.float64) - self.mean, self.rotation.shape[0])
+        return (centered @ self.rotation).astype(np.float32)
+
+    def distances(self, x: np.ndarray) -> np.ndarray:
+        """Squared distance of every item to every code of every digit: [N, n_digit, 256].
+
+        Codes with no centroid get +inf, so they are chosen only when nothing else is free.
+        """
+        subspaces = split_subspaces(self.rotate(x), self.n_digit)
+        out = np.full((len(subspaces[0]), self.n_digit, CODEBOOK_SIZE), np.inf, dtype=np.float32)
+        for d, book in enumerate(self.codebooks):  # loop over the 4 digits only
+            out[:, d, : book.shape[0]] = squared_distances(subspaces[d], book)
+        return out
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Nearest codes, [N, n_digit] int64 (collisions not resolved)."""
+        subspaces = split_subspaces(self.rotate(x), self.n_digit)
+        return np.stack([_assign(sub, book)[0] for sub, book in zip(subspaces, self.codebooks)], axis=1)
+
+
+def split_subspaces(z: np.ndarray, n_digit: int) -> list:
+    """[N, D'] -> n_digit contiguous [N, D'/n_digit] blocks (contiguous: matmuls run faster)."""
+    return [np.ascontiguousarray(block) for block in np.split(z, n_digit, axis=1)]
+
+
+def _pad_to(x: np.ndarray, dim: int) -> np.ndarray:
+    """Zero-pad columns up to `dim` (OPQ needs D divisible by n_digit; zeros add no error)."""
+    return x if x.shape[1] == dim else np.pad(x, ((0, 0), (0, dim - x.shape[1])))
+
+
+def train_opq(x, n_digit: int = N_DIGIT, codebook_size: int = CODEBOOK_SIZE, n_iter: int = 10,
+              kmeans_iter: int = 5, seed: int = 0, max_points_per_centroid: int = 256,
+              rotate: bool = True) -> OPQ:
+    """Non-parametric OPQ. `rotate=False` gives plain PQ (rotation stays the identity).
+
+    Per iteration: a few warm-started Lloyd steps per subspace (error cannot rise), then
+    R = U Vt from svd(Xᵀ Ŷ) (orthogonal Procrustes: the best rotation for the current codes, so
+    the error cannot rise either). The reported error is therefore non-increasing.
+    """
+    x = _check_embeddings(x)
+    if not 1 <= codebook_size <= 256:
+        raise ValueError(f"codebook_size: expected 1..256 (codes are uint8), got {codebook_size}")
+    rng = np.random.default_rng(seed)
+    mean = x.mean(0, dtype=np.float64)
+    train = x
+    if x.shape[0] > max_points_per_centroid * codebook_size:
+        keep = np.sort(rng.choice(x.shape[0], max_points_per_centroid * codebook_size, replace=False))
+        train = x[keep]
+    dim = -(-x.shape[1] // n_digit) * n_digit
+    centered = _pad_to(train.astype(np.float64) - mean, dim)          # [n, D']
+    rotation = np.eye(dim)
+    codebooks = []
+    for sub in split_subspaces(centered.astype(np.float32), n_digit):
+        k = min(codebook_size, np.unique(sub, axis=0).shape[0])  # at most one centroid per distinct point
+        codebooks.append(kmeans_plusplus(sub, k, rng))
+    errors = []
+    for _ in range(n_iter):
+        subspaces = split_subspaces((centered @ rotation).astype(np.float32), n_digit)
+        codes, err = [], 0.0
+        for d, sub in enumerate(subspaces):
+            codebooks[d], digit_codes, digit_err = lloyd(sub, codebooks[d], kmeans_iter)
+            codes.append(digit_codes)
+            err += digit_err
+        errors.append(err)  # mean squared error per item, summed over digits
+        if rotate:
+            recon = np.concatenate([book[c] for book, c in zip(codebooks, codes)], 1)  # Ŷ [n, D']
+            u, _, vt = np.linalg.svd(centered.T @ recon.astype(np.float64))
+            rotation = u @ vt
+    return OPQ(mean=mean, rotation=rotation, codebooks=codebooks, errors=errors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collision resolution
+# ----------------------------------------------------------------------------------------------
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """[..., 4] codes in 0..255 -> [...] uint32 keys, c0 in the high byte (sorts like the tuple)."""
+    codes = codes.astype(np.uint32)
+    return (codes[..., 0] << 24) | (codes[..., 1] << 16) | (codes[..., 2] << 8) | codes[..., 3]
+
+
+def _pack_tuple(codes: tuple) -> int:
+    """pack_codes for one tuple of Python ints."""
+    key = 0
+    for c in codes:
+        key = (key << 8) | c
+    return key
+
+
+def _nearest_free_tuple(dist: np.ndarray, taken: set) -> tuple:
+    """Cheapest code tuple not in `taken`, by best-first search over sorted per-digit distances.
+
+    dist [n_digit, 256] is one item's squared distance to every code. Ties go to the smaller
+    tuple of sorted ranks, so the result is deterministic.
+    """
+    order = np.argsort(dist, axis=1, kind="stable")                  # [n_digit, 256]
+    sorted_dist = np.take_along_axis(dist, order, 1).astype(np.float64)
+    start = (0,) * dist.shape[0]
+    heap = [(float(sorted_dist[np.arange(dist.shape[0]), start].sum()), start)]
+    seen = {start}
+    while heap:
+        cost, ranks = heapq.heappop(heap)
+        codes = tuple(int(order[d, r]) for d, r in enumerate(ranks))
+        if _pack_tuple(codes) not in taken:
+            return codes
+        for d in range(dist.shape[0]):
+            if ranks[d] + 1 < dist.shape[1]:
+                nxt = ranks[:d] + (ranks[d] + 1,) + ranks[d + 1:]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    # cost of the neighbour; +inf once a digit uses a code with no centroid
+                    nxt_cost = np.inf if np.isinf(sorted_dist[d, ranks[d] + 1]) else \
+                        cost + sorted_dist[d, ranks[d] + 1] - sorted_dist[d, ranks[d]]
+                    heapq.heappush(heap, (nxt_cost, nxt))
+    raise ValueError("no free SID left: more items than code tuples")
+
+
+def resolve_collisions(codes: np.ndarray, distances_of, taken_keys: np.ndarray | None = None):
+    """Give every item a SID of its own. Returns (codes [N, 4] int64, number of moved items).
+
+    codes [N, 4] are the nearest codes; distances_of(item_ids [M]) returns those items' squared
+    distances to every code, [M, 4, 256] (asked only for the items that must move, so memory
+    stays small); `taken_keys` are packed SIDs already in use (when adding items). Within a collision group the item with
+    the lowest id keeps its SID; the others, in id order, move to the free tuple with the least
+    added quantisation error. The loop runs over colliding items only: each choice changes
+    which tuples are free for the next, so the order matters and is fixed.
+    """
+    codes = codes.astype(np.int64).copy()
+    keys = pack_codes(codes)
+    taken_keys = np.zeros(0, np.uint32) if taken_keys is None else taken_keys
+    _, first = np.unique(keys, return_index=True)
+    keeps = np.zeros(len(keys), bool)
+    keeps[first] = True
+    keeps &= ~np.isin(keys, taken_keys)
+    movers = np.flatnonzero(~keeps)
+    if len(taken_keys) + len(keys) > CODEBOOK_SIZE ** codes.shape[1]:
+        raise ValueError(f"too many items: {len(taken_keys) + len(keys)} for "
+                         f"{CODEBOOK_SIZE ** codes.shape[1]} SIDs")
+    taken = set(taken_keys.tolist()) | set(keys[keeps].tolist())
+    if movers.size == 0:
+        return codes, 0
+    dist = distances_of(movers)                                        # [M, 4, 256]
+    for item, item_dist in zip(movers, dist):
+        new = _nearest_free_tuple(item_dist, taken)
+        codes[item] = new
+        taken.add(_pack_tuple(new))
+    return codes, len(movers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The index
+# ----------------------------------------------------------------------------------------------
+
+class _RefuseGlobals(pickle.Unpickler):
+    """Unpickler for plain dict/tuple/int data: every class or function reference is refused,
+    so a crafted file cannot run code (its __reduce__ needs a global such as os.system)."""
+
+    def find_class(self, module, name):
+        raise ValueError(f"tokens2item.pkl: refusing to load {module}.{name}; only a plain "
+                         "{(c0, c1, c2, c3): item_id} dict is allowed")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SIDIndex:
+    """Forward index (item -> codes), inverted index (codes -> item) and prefix constraints.
+
+    item_codes : uint8 array, shape = (n_items, n_digit); row i is item i's SID (4 bytes/item).
+    Built from the forward index alone: a sorted array of packed uint32 keys for lookup, and for
+    each prefix length l a packed bitmap of the codes that extend each prefix to a real item.
+    """
+
+    def __init__(self, item_codes, quantizer: OPQ | None = None):
+        item_codes = _as_int_array(item_codes, "item_codes")
+        if item_codes.ndim != 2 or item_codes.shape[1] != N_DIGIT or item_codes.shape[0] == 0:
+            raise ValueError(f"item_codes: expected shape [n_items>0, {N_DIGIT}], got {item_codes.shape}")
+        _check_range(item_codes, 0, CODEBOOK_SIZE, "item_codes")
+        self.item_codes = item_codes.astype(np.uint8)
+        self.quantizer = quantizer
+        keys = pack_codes(self.item_codes)
+        order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[order]                               # [N] uint32
+        self.sorted_items = order.astype(np.int64)                   # [N]
+        if (np.diff(self.sorted_keys) == 0).any():
+            dup = self.sorted_keys[1:][np.diff(self.sorted_keys) == 0][0]
+            raise ValueError(f"item_codes: two items share the SID with key {int(dup)}; SIDs must be unique")
+        # prefix_keys[l]: sorted unique packed l-digit prefixes; children[l]: [n_prefix, 32] uint8,
+        # bit c of row p set when prefix p followed by code c starts some real item.
+        self.prefix_keys, self.children = [], []
+        for length in range(N_DIGIT):
+            prefix = (keys >> np.uint32(8 * (N_DIGIT - length))).astype(np.int64) if length else np.zeros_like(keys, np.int64)
+            uniq, row = np.unique(prefix, return_inverse=True)
+            bits = np.zeros((len(uniq), CODEBOOK_SIZE), bool)
+            bits[row, self.item_codes[:, length]] = True
+            self.prefix_keys.append(uniq)
+            self.children.append(np.packbits(bits, axis=1, bitorder="little"))
+
+    @property
+    def n_items(self) -> int:
+        return self.item_codes.shape[0]
+
+    def lookup(self, codes):
+        """codes [..., 4] in 0..255 -> item ids [...] (int64), -1 where no item has that SID."""
+        as_torch = hasattr(codes, "detach")
+        array = _as_int_array(codes, "codes")
+        if array.shape[-1:] != (N_DIGIT,):
+            raise ValueError(f"codes: expected shape [..., {N_DIGIT}], got {tuple(array.shape)}")
+        _check_range(array, 0, CODEBOOK_SIZE, "codes")
+        keys = pack_codes(array)
+        pos = np.minimum(np.searchsorted(self.sorted_keys, keys), self.n_items - 1)
+        items = np.where(self.sorted_keys[pos] == keys, self.sorted_items[pos], -1)
+        return _like(items, codes) if as_torch else items
+
+    def prefix_mask(self, prefixes):
+        """prefixes [N, l] codes, l in 0..3 -> bool [N, 256]: codes that extend to a real item."""
+        as_torch = hasattr(prefixes, "detach")
+        array = _as_int_array(prefixes, "prefixes")
+        if array.ndim != 2 or array.shape[1] >= N_DIGIT:
+            raise ValueError(f"prefixes: expected shape [N, l] with l in 0..{N_DIGIT - 1}, "
+                             f"got {tuple(array.shape)}")
+        _check_range(array, 0, CODEBOOK_SIZE, "prefixes")
+        length = array.shape[1]
+        packed = np.zeros(array.shape[0], np.int64)
+        for d in range(length):  # loop over digits (at most 3), vectorised over prefixes
+            packed = (packed << 8) | array[:, d].astype(np.int64)
+        table = self.prefix_keys[length]
+        pos = np.minimum(np.searchsorted(table, packed), len(table) - 1)
+        rows = self.children[length][pos]                             # [N, 32] packed bits
+        mask = np.unpackbits(rows, axis=1, bitorder="little").astype(bool)
+        mask &= (table[pos] == packed)[:, None]                       # unknown prefix: nothing
+        return _like(mask, prefixes) if as_torch else mask
+
+    def add_items(self, embeddings) -> tuple["SIDIndex", int]:
+        """Encode new items with the trained quantiser; existing items keep their SIDs.
+
+        Returns (extended index, number of new items moved to resolve collisions). New items get
+        ids n_items, n_items+1, ...
+        """
+        if self.quantizer is None:
+            raise ValueError("add_items needs the trained quantiser (opq.npz); this index has none")
+        embeddings = _check_embeddings(embeddings)
+        new_codes, moved = resolve_collisions(self.quantizer.encode(embeddings),
+                                              lambda rows: self.quantizer.distances(embeddings[rows]),
+                                              self.sorted_keys)
+        return SIDIndex(np.concatenate([self.item_codes, new_codes.astype(np.uint8)]), self.quantizer), moved
+
+    def inverted_dict(self) -> dict:
+        """The seed's inverted index: {(c0, c1, c2, c3): item_id} with plain ints."""
+        return {tuple(int(c) for c in row): i for i, row in enumerate(self.item_codes.tolist())}
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, folder: str) -> None:
+        """item_id2tokens.npy, tokens2item.pkl and (if trained here) opq.npz, each written atomically."""
+        os.makedirs(folder, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, self.item_codes, allow_pickle=False)
+        _atomic_write(os.path.join(folder, "item_id2tokens.npy"), buf.getvalue())
+        _atomic_write(os.path.join(folder, "tokens2item.pkl"), pickle.dumps(self.inverted_dict(), protocol=4))
+        if self.quantizer is not None:
+            q = self.quantizer
+            buf = io.BytesIO()
+            books = np.zeros((q.n_digit, CODEBOOK_SIZE, q.codebooks[0].shape[1]), np.float32)
+            for d, book in enumerate(q.codebooks):
+                books[d, : len(book)] = book
+            np.savez(buf, version=INDEX_VERSION, mean=q.mean, rotation=q.rotation, codebooks=books,
+                     n_centroids=np.array([len(b) for b in q.codebooks]), errors=np.array(q.errors))
+            _atomic_write(os.path.join(folder, "opq.npz"), buf.getvalue())
+
+    @classmethod
+    def load(cls, folder: str) -> "SIDIndex":
+        """Load without executing pickled code; the pickle must agree with the forward index."""
+        fwd = os.path.join(folder, "item_id2tokens.npy")
+        try:
+            codes = np.load(fwd, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{fwd}: not a readable uint8 [n_items, 4] array ({e})") from e
+        if codes.dtype != np.uint8:
+            raise ValueError(f"{fwd}: expected dtype uint8, got {codes.dtype} (an incompatible version?)")
+        quantizer = None
+        opq_path = os.path.join(folder, "opq.npz")
+        if os.path.exists(opq_path):
+            with np.load(opq_path, allow_pickle=False) as z:
+                if int(z["version"]) != INDEX_VERSION:
+                    raise ValueError(f"{opq_path}: index version {int(z['version'])}, this code reads {INDEX_VERSION}")
+                quantizer = OPQ(mean=z["mean"], rotation=z["rotation"], errors=list(z["errors"]),
+                                codebooks=[z["codebooks"][d, :k] for d, k in enumerate(z["n_centroids"])])
+        index = cls(codes, quantizer)
+        inv = os.path.join(folder, "tokens2item.pkl")
+        if os.path.exists(inv):
+            with open(inv, "rb") as f:
+                try:
+                    table = _RefuseGlobals(f).load()
+                except ValueError:
+                    raise
+                except Exception as e:
+                    raise ValueError(f"{inv}: not a valid pickle ({e})") from e
+            if table != index.inverted_dict():
+                raise ValueError(f"{inv}: does not match {fwd}; rebuild the index")
+        return index
+
+
+def _like(array: np.ndarray, reference):
+    """numpy result -> torch tensor on `reference`'s device (torch imported only here)."""
+    import torch
+    return torch.from_numpy(array).to(reference.device)
+
+
+def build_index(embeddings, seed: int = 0, n_iter: int = 10, kmeans_iter: int = 5,
+                codebook_size: int = CODEBOOK_SIZE, verbose: bool = False) -> tuple[SIDIndex, int]:
+    """Embeddings [N, D] -> (collision-free SIDIndex, number of items moved by resolution)."""
+    opq = train_opq(embeddings, N_DIGIT, codebook_size, n_iter, kmeans_iter, seed)
+    embeddings = _check_embeddings(embeddings)
+    codes, moved = resolve_collisions(opq.encode(embeddings), lambda rows: opq.distances(embeddings[rows]))
+    if verbose:
+        print(f"OPQ error per iteration: {' '.join(f'{e:.4g}' for e in opq.errors)}")
+        print(f"collisions resolved: {moved} of {len(codes)} items moved to their nearest free SID")
+    return SIDIndex(codes, opq), moved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build collision-free OPQ semantic IDs.")
+    parser.add_argument("--emb", required=True, help="[n_items, D] float .npy file")
+    parser.add_argument("--out", required=True, help="folder for item_id2tokens.npy, tokens2item.pkl, opq.npz")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n_iter", type=int, default=10, help="OPQ iterations")
+    args = parser.parse_args()
+    try:
+        emb = np.load(args.emb, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{args.emb}: cannot read a numeric .npy array ({e})")
+    start = time.perf_counter()
+    index, _ = build_index(emb.astype(np.float32), seed=args.seed, n_iter=args.n_iter, verbose=True)
+    index.save(args.out)
+    print(f"{index.n_items} items, {time.perf_counter() - start:.1f} s, saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

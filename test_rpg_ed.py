@@ -1,0 +1,253 @@
+"""Property tests for RPG_ED: each fast path is checked against a slow, obviously correct oracle.
+
+    python test_rpg_ed.py            # everything (what CI runs)
+    python -m pytest test_rpg_ed.py -m "not slow"   # skip the end-to-end runs
+
+Sizes are tiny and seeded; hypothesis generates shapes, catalogues, lengths and padding.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------------------------
+# sid.py
+# ----------------------------------------------------------------------------------------------
+
+@st.composite
+def catalogues(draw, max_items: int = 60):
+    """Random item embeddings, often with many exact duplicate rows (forced collisions)."""
+    n_items = draw(st.integers(1, max_items))
+    dim = draw(st.integers(1, 9))
+    n_distinct = draw(st.integers(1, n_items))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    distinct = rng.standard_normal((n_distinct, dim)).astype(np.float32)
+    return distinct[rng.integers(0, n_distinct, n_items)] if n_distinct < n_items else distinct
+
+
+def small_index(x: np.ndarray, seed: int = 0):
+    return sid.build_index(x, seed=seed, n_iter=3, kmeans_iter=3)
+
+
+@FAST
+@given(catalogues())
+def test_round_trip_and_unique_sids(x):
+    index, moved = small_index(x)
+    codes = index.item_codes
+    assert codes.dtype == np.uint8 and codes.shape == (len(x), 4)
+    assert len(np.unique(sid.pack_codes(codes))) == len(x)              # a bijection
+    assert np.array_equal(index.lookup(codes), np.arange(len(x)))       # items -> SIDs -> items
+    assert np.array_equal(index.item_codes[index.lookup(codes)], codes)  # SIDs -> items -> SIDs
+    assert moved >= len(x) - len(np.unique(x, axis=0))                   # every duplicate moved
+
+
+@FAST
+@given(catalogues(), st.integers(0, 3))
+def test_collision_resolution_is_deterministic(x, seed):
+    a, moved_a = small_index(x, seed)
+    b, moved_b = small_index(x, seed)
+    assert np.array_equal(a.item_codes, b.item_codes) and moved_a == moved_b
+
+
+def test_collision_moves_to_cheapest_free_tuple():
+    """Brute force over all tuples: the mover gets the free tuple of least total distance."""
+    rng = np.random.default_rng(0)
+    dist = rng.random((3, 4, 256)).astype(np.float32)
+    codes = np.tile(dist[0].argmin(1), (3, 1))                           # all three collide
+    resolved, moved = sid.resolve_collisions(codes, lambda rows: dist[rows])
+    assert moved == 2
+    taken = {tuple(resolved[0])}
+    for item in (1, 2):
+        # cheapest tuple overall is the argmin; the best free one differs from it in one digit
+        # or more, so compare against the exact minimum over single- and double-digit changes
+        best = None
+        for d1 in range(4):
+            for c1 in range(256):
+                cand = list(dist[item].argmin(1))
+                cand[d1] = c1
+                for d2 in range(4):
+                    for c2 in (range(256) if d2 > d1 else [None]):
+                        full = list(cand)
+                        if c2 is not None:
+                            full[d2] = c2
+                        if tuple(full) in taken:
+                            continue
+                        cost = dist[item][np.arange(4), full].sum()
+                        if best is None or cost < best[0]:
+                            best = (cost, tuple(full))
+        assert np.isclose(dist[item][np.arange(4), resolved[item]].sum(), best[0])
+        taken.add(tuple(resolved[item]))
+
+
+@FAST
+@given(catalogues(), st.data())
+def test_prefix_mask_equals_brute_force(x, data):
+    index, _ = small_index(x)
+    codes = index.item_codes.astype(np.int64)
+    for length in range(4):
+        existing = codes[:, :length]
+        n_random = data.draw(st.integers(0, 5))
+        random = np.array(data.draw(st.lists(st.integers(0, 255), min_size=n_random * length,
+                                             max_size=n_random * length)), dtype=np.int64).reshape(n_random, length)
+        prefixes = np.concatenate([existing, random])
+        mask = index.prefix_mask(prefixes)
+        expected = np.zeros((len(prefixes), 256), bool)
+        for row, prefix in enumerate(prefixes):  # the slow oracle: scan the catalogue
+            for item_codes in codes:
+                if tuple(item_codes[:length]) == tuple(prefix):
+                    expected[row, item_codes[length]] = True
+        assert np.array_equal(mask, expected)
+
+
+def test_prefix_mask_and_lookup_accept_torch():
+    import torch
+    index, _ = small_index(np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32))
+    prefixes = torch.from_numpy(index.item_codes[:5, :2].astype(np.int64))
+    assert torch.equal(index.prefix_mask(prefixes), torch.from_numpy(index.prefix_mask(prefixes.numpy())))
+    codes = torch.from_numpy(index.item_codes.astype(np.int64))
+    assert torch.equal(index.lookup(codes), torch.arange(40))
+
+
+@FAST
+@given(catalogues(max_items=40), catalogues(max_items=20))
+def test_adding_items_keeps_old_sids(old, new):
+    if old.shape[1] != new.shape[1]:
+        new = np.resize(new, (len(new), old.shape[1])).astype(np.float32)
+    new = np.concatenate([new, old[: len(new) // 2]])                  # some duplicate old items
+    index, _ = small_index(old)
+    bigger, _ = index.add_items(new)
+    assert np.array_equal(bigger.item_codes[: len(old)], index.item_codes)
+    assert len(np.unique(sid.pack_codes(bigger.item_codes))) == len(old) + len(new)
+    assert np.array_equal(bigger.lookup(bigger.item_codes), np.arange(len(old) + len(new)))
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(2, 6))
+def test_opq_error_is_non_increasing(seed, n_iter):
+    x = np.random.default_rng(seed).standard_normal((300, 12)).astype(np.float32)
+    errors = sid.train_opq(x, codebook_size=16, n_iter=n_iter, kmeans_iter=2, seed=seed).errors
+    assert len(errors) == n_iter
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:])), errors
+
+
+def test_opq_beats_pq_on_rotated_anisotropic_data():
+    rng = np.random.default_rng(0)
+    scales = np.array([8, 8, 6, 6, 1, 1, 0.5, 0.5, 0.2, 0.2, 0.1, 0.1, 0.05, 0.05, 0.02, 0.02])
+    x = rng.standard_normal((2000, 16)) * scales
+    rotation, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    x = (x @ rotation).astype(np.float32)
+    pq = sid.train_opq(x, codebook_size=16, n_iter=8, kmeans_iter=4, rotate=False).errors[-1]
+    opq = sid.train_opq(x, codebook_size=16, n_iter=8, kmeans_iter=4).errors[-1]
+    assert opq < 0.9 * pq, (opq, pq)
+
+
+def test_kmeans_beats_random_assignment_and_handles_small_inputs():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal((200, 2)) + c for c in ([0, 0], [10, 0], [0, 10])]).astype(np.float32)
+    centroids, codes = sid.kmeans(x, 3, seed=0)
+    err = ((x - centroids[codes]) ** 2).sum(1).mean()
+    random_codes = rng.integers(0, 3, len(x))
+    random_centroids = np.stack([x[random_codes == k].mean(0) for k in range(3)])
+    assert err < 0.2 * ((x - random_centroids[random_codes]) ** 2).sum(1).mean()
+    # fewer distinct points than centroids: one centroid per distinct point, codes in range, no NaN
+    few = np.repeat(rng.standard_normal((3, 4)).astype(np.float32), 5, axis=0)
+    centroids, codes = sid.kmeans(few, 256, seed=0)
+    assert centroids.shape == (3, 4) and np.isfinite(centroids).all() and codes.max() < 3
+    assert np.allclose(centroids[codes], few)
+    a, b = sid.kmeans(x, 8, seed=5), sid.kmeans(x, 8, seed=5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_lloyd_reseeds_empty_clusters():
+    x = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    centroids = np.concatenate([x[:3], np.full((2, 3), 1e3, np.float32)])  # two far, empty clusters
+    out, codes, _ = sid.lloyd(x, centroids, 3)
+    assert np.isfinite(out).all() and len(np.unique(codes)) == 5
+
+
+def test_save_load_round_trip(tmp_path):
+    x = np.random.default_rng(2).standard_normal((80, 10)).astype(np.float32)
+    index, _ = small_index(x)
+    index.save(str(tmp_path))
+    loaded = sid.SIDIndex.load(str(tmp_path))
+    assert np.array_equal(loaded.item_codes, index.item_codes)
+    assert loaded.inverted_dict() == index.inverted_dict()
+    with open(tmp_path / "tokens2item.pkl", "rb") as f:
+        assert pickle.load(f) == {tuple(int(c) for c in row): i for i, row in enumerate(index.item_codes)}
+    more, _ = loaded.add_items(x[:3])                                   # the quantiser came back too
+    assert more.n_items == 83
+
+
+class _Bomb:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_pickle_is_refused(tmp_path):
+    index, _ = small_index(np.random.default_rng(3).standard_normal((20, 4)).astype(np.float32))
+    index.save(str(tmp_path))
+    target = tmp_path / "pwned"
+    with open(tmp_path / "tokens2item.pkl", "wb") as f:
+        pickle.dump({(0, 0, 0, 0): _Bomb(str(target))}, f)
+    with pytest.raises(ValueError, match="refusing to load"):
+        sid.SIDIndex.load(str(tmp_path))
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: sid.build_index(np.array([[0.0, np.nan]])), "finite"),
+    (lambda: sid.build_index(np.array([[0.0, np.inf]])), "finite"),
+    (lambda: sid.build_index(np.zeros(5)), "2-D"),
+    (lambda: sid.build_index(np.zeros((0, 4))), "at least one item"),
+    (lambda: sid.SIDIndex(np.array([[0, 0, 0, 256]])), "[0, 256)"),
+    (lambda: sid.SIDIndex(np.array([[1, 2, 3, 4], [1, 2, 3, 4]])), "share the SID"),
+    (lambda: sid.SIDIndex(np.zeros((3, 4))), "integer"),
+    (lambda: sid.SIDIndex(np.array([[1, 2, 3, 4]])).lookup(np.array([[1, 2, 3, 300]])), "[0, 256)"),
+    (lambda: sid.SIDIndex(np.array([[1, 2, 3, 4]])).prefix_mask(np.zeros((2, 4), int)), "l in 0..3"),
+    (lambda: sid.codes_to_tokens(np.array([[1, 2, 3, 256]]), 10), "[0, 256)"),
+    (lambda: sid.tokens_to_codes(np.array([[13, 13, 269, 525]]), 10), "digit 1"),
+    (lambda: sid.user_bucket("u1", 0), "positive"),
+])
+def test_sid_bad_input(make, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace(")", r"\)").replace(".", r"\.")):
+        make()
+
+
+@FAST
+@given(st.lists(st.integers(0, 255), min_size=4, max_size=4), st.integers(1, 50))
+def test_token_layout_round_trip(codes, n_buckets):
+    tokens = sid.codes_to_tokens(np.array([codes]), n_buckets)
+    low = 3 + n_buckets + 256 * np.arange(4)                            # each digit has its own range
+    assert ((tokens[0] >= low) & (tokens[0] < low + 256)).all()
+    assert np.array_equal(sid.tokens_to_codes(tokens, n_buckets)[0], codes)
+
+
+def test_user_bucket_is_stable_across_processes():
+    ids = ["A1B2", "42", 42, "user-é"]
+    here = [sid.user_bucket(u, 10000) for u in ids]
+    code = f"import sid; print([sid.user_bucket(u, 10000) for u in {ids!r}])"
+    for salt in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": salt}, check=True).stdout
+        assert out.strip() == str(here)
+    assert all(0 <= b < 10000 for b in here)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
