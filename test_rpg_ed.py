@@ -249,5 +249,195 @@ def test_user_bucket_is_stable_across_processes():
     assert all(0 <= b < 10000 for b in here)
 
 
+# ----------------------------------------------------------------------------------------------
+# rpg_ed.py
+# ----------------------------------------------------------------------------------------------
+
+import torch
+import torch.nn.functional as F
+
+import rpg_ed
+
+TINY = dict(n_user_buckets=7, max_history=6, encoder_n_layer=2, decoder_n_layer=2, n_head=2,
+            n_embd=16, n_inner=32)
+
+
+def tiny_model(seed: int = 0, **overrides) -> rpg_ed.RPG_ED:
+    torch.manual_seed(seed)
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, **overrides}))
+    with torch.no_grad():  # GPT-2 init is near-uniform; spread the logits so tests see real differences
+        model.token_emb.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+def make_batch(model, lengths, width=None, seed=0, targets=None):
+    """Left-padded batch: row i has lengths[i] real items in a history of `width` slots."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths, default=0) if width is None else width
+    codes = torch.randint(0, c.codebook_size, (len(lengths), width, c.n_digit), generator=g)
+    history = codes + model.digit_offsets
+    for row, n in enumerate(lengths):
+        history[row, : width - n] = rpg_ed.PAD
+    if targets is None:
+        targets = torch.randint(0, c.codebook_size, (len(lengths), c.n_digit), generator=g)
+    tokens = targets + model.digit_offsets
+    return dict(user_ids=torch.randint(0, c.n_user_buckets, (len(lengths),), generator=g),
+                history_sid=history,
+                decoder_input_ids=torch.cat([torch.full((len(lengths), 1), rpg_ed.BOS), tokens], 1),
+                decoder_labels=torch.cat([tokens, torch.full((len(lengths), 1), rpg_ed.EOS)], 1))
+
+
+def trim(batch, row):
+    """Row `row` alone, with only its real history items (no padding at all)."""
+    history = batch["history_sid"][row:row + 1]
+    real = history[0, :, 0] != rpg_ed.PAD
+    return {k: (history[:, real] if k == "history_sid" else v[row:row + 1]) for k, v in batch.items()}
+
+
+histories = st.lists(st.integers(0, TINY["max_history"]), min_size=1, max_size=4)
+
+
+@FAST
+@given(histories, st.integers(1, 3), st.integers(0, 1000), st.booleans())
+def test_cached_decoding_equals_full_forward(lengths, n_beams, seed, user_token):
+    model = tiny_model(seed, use_user_token=user_token)
+    batch = make_batch(model, lengths, seed=seed)
+    with torch.no_grad():
+        memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])
+        tokens = batch["decoder_input_ids"].repeat_interleave(n_beams, 0)         # (B*beams, 5)
+        codes = tokens[:, 1:] - model.digit_offsets
+        full = model.decode(tokens, memory, memory_mask)                        # one uncached pass
+        cache = model.new_cache(memory, memory_mask, n_beams)
+        for pos in range(4):
+            step = model.step(codes[:, pos - 1] if pos else None, cache, pos)
+            assert torch.allclose(step, model.code_logits(full[:, pos], pos), atol=1e-5)
+            assert torch.allclose(step, model.step_uncached(codes[:, :pos], memory, memory_mask), atol=1e-5)
+
+
+@FAST
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(0, 1000))
+def test_attention_matches_reference_and_sdpa(B, H, Tq, Tk, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, 8, generator=g) for n in (Tq, Tk, Tk))
+    mask = torch.rand(B, 1, Tq, Tk, generator=g) < 0.6
+    mask[..., 0] |= torch.rand(B, 1, Tq, generator=g) < 0.7               # most rows see something
+    out = rpg_ed.attention(q, k, v, mask)
+    scores = q @ k.transpose(-2, -1) / 8 ** 0.5 + torch.where(mask, 0.0, float("-inf"))
+    reference = torch.softmax(scores, -1) @ v
+    visible = mask.any(-1, keepdim=True).expand(B, H, Tq, 1)
+    assert torch.allclose(out, torch.where(visible, reference, 0.0), atol=1e-5)
+    assert not out.isnan().any() and (out[~visible.expand_as(out)] == 0).all()   # blind rows: zeros
+    rows = visible[0, 0, :, 0]
+    if rows.any():
+        sdpa = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask[:, :, rows])
+        assert torch.allclose(out[:, :, rows], sdpa, atol=1e-5)
+
+
+@FAST
+@given(histories, st.integers(0, 1000), st.integers(0, 4))
+def test_padding_is_invisible(lengths, seed, t):
+    model = tiny_model(seed)
+    batch = make_batch(model, lengths, width=TINY["max_history"], seed=seed)
+    with torch.no_grad():
+        before = model.logits(batch)
+        model.token_emb.weight[rpg_ed.PAD].normal_(0, 5.0)                   # what padded slots hold
+        assert torch.allclose(model.logits(batch), before, atol=1e-5)
+        narrower = dict(batch, history_sid=batch["history_sid"][:, TINY["max_history"] - max(lengths):])
+        assert torch.allclose(model.logits(narrower), before, atol=1e-5)    # less padding, same result
+        later = batch["decoder_input_ids"].clone()
+        later[:, t + 1:] = torch.randint(0, 256, later[:, t + 1:].shape) + model.digit_offsets[t:]
+        changed = model.logits(dict(batch, decoder_input_ids=later))
+        assert torch.allclose(changed[:, : t + 1], before[:, : t + 1], atol=1e-5)
+
+
+@FAST
+@given(histories, st.integers(0, 1000), st.booleans())
+def test_rows_are_independent(lengths, seed, digit_logits):
+    model = tiny_model(seed, digit_logits=digit_logits)
+    batch = make_batch(model, lengths, seed=seed)
+    with torch.no_grad():
+        together = model.logits(batch)
+        for row in range(len(lengths)):
+            assert torch.allclose(model.logits(trim(batch, row))[0], together[row], atol=1e-5)
+
+
+@FAST
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(0, 1000))
+def test_cache_reorder_equals_permuted_inputs(B, n_beams, pos, seed):
+    model = tiny_model(seed)
+    batch = make_batch(model, [3] * B, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 256, (B * n_beams, pos), generator=g)
+    # a random parent for every beam, always within its own user's block of beams
+    index = (torch.arange(B)[:, None] * n_beams + torch.randint(0, n_beams, (B, n_beams), generator=g)).flatten()
+    nxt = torch.randint(0, 256, (B * n_beams,), generator=g)
+    with torch.no_grad():
+        memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])
+        cache = model.new_cache(memory, memory_mask, n_beams)
+        for p in range(pos):
+            model.step(prefix[:, p - 1] if p else None, cache, p)
+        cache.reorder(index)
+        model.step(prefix[index, pos - 1], cache, pos)                    # the parent's last code
+        got = model.step(nxt, cache, pos + 1) if pos < 3 else None
+        permuted = torch.cat([prefix[index], nxt[:, None]], 1)
+        if got is not None:
+            assert torch.allclose(got, model.step_uncached(permuted, memory, memory_mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("digit_logits", [True, False])
+def test_tiny_model_memorises_a_batch(digit_logits):
+    torch.manual_seed(0)
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "n_embd": 32, "n_inner": 64}, digit_logits=digit_logits,
+                                             dropout=0.0, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
+    batch = make_batch(model, [6, 3, 0, 5, 6, 1, 2, 4], seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(batch).item()
+    for _ in range(300):
+        loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 < first, (first, loss.item())
+
+
+def _bad(key, value):
+    model = tiny_model()
+    batch = make_batch(model, [2, 3])
+    return lambda: model(dict(batch, **{key: value(batch[key])}))
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (_bad("history_sid", lambda h: h[:, :, :3]), "history_sid: expected shape"),
+    (_bad("history_sid", lambda h: torch.cat([h] * 3, 1)), "L<=6"),
+    (_bad("history_sid", lambda h: h.float()), "dtype torch.float32"),
+    (_bad("history_sid", lambda h: torch.where(h > 0, h + 256, h)), "history_sid[0, 1]"),
+    (_bad("history_sid", lambda h: h.index_put((torch.tensor(1), torch.tensor(0), torch.tensor(2)), torch.tensor(12))),
+     "history_sid[1, 0]"),
+    (_bad("user_ids", lambda u: u + 7), "user_ids: expected bucket indices in [0, 7)"),
+    (_bad("user_ids", lambda u: u.float()), "user_ids: expected integer ids"),
+    (_bad("decoder_input_ids", lambda d: torch.cat([d[:, :2], d[:, 2:] + 5000], 1)), "decoder_input_ids[0]"),
+    (_bad("decoder_input_ids", lambda d: d[:, :4]), "decoder_input_ids: expected shape [B, 5]"),
+    (_bad("decoder_labels", lambda d: d + 1), "decoder_labels[0]: expected [s0, s1, s2, s3, EOS]"),
+    (lambda: rpg_ed.RPGEDConfig(n_embd=30, n_head=8), "divisible by n_head"),
+    (lambda: rpg_ed.RPGEDConfig(attn_pdrop=1.0), "attn_pdrop"),
+    (lambda: rpg_ed.RPGEDConfig(n_head=0), "n_head: expected a positive int"),
+    (lambda: rpg_ed.RPGEDConfig(n_embd=4.5), "n_embd: expected int"),
+])
+def test_model_bad_input(make, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        make()
+
+
+def re_escape(text: str) -> str:
+    import re
+    return re.escape(text)
+
+
+def test_seed_config():
+    config = rpg_ed.RPGEDConfig()
+    assert config.vocab_size == 11027 and config.sid_offset == 10003
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))

@@ -1,0 +1,486 @@
+"""RPG_ED: an encoder-decoder generative recommender over 4-token semantic IDs (SIDs).
+
+The encoder reads one hashed user token and the user's last `max_history` items; each item's 4
+SID-token embeddings are reduced to one vector and passed through an MLP, so 50 items cost 50
+encoder positions, not 200. The decoder reads [BOS, s0, s1, s2, s3] and predicts
+[s0, s1, s2, s3, EOS], attending to the encoder output through cross-attention. It follows
+TIGER (Rajput et al., NeurIPS 2023) and the RPG_ED seed spec; the block layout follows GPT-2 /
+whisper (pre-LayerNorm).
+
+One vocabulary, no overlapping ranges (the same layout as sid.py):
+
+    0 PAD | 1 BOS | 2 EOS | 3 .. 3+U-1 user buckets | 3+U + d*256 + c for SID digit d, code c
+
+Batch (all token ids except `user_ids`, which are bucket indices in [0, U)):
+
+    user_ids          [B]        long
+    history_sid       [B, L, 4]  long, L <= max_history, oldest first, LEFT-padded with PAD (0)
+    decoder_input_ids [B, 5]     [BOS, s0, s1, s2, s3]       (training only)
+    decoder_labels    [B, 5]     [s0, s1, s2, s3, EOS]       (training only)
+
+Inference interface used by beam.py (duck-typed; codes in, codes out, no token arithmetic there):
+
+    memory, memory_mask = model.encode(user_ids, history_sid)      # [B, S, d], [B, S]
+    cache = model.new_cache(memory, memory_mask, n_beams)          # cross K/V once per user
+    logits = model.step(prev_codes, cache, pos)                    # [B*n_beams, 256], digit pos
+    cache.reorder(index)                                           # beams follow their parents
+    logits = model.step_uncached(prefix_codes, memory, memory_mask)  # the same, no cache (oracle)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PAD, BOS, EOS = 0, 1, 2
+N_SPECIAL = 3
+
+
+@dataclass
+class RPGEDConfig:
+    n_digit: int = 4                 # SID length (tokens per item)
+    codebook_size: int = 256         # codes per digit
+    n_user_buckets: int = 10000      # users are hashed into this many tokens
+    max_history: int = 50            # history items read by the encoder
+    encoder_n_layer: int = 4         # encoder blocks
+    decoder_n_layer: int = 4         # decoder blocks
+    n_head: int = 8                  # attention heads
+    n_embd: int = 448                # model width d
+    n_inner: int = 1024              # hidden width of every MLP
+    dropout: float = 0.1             # dropout inside the history-compression MLP
+    embd_pdrop: float = 0.1          # dropout on embeddings + positions
+    attn_pdrop: float = 0.1          # dropout on attention weights
+    resid_pdrop: float = 0.1         # dropout on each residual branch
+    share_embeddings: bool = True    # output projection tied to the token embedding
+    beam_size: int = 10              # beams in generate()
+    max_generation_len: int = 4      # tokens generated per item (= n_digit)
+    digit_logits: bool = True        # logits over the current digit's codes only (else whole vocab)
+    use_user_token: bool = True      # prepend the user-bucket token to the encoder input
+    history_reduce: str = "mean"     # (L, 4, d) -> (L, d): "mean" of the 4 digits or "concat"+linear
+    layer_norm_eps: float = 1e-5     # LayerNorm epsilon
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+            if type(value) is not expected and not (expected is float and type(value) is int):
+                raise ValueError(f"config.{f.name}: expected {f.type}, got {value!r}")
+            if expected is int and value <= 0:
+                raise ValueError(f"config.{f.name}: expected a positive int, got {value}")
+        for name in ("dropout", "embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"config.{name}: expected a probability in [0, 1), got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.codebook_size > 256:
+            raise ValueError(f"config.codebook_size: expected at most 256 (uint8 codes), got {self.codebook_size}")
+        if self.max_generation_len != self.n_digit:
+            raise ValueError(f"config.max_generation_len: expected n_digit ({self.n_digit}), "
+                             f"got {self.max_generation_len}")
+        if self.history_reduce not in ("mean", "concat"):
+            raise ValueError(f"config.history_reduce: expected 'mean' or 'concat', got {self.history_reduce!r}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"config.layer_norm_eps: expected > 0, got {self.layer_norm_eps}")
+
+    @property
+    def sid_offset(self) -> int:
+        """Token id of digit 0, code 0."""
+        return N_SPECIAL + self.n_user_buckets
+
+    @property
+    def vocab_size(self) -> int:
+        return N_SPECIAL + self.n_user_buckets + self.n_digit * self.codebook_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and the decoding cache
+# ----------------------------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              dropout: nn.Module | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √hd, masked) v.
+
+    q : Tensor, shape = (B, H, Tq, hd);  k, v : Tensor, shape = (B, H, Tk, hd)
+    mask : bool Tensor broadcastable to (B, H, Tq, Tk); True where a query may look.
+    A query row with no visible key gets zeros (never NaN): masked scores use the dtype's
+    minimum instead of -inf, and such rows are zeroed after the softmax.
+    """
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))      # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    weights = weights.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    if dropout is not None:
+        weights = dropout(weights)
+    return weights @ v                                                         # (B, H, Tq, hd)
+
+
+class DecoderCache:
+    """Everything the decoder keeps between steps, for all layers.
+
+    self_kv  : (n_layer, 2, N, H, T_max, hd) preallocated; N = B * n_beams rows, user-major
+               (row b * n_beams + j is beam j of user b). Step t writes position t.
+    cross_kv : per layer (K, V), each (B, H, S, hd): computed once from the encoder output and
+               shared by all beams of a user (queries are grouped per user, nothing is copied).
+    memory_mask : (B, S) bool, True for real encoder positions.
+    """
+
+    def __init__(self, self_kv: torch.Tensor, cross_kv: list, memory: torch.Tensor, memory_mask: torch.Tensor):
+        self.self_kv = self_kv
+        self.cross_kv = cross_kv
+        self.memory = memory            # (B, S, d), kept only to select cross-attention
+        self.memory_mask = memory_mask
+
+    def write(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (N, H, T, hd) at positions start_pos.. and return all keys/values so far."""
+        end = start_pos + k.shape[2]
+        self.self_kv[layer, 0, :, :, start_pos:end] = k
+        self.self_kv[layer, 1, :, :, start_pos:end] = v
+        return self.self_kv[layer, 0, :, :, :end], self.self_kv[layer, 1, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i continues old row index[i] (index stays within each user's block of beams)."""
+        self.self_kv = self.self_kv.index_select(2, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention (memory=None) or cross-attention to `memory`, with an optional cache."""
+
+    def __init__(self, config: RPGEDConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.query = nn.Linear(config.n_embd, config.n_embd)
+        self.key_value = nn.Linear(config.n_embd, 2 * config.n_embd)
+        self.out = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_drop = nn.Dropout(config.attn_pdrop)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)      # (B, H, T, hd)
+
+    def project_kv(self, source: torch.Tensor):
+        """source (B, S, d) -> K, V each (B, H, S, hd). The one projection used with and without cache."""
+        k, v = self.key_value(source).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor | None = None,
+                cache: DecoderCache | None = None, layer: int = 0, start_pos: int = 0) -> torch.Tensor:
+        """x (N, T, d) -> (N, T, d).
+
+        Self-attention (memory is None): mask broadcasts to (N, H, T, Tk), Tk = start_pos + T;
+        with a cache, this step's K/V are written at start_pos and all earlier ones are read.
+        Cross-attention: memory (B, S, d) with N = B * g rows (g beams per user, user-major);
+        mask is the memory mask (B, S). With a cache, the K/V projected once from this memory
+        are read from it instead of being projected again.
+        """
+        N, T, C = x.shape
+        q = self.split_heads(self.query(x))                                     # (N, H, T, hd)
+        if memory is None:                                                      # self-attention
+            k, v = self.project_kv(x)                                           # (N, H, T, hd)
+            if cache is not None:
+                k, v = cache.write(layer, start_pos, k, v)                      # (N, H, start_pos+T, hd)
+            y = attention(q, k, v, mask, self.attn_drop)
+        else:                                                                   # cross-attention
+            k, v = cache.cross_kv[layer] if cache is not None else self.project_kv(memory)
+            B = k.shape[0]
+            group = N // B                                                      # beams per user
+            # (N, H, T, hd) -> (B, H, group*T, hd): a user's beams become extra query rows
+            q = q.view(B, group, self.n_head, T, -1).transpose(1, 2).reshape(B, self.n_head, group * T, -1)
+            y = attention(q, k, v, mask[:, None, None, :], self.attn_drop)      # (B, H, group*T, hd)
+            y = y.view(B, self.n_head, group, T, -1).transpose(1, 2).reshape(N, self.n_head, T, -1)
+        y = y.transpose(1, 2).reshape(N, T, C)                                  # (N, T, d)
+        return self.out(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks. Pre-LayerNorm (GPT-2, whisper): each branch sees a normalised input and adds to an
+# untouched residual stream, which trains stably without a long warmup; post-LN needs one.
+# ----------------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, n_inner: int, pdrop: float):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, n_inner)
+        self.proj = nn.Linear(n_inner, n_embd)
+        self.drop = nn.Dropout(pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class EncoderBlock(nn.Module):
+    """Bidirectional self-attention (padding mask only) and an MLP."""
+
+    def __init__(self, config: RPGEDConfig):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = MultiHeadAttention(config)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.resid_pdrop)
+        self.drop = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), mask))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention to the encoder output, and an MLP."""
+
+    def __init__(self, config: RPGEDConfig):
+        super().__init__()
+        self.ln_self = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.self_attn = MultiHeadAttention(config)
+        self.ln_cross = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.cross_attn = MultiHeadAttention(config)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.resid_pdrop)
+        self.drop = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, memory: torch.Tensor,
+                memory_mask: torch.Tensor, cache: DecoderCache | None = None, layer: int = 0,
+                start_pos: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.self_attn(self.ln_self(x), causal_mask, None, cache, layer, start_pos))
+        x = x + self.drop(self.cross_attn(self.ln_cross(x), memory_mask, memory, cache, layer))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class HistoryCompressor(nn.Module):
+    """(B, L, 4, d) SID-token embeddings -> (B, L, d): one encoder position per history item.
+
+    "mean": the average of the 4 digit embeddings. Each digit has its own token range, so the
+    average still tells the digits apart, costs nothing, and keeps the width at d.
+    "concat": the 4 embeddings side by side (4d), projected back to d (an ablation).
+    Either way a residual MLP follows (seed section 4).
+    """
+
+    def __init__(self, config: RPGEDConfig):
+        super().__init__()
+        self.reduce = config.history_reduce
+        if self.reduce == "concat":
+            self.project = nn.Linear(config.n_digit * config.n_embd, config.n_embd)
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.dropout)
+
+    def forward(self, item_token_emb: torch.Tensor) -> torch.Tensor:
+        B, L, D, C = item_token_emb.shape
+        if self.reduce == "mean":
+            items = item_token_emb.mean(dim=2)                                  # (B, L, d)
+        else:
+            items = self.project(item_token_emb.reshape(B, L, D * C))           # (B, L, d)
+        return items + self.mlp(self.ln(items))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+class RPG_ED(nn.Module):
+    def __init__(self, config: RPGEDConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.token_emb = nn.Embedding(c.vocab_size, c.n_embd)                   # shared by all inputs
+        self.encoder_pos = nn.Embedding(1 + c.max_history, c.n_embd)            # user token + items
+        self.decoder_pos = nn.Embedding(1 + c.n_digit, c.n_embd)                # BOS + digits
+        self.history = HistoryCompressor(c)
+        self.drop = nn.Dropout(c.embd_pdrop)
+        self.encoder = nn.ModuleList(EncoderBlock(c) for _ in range(c.encoder_n_layer))
+        self.ln_encoder = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
+        self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.decoder_n_layer))
+        self.ln_decoder = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
+        if not c.share_embeddings:
+            self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        # (T, T) causal mask, built once: query t sees keys 0..t
+        self.register_buffer("causal", torch.ones(1 + c.n_digit, 1 + c.n_digit, dtype=torch.bool).tril(),
+                             persistent=False)
+        # digit_offsets[d]: token id of digit d, code 0
+        self.register_buffer("digit_offsets", c.sid_offset + c.codebook_size * torch.arange(c.n_digit),
+                             persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale each residual branch's output projection by 1/sqrt(number of branches)
+        for stack, branches in ((self.encoder, 2 * c.encoder_n_layer), (self.decoder, 3 * c.decoder_n_layer)):
+            for name, p in stack.named_parameters():
+                if name.endswith("out.weight") or name.endswith("mlp.proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(branches))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, d): the output projection (the token embedding itself when shared)."""
+        return self.token_emb.weight if self.config.share_embeddings else self.lm_head.weight
+
+    # -- input checks ---------------------------------------------------------------------------
+    def _check_ids(self, name: str, ids, shape_hint: str, ndim: int) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch tensor {shape_hint}, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"{name}: expected integer ids {shape_hint}, got dtype {ids.dtype}")
+        if ids.dim() != ndim:
+            raise ValueError(f"{name}: expected shape {shape_hint}, got {tuple(ids.shape)}")
+        return ids.long()
+
+    def _check_history(self, user_ids, history_sid):
+        c = self.config
+        user_ids = self._check_ids("user_ids", user_ids, "[B]", 1)
+        history_sid = self._check_ids("history_sid", history_sid, f"[B, L<={c.max_history}, {c.n_digit}]", 3)
+        B, L, D = history_sid.shape
+        if L > c.max_history or D != c.n_digit or B != user_ids.shape[0]:
+            raise ValueError(f"history_sid: expected shape [{user_ids.shape[0]}, L<={c.max_history}, {c.n_digit}], "
+                             f"got {tuple(history_sid.shape)}")
+        if user_ids.numel() and (user_ids.min() < 0 or user_ids.max() >= c.n_user_buckets):
+            raise ValueError(f"user_ids: expected bucket indices in [0, {c.n_user_buckets}), "
+                             f"got values in [{int(user_ids.min())}, {int(user_ids.max())}]")
+        codes = history_sid - self.digit_offsets
+        padded = history_sid == PAD
+        bad = ~padded & ((codes < 0) | (codes >= c.codebook_size))
+        partial = padded.any(-1) & ~padded.all(-1)
+        if bad.any() or partial.any():
+            b, l, d = (bad | partial[..., None]).nonzero()[0].tolist()
+            raise ValueError(f"history_sid[{b}, {l}]: expected PAD in all {c.n_digit} digits or digit-d tokens in "
+                             f"[{c.sid_offset} + {c.codebook_size}*d, +{c.codebook_size}), got "
+                             f"{history_sid[b, l].tolist()}")
+        return user_ids, history_sid
+
+    def _check_decoder_ids(self, name: str, ids, special: int, special_first: bool) -> torch.Tensor:
+        """ids (B, n_digit+1): [special, s0..s3] or [s0..s3, special], digit d in digit d's range."""
+        c = self.config
+        ids = self._check_ids(name, ids, f"[B, {c.n_digit + 1}]", 2)
+        if ids.shape[1] != c.n_digit + 1:
+            raise ValueError(f"{name}: expected shape [B, {c.n_digit + 1}], got {tuple(ids.shape)}")
+        codes = (ids[:, 1:] if special_first else ids[:, :-1]) - self.digit_offsets
+        bad = ((codes < 0) | (codes >= c.codebook_size)).any(1) | ((ids[:, 0] if special_first else ids[:, -1]) != special)
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            layout = "[BOS, s0, s1, s2, s3]" if special_first else "[s0, s1, s2, s3, EOS]"
+            raise ValueError(f"{name}[{row}]: expected {layout} with digit d in [{c.sid_offset} + "
+                             f"{c.codebook_size}*d, +{c.codebook_size}) (vocab size {c.vocab_size}), "
+                             f"got {ids[row].tolist()}")
+        return ids
+
+    # -- encoder --------------------------------------------------------------------------------
+    def encode(self, user_ids: torch.Tensor, history_sid: torch.Tensor):
+        """user_ids (B,), history_sid (B, L, 4) -> memory (B, S, d), memory_mask (B, S) bool.
+
+        S = 1 + L with the user token, else L. History is left-padded: position embeddings are
+        indexed so that the most recent item always sits at position max_history, whatever L.
+        """
+        user_ids, history_sid = self._check_history(user_ids, history_sid)
+        c = self.config
+        B, L, _ = history_sid.shape
+        items = self.history(self.token_emb(history_sid))                      # (B, L, d)
+        item_mask = history_sid[:, :, 0] != PAD                                 # (B, L)
+        positions = torch.arange(c.max_history - L + 1, c.max_history + 1, device=items.device)
+        x = items + self.encoder_pos(positions)
+        mask = item_mask
+        if c.use_user_token:
+            user = self.token_emb(N_SPECIAL + user_ids)[:, None] + self.encoder_pos.weight[0]  # (B, 1, d)
+            x = torch.cat([user, x], dim=1)                                     # (B, 1+L, d)
+            mask = torch.cat([item_mask.new_ones(B, 1), item_mask], dim=1)         # (B, 1+L)
+        x = self.drop(x)
+        attn_mask = mask[:, None, None, :]                                      # (B, 1, 1, S)
+        for block in self.encoder:
+            x = block(x, attn_mask)
+        return self.ln_encoder(x), mask
+
+    # -- decoder --------------------------------------------------------------------------------
+    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+               cache: DecoderCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Decoder hidden states (N, T, d) for tokens at positions start_pos..start_pos+T-1.
+
+        decoder_input_ids (N, T) with N = B * g (g beams per user). Without a cache, start_pos
+        must be 0 and the whole prefix is processed; with one, only the new tokens are.
+        """
+        T = decoder_input_ids.shape[1]
+        positions = torch.arange(start_pos, start_pos + T, device=decoder_input_ids.device)
+        x = self.drop(self.token_emb(decoder_input_ids) + self.decoder_pos(positions))
+        causal = self.causal[start_pos:start_pos + T, :start_pos + T]           # (T, start_pos+T)
+        for layer, block in enumerate(self.decoder):
+            x = block(x, causal, memory, memory_mask, cache, layer, start_pos)
+        return self.ln_decoder(x)
+
+    def code_logits(self, hidden: torch.Tensor, digit: int) -> torch.Tensor:
+        """hidden (N, d) -> (N, codebook_size) logits over digit `digit`'s codes."""
+        start = self.config.sid_offset + digit * self.config.codebook_size
+        return hidden @ self.output_weight[start:start + self.config.codebook_size].T
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Teacher-forced logits: (B, 5, V) over the vocabulary, or (B, 4, 256) per digit."""
+        memory, memory_mask = self.encode(batch["user_ids"], batch["history_sid"])
+        ids = self._check_decoder_ids("decoder_input_ids", batch["decoder_input_ids"], BOS, True)
+        hidden = self.decode(ids, memory, memory_mask)                          # (B, 5, d)
+        if not self.config.digit_logits:
+            return hidden @ self.output_weight.T                                # (B, 5, V)
+        c = self.config
+        weight = self.output_weight[c.sid_offset:].view(c.n_digit, c.codebook_size, c.n_embd)
+        return torch.einsum("btd,tcd->btc", hidden[:, :c.n_digit], weight)     # (B, 4, 256)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy of the batch (the seed's batch keys)."""
+        labels = self._check_decoder_ids("decoder_labels", batch["decoder_labels"], EOS, False)
+        logits = self.logits(batch)
+        if self.config.digit_logits:  # EOS always follows the 4th digit: nothing to learn there
+            targets = labels[:, :self.config.n_digit] - self.digit_offsets    # (B, 4) codes
+        else:
+            targets = labels                                                    # (B, 5) token ids
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    # -- inference interface (beam.py) ----------------------------------------------------------
+    def new_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, n_beams: int) -> DecoderCache:
+        """Preallocate self-attention K/V for B*n_beams rows; project cross K/V once per user."""
+        c = self.config
+        B = memory.shape[0]
+        self_kv = memory.new_zeros(c.decoder_n_layer, 2, B * n_beams, c.n_head, 1 + c.n_digit, c.head_dim)
+        cross_kv = [block.cross_attn.project_kv(memory) for block in self.decoder]  # (B, H, S, hd) x2
+        return DecoderCache(self_kv, cross_kv, memory, memory_mask)
+
+    def _prefix_tokens(self, codes: torch.Tensor, first_digit: int) -> torch.Tensor:
+        """codes (N, T) of digits first_digit.. -> token ids (N, T)."""
+        return codes + self.digit_offsets[first_digit:first_digit + codes.shape[1]]
+
+    def step(self, prev_codes: torch.Tensor | None, cache: DecoderCache, pos: int) -> torch.Tensor:
+        """One cached decoder step: logits (N, 256) over digit `pos`'s codes.
+
+        prev_codes (N,) is the code chosen for digit pos-1 (None at pos 0, where BOS is fed).
+        """
+        N = cache.self_kv.shape[2]
+        if pos == 0:
+            tokens = torch.full((N, 1), BOS, dtype=torch.long, device=cache.self_kv.device)
+        else:
+            tokens = self._prefix_tokens(prev_codes[:, None], pos - 1)
+        hidden = self.decode(tokens, cache.memory, cache.memory_mask, cache, start_pos=pos)
+        return self.code_logits(hidden[:, -1], pos)
+
+    def step_uncached(self, prefix_codes: torch.Tensor, memory: torch.Tensor,
+                      memory_mask: torch.Tensor) -> torch.Tensor:
+        """The same logits without a cache: run the decoder over [BOS] + prefix from scratch.
+
+        prefix_codes (N, pos) -> logits (N, 256) over digit `pos`. memory is (B, S, d) with
+        N a multiple of B; beam.py passes it already expanded per beam, as Hugging Face does.
+        """
+        N, pos = prefix_codes.shape
+        bos = torch.full((N, 1), BOS, dtype=torch.long, device=memory.device)
+        tokens = torch.cat([bos, self._prefix_tokens(prefix_codes, 0)], dim=1)  # (N, pos+1)
+        hidden = self.decode(tokens, memory, memory_mask)
+        return self.code_logits(hidden[:, -1], pos)
+
+
+if __name__ == "__main__":
+    model = RPG_ED(RPGEDConfig())
+    print(f"RPG_ED at the seed config: {model.num_parameters():,} parameters "
+          f"(vocab {model.config.vocab_size})")
