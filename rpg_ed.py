@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import beam
+
 PAD, BOS, EOS = 0, 1, 2
 N_SPECIAL = 3
 
@@ -478,6 +480,20 @@ class RPG_ED(nn.Module):
         tokens = torch.cat([bos, self._prefix_tokens(prefix_codes, 0)], dim=1)  # (N, pos+1)
         hidden = self.decode(tokens, memory, memory_mask)
         return self.code_logits(hidden[:, -1], pos)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, index, beam_size: int | None = None, n_return: int | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Top items per user, (B, n_return, 1) long, best first (the seed's output shape).
+
+        Beams are constrained to prefixes of real SIDs in `index` (sid.SIDIndex or anything with
+        prefix_mask/lookup), so every item exists and appears once; -1 pads a catalogue smaller
+        than n_return. Call model.eval() first: dropout stays on in training mode.
+        """
+        beam_size = self.config.beam_size if beam_size is None else beam_size
+        n_return = beam_size if n_return is None else n_return
+        result = beam.beam_search(self, batch, beam_size, n_return, index, use_cache=use_cache)
+        return result.items[..., None]
 
 
 if __name__ == "__main__":

@@ -265,8 +265,10 @@ TINY = dict(n_user_buckets=7, max_history=6, encoder_n_layer=2, decoder_n_layer=
 def tiny_model(seed: int = 0, **overrides) -> rpg_ed.RPG_ED:
     torch.manual_seed(seed)
     model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, **overrides}))
-    with torch.no_grad():  # GPT-2 init is near-uniform; spread the logits so tests see real differences
-        model.token_emb.weight.normal_(0, 1.0)
+    with torch.no_grad():  # GPT-2 init barely separates users; larger weights make every input matter
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "emb" in name or "pos" in name else 0.25)
     return model.eval()
 
 
@@ -437,6 +439,128 @@ def re_escape(text: str) -> str:
 def test_seed_config():
     config = rpg_ed.RPGEDConfig()
     assert config.vocab_size == 11027 and config.sid_offset == 10003
+
+
+# ----------------------------------------------------------------------------------------------
+# beam.py
+# ----------------------------------------------------------------------------------------------
+
+import beam
+
+
+@st.composite
+def sid_catalogues(draw, max_items: int = 24):
+    """Unique random SIDs over a small alphabet, so items share prefixes."""
+    alphabet = draw(st.integers(2, 5))
+    n_items = draw(st.integers(1, max_items))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    codes = np.unique(rng.integers(0, alphabet, (n_items, 4)) * rng.integers(1, 50, 4), axis=0)
+    return sid.SIDIndex(codes[rng.permutation(len(codes))])
+
+
+def brute_force_scores(model, batch, index) -> torch.Tensor:
+    """(B, n_items): every item's summed log-probability by teacher forcing (the slow oracle)."""
+    codes = torch.from_numpy(index.item_codes.astype(np.int64))                # (I, 4)
+    tokens = torch.cat([torch.full((len(codes), 1), rpg_ed.BOS), codes + model.digit_offsets], 1)
+    with torch.no_grad():
+        memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])
+        out = []
+        for user in range(len(memory)):  # the oracle may loop: it is slow on purpose
+            hidden = model.decode(tokens, memory[user:user + 1].expand(len(codes), -1, -1),
+                                  memory_mask[user:user + 1].expand(len(codes), -1))
+            logp = torch.stack([torch.log_softmax(model.code_logits(hidden[:, d], d), -1) for d in range(4)], 1)
+            out.append(logp.gather(2, codes[:, :, None])[..., 0].sum(1))
+        return torch.stack(out)
+
+
+@FAST
+@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(0, 3))
+def test_beam_search_is_exact_with_a_wide_beam(index, lengths, seed, extra):
+    model = tiny_model(seed)
+    batch = make_batch(model, lengths, seed=seed)
+    beam_size = index.n_items + extra
+    result = beam.beam_search(model, batch, beam_size, beam_size, index)
+    expected = brute_force_scores(model, batch, index)
+    order = torch.sort(expected, dim=1, descending=True, stable=True)
+    n = index.n_items
+    assert torch.equal(result.items[:, :n], order.indices)
+    assert torch.allclose(result.scores[:, :n], order.values, atol=1e-5)
+    assert (result.items[:, n:] == -1).all() and torch.isneginf(result.scores[:, n:]).all()   # padding
+    assert (result.sids[:, n:] == -1).all()
+
+
+@FAST
+@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(1, 6), st.booleans())
+def test_every_result_is_real_unique_and_sorted(index, lengths, seed, beam_size, use_cache):
+    model = tiny_model(seed)
+    batch = make_batch(model, lengths, seed=seed)
+    result = beam.beam_search(model, batch, beam_size, beam_size, index, use_cache=use_cache)
+    for row_items, row_sids, row_scores in zip(result.items, result.sids, result.scores):
+        real = row_items >= 0
+        assert real.sum() == min(beam_size, index.n_items)                 # padding only when needed
+        assert len(set(row_items[real].tolist())) == int(real.sum())       # unique
+        assert torch.equal(torch.from_numpy(index.item_codes[row_items[real].numpy()].astype(np.int64)),
+                           row_sids[real])                                  # SIDs match their items
+        assert (row_scores[:-1] >= row_scores[1:]).all()
+
+
+@FAST
+@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(1, 5))
+def test_beam_rows_are_independent(index, lengths, seed, beam_size):
+    model = tiny_model(seed)
+    batch = make_batch(model, lengths, seed=seed)
+    together = beam.beam_search(model, batch, beam_size, beam_size, index)
+    for row in range(len(lengths)):
+        alone = beam.beam_search(model, trim(batch, row), beam_size, beam_size, index)
+        assert torch.equal(alone.items[0], together.items[row])
+        assert torch.allclose(alone.scores[0], together.scores[row], atol=1e-5)
+
+
+@FAST
+@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(1, 5), st.booleans())
+def test_beam_cache_equals_no_cache(index, lengths, seed, beam_size, constrained):
+    model = tiny_model(seed)
+    batch = make_batch(model, lengths, seed=seed)
+    cached = beam.beam_search(model, batch, beam_size, beam_size, index, constrained=constrained)
+    uncached = beam.beam_search(model, batch, beam_size, beam_size, index, use_cache=False, constrained=constrained)
+    assert torch.equal(cached.items, uncached.items) and torch.equal(cached.sids, uncached.sids)
+    assert torch.allclose(cached.scores, uncached.scores, atol=1e-5)
+
+
+@FAST
+@given(sid_catalogues(), histories, st.integers(0, 1000))
+def test_greedy_is_the_constrained_argmax_chain(index, lengths, seed):
+    model = tiny_model(seed)
+    batch = make_batch(model, lengths, seed=seed)
+    greedy = beam.beam_search(model, batch, 1, 1, index)
+    with torch.no_grad():
+        memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])
+        prefix = torch.zeros(len(lengths), 0, dtype=torch.long)
+        total = torch.zeros(len(lengths))
+        for pos in range(4):
+            logp = torch.log_softmax(model.step_uncached(prefix, memory, memory_mask), -1)
+            logp = logp.masked_fill(~index.prefix_mask(prefix), float("-inf"))
+            best = logp.argmax(-1)
+            total += logp.gather(1, best[:, None])[:, 0]
+            prefix = torch.cat([prefix, best[:, None]], 1)
+    assert torch.equal(greedy.sids[:, 0], prefix)
+    assert torch.equal(greedy.items[:, 0], index.lookup(prefix))
+    assert torch.allclose(greedy.scores[:, 0], total, atol=1e-5)
+
+
+def test_unconstrained_reports_invalid_rate_and_generate_shape():
+    model = tiny_model(3)
+    index = sid.SIDIndex(np.array([[1, 2, 3, 4], [1, 2, 3, 5], [9, 9, 9, 9]]))
+    batch = make_batch(model, [2, 6, 0], seed=3)
+    free = beam.beam_search(model, batch, 4, 4, index, constrained=False)
+    assert free.invalid_rate == float((free.items < 0).float().mean()) and free.invalid_rate > 0
+    items = model.generate(batch, index, beam_size=5)
+    assert items.shape == (3, 5, 1) and (items[:, 3:] == -1).all() and (items[:, :3] >= 0).all()
+    assert model.generate(batch, index, beam_size=3, n_return=2).shape == (3, 2, 1)
+    with pytest.raises(ValueError, match="n_return"):
+        model.generate(batch, index, beam_size=2, n_return=3)
+    with pytest.raises(ValueError, match="beam_size"):
+        model.generate(batch, index, beam_size=0)
 
 
 if __name__ == "__main__":
