@@ -563,5 +563,173 @@ def test_unconstrained_reports_invalid_rate_and_generate_shape():
         model.generate(batch, index, beam_size=0)
 
 
+# ----------------------------------------------------------------------------------------------
+# train.py
+# ----------------------------------------------------------------------------------------------
+
+import gzip
+import json
+
+import train
+
+
+def interactions(seed: int = 0, n_users: int = 12, n_items: int = 9):
+    """(user, item, time) rows in a shuffled file order, with many equal timestamps; each user
+    sees an item at most once, so any target found in its own history is a leak."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        items = rng.permutation(n_items)[: rng.integers(5, n_items + 1)]
+        times = np.sort(rng.integers(0, 4, len(items)))                      # ties on purpose
+        rows += [(f"u{u}", str(100 + i), int(t)) for i, t in zip(items, times)]
+    return rows
+
+
+def write_formats(tmp_path, rows):
+    """The same interactions in every supported format."""
+    paths = {}
+    paths["inter"] = tmp_path / "d.inter"
+    paths["inter"].write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" +
+                              "".join(f"{u}\t{i}\t4\t{t}\n" for u, i, t in rows))
+    paths["csv"] = tmp_path / "d.csv"
+    paths["csv"].write_text("user,item,rating,timestamp\n" + "".join(f"{u},{i},4,{t}\n" for u, i, t in rows))
+    paths["tsv"] = tmp_path / "d.tsv"
+    paths["tsv"].write_text("userId\tmovieId\ttimestamp\n" + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows))
+    lines = "".join(json.dumps({"reviewerID": u, "asin": i, "unixReviewTime": t, "overall": 5}) + "\n" for u, i, t in rows)
+    paths["amazon"] = tmp_path / "d.json"
+    paths["amazon"].write_text(lines)
+    paths["amazon_gz"] = tmp_path / "d.json.gz"
+    with gzip.open(paths["amazon_gz"], "wt") as f:
+        f.write(lines)
+    return paths
+
+
+def test_every_loader_reads_the_same_data(tmp_path):
+    rows = interactions()
+    paths = write_formats(tmp_path, rows)
+    prepared = []
+    for name, path in paths.items():
+        cfg = train.TrainConfig(data=str(path))
+        raw = train.load_data(cfg)
+        prepared.append(train.prepare(raw, five_core=False))
+    # S3Rec: the time-ordered sequences written out, one user per line
+    ref = prepared[0]
+    s3 = tmp_path / "seq.txt"
+    s3.write_text("".join(f"{u} " + " ".join(ref.item_raw[i] for i in seq) + "\n"
+                          for u, seq in zip(ref.user_raw, ref.sequences)))
+    prepared.append(train.prepare(train.load_data(train.TrainConfig(data=str(s3))), five_core=False))
+    for other in prepared[1:]:
+        assert other.user_raw == ref.user_raw and other.item_raw == ref.item_raw
+        assert all(np.array_equal(a, b) for a, b in zip(other.sequences, ref.sequences))
+
+
+def test_stable_time_sort_keeps_file_order_on_ties():
+    raw = train.RawData(users=["a"] * 4, items=["3", "1", "2", "0"], times=[5.0, 1.0, 5.0, 1.0])
+    data = train.prepare(raw, five_core=False)
+    assert [data.item_raw[i] for i in data.sequences[0]] == ["1", "0", "3", "2"]   # not sorted by id
+
+
+def test_five_core_matches_slow_filter():
+    rng = np.random.default_rng(0)
+    rows = [(f"u{rng.integers(30)}", f"i{rng.integers(25)}", float(t)) for t in range(400)]
+    data = train.prepare(train.RawData(*map(list, zip(*rows))), five_core=True)
+    kept = list(rows)
+    while True:  # the obvious loop
+        users = {u: sum(r[0] == u for r in kept) for u, _, _ in kept}
+        items = {i: sum(r[1] == i for r in kept) for _, i, _ in kept}
+        smaller = [r for r in kept if users[r[0]] >= 5 and items[r[1]] >= 5]
+        if len(smaller) == len(kept):
+            break
+        kept = smaller
+    assert data.n_interactions == len(kept)
+    assert sorted(data.user_raw) == sorted({r[0] for r in kept})
+    assert all(len(s) >= 5 for s in data.sequences)
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 6))
+def test_no_target_leaks_into_its_history(seed, max_history):
+    data = train.prepare(train.RawData(*map(list, zip(*interactions(seed)))), five_core=False)
+    splits = train.leave_one_out(data, max_history)
+    for name, split in splits.items():
+        for history, target, user in zip(split.history, split.target, split.user):
+            assert target not in history                                      # items are unique per user
+    for user, seq in enumerate(data.sequences):
+        n = len(seq)
+        assert splits["test"].target[user] == seq[-1] and splits["valid"].target[user] == seq[-2]
+        valid_hist = splits["valid"].history[user]
+        assert list(valid_hist[valid_hist >= 0]) == list(seq[:-2][-max_history:])   # ends before valid item
+        test_hist = splits["test"].history[user]
+        assert list(test_hist[test_hist >= 0]) == list(seq[:-1][-max_history:])     # includes valid item
+        targets = splits["train"].target[splits["train"].user == user]
+        assert list(targets) == list(seq[1:n - 2])                             # every train position
+
+
+def test_metrics_against_hand_computed_values():
+    ranked = np.array([[7, 3, 5, 1, 2, 8, 9, 4, 6, 0],
+                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
+                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]])
+    target = np.array([5, 0, 42])                      # rank 3, rank 10, miss
+    m = train.rank_metrics(ranked, target)
+    assert m["recall@5"] == pytest.approx(1 / 3) and m["recall@10"] == pytest.approx(2 / 3)
+    assert m["ndcg@5"] == pytest.approx((1 / np.log2(4)) / 3)                  # 0.5 / 3
+    assert m["ndcg@10"] == pytest.approx((0.5 + 1 / np.log2(11)) / 3)
+
+
+def test_markov_baseline_by_hand():
+    # user a: train 0 1 2 0 1 | valid 2 | test 9: transitions 0->1 twice, 1->2 once, 2->0 once
+    data = train.Dataset(sequences=[np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
+                         user_raw=["a", "b"], item_raw=[str(i) for i in range(10)], n_interactions=14)
+    splits = train.leave_one_out(data, 5)
+    valid = train.baseline_rankings(data, splits, "valid")
+    # a: last train item 1, only transition 1->2, target 2 -> rank 1.
+    # b: last train item 7 has no transitions -> popularity order 0 1 (twice) 2 3 4 5 6 7, then 8 -> rank 9.
+    assert valid["markov"]["recall@5"] == pytest.approx(0.5) and valid["markov"]["recall@10"] == pytest.approx(1.0)
+    assert valid["markov"]["ndcg@10"] == pytest.approx((1 + 1 / np.log2(10)) / 2)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--no_such_key=1"], "unknown option --no_such_key"),
+    (["--epochs=two"], "--epochs: expected int, got 'two'"),
+    (["--compile=maybe"], "--compile: expected bool"),
+    (["--preset=huge"], "--preset: expected one of"),
+    (["epochs=2"], "expected --key=value"),
+    (["--n_embd=30", "--n_head=4"], "divisible by n_head"),
+    (["--emb_source=image"], "--emb_source: expected one of"),
+])
+def test_cli_rejects_bad_arguments(argv, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        train.parse_args(argv)
+
+
+def test_cli_overrides_and_presets():
+    cfg, mcfg = train.parse_args(["--preset=seed", "--lr=0.5", "--n_embd=64", "--digit_logits=false"])
+    assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.digit_logits is False
+    assert mcfg.encoder_n_layer == 4 and mcfg.n_inner == 1024                 # seed architecture
+
+
+TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
+            "--decoder_n_layer=1", "--max_history=5", "--batch_size=32", "--warmup_steps=5", "--n_user_buckets=50",
+            "--log_every=1000", "--emb_source=both"]
+
+
+@pytest.mark.slow
+def test_end_to_end_run_is_deterministic(tmp_path):
+    rows = interactions(1, n_users=40, n_items=15)
+    data_path = write_formats(tmp_path, rows)["inter"]
+    (tmp_path / "d.item").write_text("item_id:token\tmovie_title:token_seq\n" +
+                                     "".join(f"{100 + i}\tfilm {'red blue'[i % 2 * 4:]} {i % 3}\n" for i in range(15)))
+    results = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        results.append(train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN))
+        assert {"config.json", "checkpoint.pt", "results.json", "item_id2tokens.npy", "tokens2item.pkl"} <= set(os.listdir(out))
+    assert results[0]["test"] == results[1]["test"] and results[0]["valid"] == results[1]["valid"]
+    assert np.array_equal(np.load(tmp_path / "a" / "item_id2tokens.npy"), np.load(tmp_path / "b" / "item_id2tokens.npy"))
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert set(saved["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    assert set(saved["baselines"]["test"]) == {"popularity", "markov"}
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
