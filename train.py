@@ -519,20 +519,19 @@ def rank_metrics(ranked: np.ndarray, target: np.ndarray, ks=(5, 10)) -> dict:
 
 
 def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> dict:
-    """Popularity and first-order Markov (last-item transitions, popularity breaks ties).
+    """Popularity and first-order Markov (last-item transition counts, popularity breaks ties).
 
-    Counted on what precedes the evaluated targets: for "valid", the train parts; for "test",
-    the train parts plus the validation items.
+    Both are fitted on the training split only, like the model; the test ranking starts from
+    each user's validation item, which is the last item of the test history.
     """
     n_items = len(data.item_raw)
-    cut = 2 if which == "valid" else 1
-    seqs = [s[:-cut] for s in data.sequences]
+    seqs = [s[:-2] for s in data.sequences]                                     # train parts
     pop = np.bincount(np.concatenate(seqs), minlength=n_items).astype(np.float64)
     by_pop = np.argsort(-pop, kind="stable")
     src = np.concatenate([s[:-1] for s in seqs])
     dst = np.concatenate([s[1:] for s in seqs])
     keys, counts = np.unique(src * n_items + dst, return_counts=True)
-    last = np.array([s[-1] for s in seqs])
+    last = splits[which].history[:, -1]                                         # item before the target
     tiebreak = pop / (pop.max() + 1.0)                                          # < 1: only breaks ties
     markov = np.empty((len(seqs), k), np.int64)
     starts = np.searchsorted(keys, np.arange(n_items + 1) * n_items)

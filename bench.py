@@ -1,0 +1,292 @@
+"""Speed and memory of RPG_ED, each figure next to a baseline measured in the same run.
+
+    python bench.py            # seed-size model; a few minutes on a 2-core CPU
+    python bench.py --quick    # every section on tiny sizes (CI runs this; it asserts nothing)
+
+Sections: 1 decoding (cache vs no cache, FLOP/s vs measured matmul peak), 2 training step
+(vs torch.nn.Transformer of the same shape), 3 history compression (50 vs 200 encoder tokens),
+4 decoding-cache memory, 5 SID index at scale. Times are medians of several runs after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import beam
+import sid
+from rpg_ed import RPG_ED, RPGEDConfig
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(title: str, rows: list) -> None:
+    print(f"\n## {title}\n\n| figure | value | baseline | ratio | target |\n|---|---|---|---|---|")
+    for name, value, baseline, ratio, target in rows:
+        print(f"| {name} | {value} | {baseline} | {ratio} | {target} |")
+
+
+def matmul_peak_gflops(n: int) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / median_time(lambda: a @ b, 5) / 1e9
+
+
+def random_batch(model: RPG_ED, index: sid.SIDIndex, B: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    c = model.config
+    history = index.item_codes[rng.integers(0, index.n_items, (B, c.max_history))].astype(np.int64)
+    target = index.item_codes[rng.integers(0, index.n_items, B)].astype(np.int64)
+    history_sid = torch.from_numpy(history) + model.digit_offsets
+    tokens = torch.from_numpy(target) + model.digit_offsets
+    return {"user_ids": torch.from_numpy(rng.integers(0, c.n_user_buckets, B)), "history_sid": history_sid,
+            "decoder_input_ids": torch.cat([torch.ones(B, 1, dtype=torch.long), tokens], 1),
+            "decoder_labels": torch.cat([tokens, torch.full((B, 1), 2)], 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counts (multiply-add = 2 FLOPs; matmuls only, which is where the time goes)
+# ----------------------------------------------------------------------------------------------
+
+def encoder_flops(c: RPGEDConfig, B: int, L: int) -> float:
+    d, S = c.n_embd, L + 1
+    history_mlp = B * L * 2 * (2 * d * c.n_inner)
+    per_layer = B * S * 2 * (4 * d * d + 2 * d * c.n_inner) + B * 2 * 2 * S * S * d
+    return history_mlp + c.encoder_n_layer * per_layer
+
+
+def decode_flops(c: RPGEDConfig, B: int, beam_size: int, S: int, cached: bool) -> float:
+    """Decoder work for 4 generated digits, per batch."""
+    d, N, total = c.n_embd, B * beam_size, 0.0
+    for t in range(c.n_digit):
+        new = 1 if cached else t + 1                                 # tokens run through the decoder
+        per_layer = N * new * 2 * (4 * d * d + 2 * d * d + 2 * d * c.n_inner)   # self qkv+out, cross q+out, MLP
+        per_layer += N * new * 2 * 2 * (t + 1 + S) * d              # attention scores and values
+        if not cached:
+            per_layer += N * 2 * 2 * d * d * S                      # cross K/V recomputed for every beam
+        total += c.decoder_n_layer * per_layer + N * 2 * d * c.codebook_size
+    if cached:
+        total += c.decoder_n_layer * B * 2 * 2 * d * d * S          # cross K/V once per user
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+def bench_decoding(c: RPGEDConfig, n_items: int, B: int, beam_size: int, repeats: int, peak: float):
+    torch.manual_seed(0)
+    model = RPG_ED(c).eval()
+    index, _ = sid.build_index(np.random.default_rng(0).standard_normal((n_items, 32)).astype(np.float32), n_iter=2)
+    batch = random_batch(model, index, B)
+    cached = median_time(lambda: beam.beam_search(model, batch, beam_size, beam_size, index), repeats)
+    uncached = median_time(lambda: beam.beam_search(model, batch, beam_size, beam_size, index, use_cache=False), repeats)
+    S = c.max_history + 1
+    flops = encoder_flops(c, B, c.max_history) + decode_flops(c, B, beam_size, S, True)
+    flops_uncached = encoder_flops(c, B, c.max_history) + decode_flops(c, B, beam_size, S, False)
+    free = beam.beam_search(model, batch, beam_size, beam_size, index, constrained=False)
+    print(f"\nFLOP count (matmuls): cached {flops / 1e9:.2f} GFLOP per batch "
+          f"(encoder {encoder_flops(c, B, c.max_history) / 1e9:.2f}), uncached {flops_uncached / 1e9:.2f}; "
+          f"FLOP ratio {flops_uncached / flops:.2f}x, decoder-only ratio "
+          f"{decode_flops(c, B, beam_size, S, False) / decode_flops(c, B, beam_size, S, True):.2f}x")
+    table(f"1. Decoding: batch {B}, beam {beam_size}, {n_items:,}-item catalogue", [
+        ("time per batch", f"{cached:.3f} s (cache)", f"{uncached:.3f} s (no cache)", f"{uncached / cached:.2f}x faster", ">= 4x"),
+        ("users/s", f"{B / cached:.1f}", f"{B / uncached:.1f}", "", ""),
+        ("achieved GFLOP/s", f"{flops / cached / 1e9:.1f}", f"peak {peak:.1f}", f"{flops / cached / 1e9 / peak:.0%} of peak", ">= 25%"),
+        ("unconstrained invalid-SID rate", f"{free.invalid_rate:.1%}", "0% (constrained)", "", ""),
+    ])
+
+
+class BuiltinSeq2Seq(nn.Module):
+    """The same embeddings, history compression and tied digit logits around torch.nn.Transformer."""
+
+    def __init__(self, model: RPG_ED):
+        super().__init__()
+        c = model.config
+        self.model = model                     # borrows embeddings, positions and the compressor
+        self.core = nn.Transformer(c.n_embd, c.n_head, c.encoder_n_layer, c.decoder_n_layer, c.n_inner,
+                                   c.resid_pdrop, activation="gelu", batch_first=True, norm_first=True)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(c.n_digit + 1))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        m, c = self.model, self.model.config
+        items = m.history(m.token_emb(batch["history_sid"]))                    # (B, L, d)
+        user = m.token_emb(3 + batch["user_ids"])[:, None]
+        src = torch.cat([user, items], 1) + m.encoder_pos.weight[: items.shape[1] + 1]
+        tgt = m.token_emb(batch["decoder_input_ids"]) + m.decoder_pos.weight
+        pad = torch.cat([torch.zeros_like(batch["history_sid"][:, :1, 0], dtype=torch.bool),
+                         batch["history_sid"][:, :, 0] == 0], 1)
+        hidden = self.core(src, tgt, tgt_mask=self.causal, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+        weight = m.output_weight[c.sid_offset:].view(c.n_digit, c.codebook_size, c.n_embd)
+        logits = torch.einsum("btd,tcd->btc", hidden[:, : c.n_digit], weight)
+        targets = batch["decoder_labels"][:, : c.n_digit] - m.digit_offsets
+        return nn.functional.cross_entropy(logits.reshape(-1, c.codebook_size), targets.reshape(-1))
+
+
+def bench_training(c: RPGEDConfig, B: int, repeats: int, peak: float):
+    torch.manual_seed(0)
+    ours = RPG_ED(c).train()
+    builtin = BuiltinSeq2Seq(RPG_ED(c)).train()
+    index = sid.SIDIndex(np.random.default_rng(0).integers(0, 256, (5000, 4)))
+    keys = sid.pack_codes(index.item_codes)
+    index = sid.SIDIndex(index.item_codes[np.unique(keys, return_index=True)[1]])
+    batch = random_batch(ours, index, B)
+
+    def step_fn(module):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+        def step():
+            loss = module(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    ours_s = median_time(step_fn(ours), repeats)
+    builtin_s = median_time(step_fn(builtin), repeats)
+    flops = 3 * (encoder_flops(c, B, c.max_history) + c.decoder_n_layer * B * (c.n_digit + 1) * 2 *
+                 (6 * c.n_embd ** 2 + 2 * c.n_embd * c.n_inner) + c.decoder_n_layer * B * 4 * c.n_embd ** 2 * (c.max_history + 1))
+    table(f"2. Training step: batch {B}, forward + backward + AdamW", [
+        ("examples/s", f"{B / ours_s:.1f} (RPG_ED)", f"{B / builtin_s:.1f} (nn.Transformer)", f"{builtin_s / ours_s:.2f}x", ">= 0.9x"),
+        ("step time", f"{ours_s:.2f} s", f"{builtin_s:.2f} s", "", ""),
+        ("model FLOP utilisation", f"{flops / ours_s / 1e9 / peak:.0%}", f"{flops / builtin_s / 1e9 / peak:.0%}", "", f"peak {peak:.1f} GFLOP/s"),
+    ])
+    with torch.profiler.profile() as prof:
+        step_fn(ours)()
+    print("\nWhere an RPG_ED training step spends its time (top 5 ops by self CPU time):\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=5))
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward: the activation memory of fn()."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def bench_history(c: RPGEDConfig, B: int, repeats: int):
+    torch.manual_seed(0)
+    model = RPG_ED(c).train()
+    index = sid.SIDIndex(np.unique(np.random.default_rng(1).integers(0, 256, (3000, 4)), axis=0))
+    batch = random_batch(model, index, B)
+
+    def compressed():
+        return model.encode(batch["user_ids"], batch["history_sid"])[0].sum()
+
+    def all_tokens():
+        """The alternative: every SID token is its own encoder position (1 + 200 tokens)."""
+        x = model.token_emb(torch.cat([3 + batch["user_ids"][:, None], batch["history_sid"].flatten(1)], 1))
+        pos = nn.functional.embedding(torch.arange(x.shape[1]) % model.encoder_pos.num_embeddings, model.encoder_pos.weight)
+        x = x + pos
+        mask = torch.ones(x.shape[:2], dtype=torch.bool)[:, None, None, :]
+        for block in model.encoder:
+            x = block(x, mask)
+        return model.ln_encoder(x).sum()
+
+    ours = median_time(lambda: compressed().backward(), repeats)
+    full = median_time(lambda: all_tokens().backward(), repeats)
+    mem_ours, mem_full = saved_activation_bytes(compressed), saved_activation_bytes(all_tokens)
+    table(f"3. History compression: encoder forward + backward, batch {B}", [
+        ("time per example", f"{ours / B * 1e3:.2f} ms (50 tokens + user)", f"{full / B * 1e3:.2f} ms (200 tokens + user)", f"{full / ours:.2f}x faster", ""),
+        ("activation memory per example", f"{mem_ours / B / 1e6:.2f} MB", f"{mem_full / B / 1e6:.2f} MB", f"{mem_full / mem_ours:.2f}x smaller", ""),
+    ])
+
+
+def bench_cache_memory(c: RPGEDConfig, B: int, beam_size: int):
+    model = RPG_ED(c).eval()
+    index = sid.SIDIndex(np.unique(np.random.default_rng(2).integers(0, 256, (3000, 4)), axis=0))
+    batch = random_batch(model, index, B)
+    with torch.no_grad():
+        memory, mask = model.encode(batch["user_ids"], batch["history_sid"])
+        cache = model.new_cache(memory, mask, beam_size)
+    S, hd, L = memory.shape[1], c.head_dim, c.decoder_n_layer
+    self_bytes = cache.self_kv.numel() * cache.self_kv.element_size() / B
+    cross_bytes = sum(t.numel() * t.element_size() for kv in cache.cross_kv for t in kv) / B
+    self_formula = L * 2 * beam_size * c.n_head * (c.n_digit + 1) * hd * 4
+    cross_formula = L * 2 * c.n_head * S * hd * 4
+    table(f"4. Decoding cache per user, beam {beam_size}, float32", [
+        ("self-attention K/V", f"{self_bytes / 1024:.1f} KiB", f"formula L*2*beam*H*T*hd*4 = {self_formula / 1024:.1f} KiB", "", ""),
+        ("cross-attention K/V (once per user)", f"{cross_bytes / 1024:.1f} KiB", f"formula L*2*H*S*hd*4 = {cross_formula / 1024:.1f} KiB", "", ""),
+        ("cross K/V if copied per beam", f"{cross_bytes * beam_size / 1024:.1f} KiB", "", f"{beam_size}x more", "stored once"),
+        ("total per user", f"{(self_bytes + cross_bytes) / 1024:.1f} KiB", f"{(self_bytes + cross_bytes * beam_size) / 1024:.1f} KiB (per-beam copies)", "", ""),
+    ])
+
+
+def bench_index(n_items: int, dim: int, n_lookup: int, n_prefix: int):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n_items, dim)).astype(np.float32)
+    dup = rng.choice(n_items, n_items // 10, replace=False)
+    x[dup] = x[rng.choice(n_items, len(dup))]                                  # 10% exact duplicates
+    start = time.perf_counter()
+    index, moved = sid.build_index(x)
+    build = time.perf_counter() - start
+    shared = n_items - len(np.unique(sid.pack_codes(index.item_codes)))
+    queries = rng.integers(0, 256, (n_lookup, 4))
+    queries[: n_lookup // 2] = index.item_codes[rng.integers(0, n_items, n_lookup // 2)]
+    lookup = median_time(lambda: index.lookup(queries), 3)
+    rows = [("OPQ build + collision resolution", f"{build:.1f} s", f"{moved:,} items moved, {shared} shared SIDs", "", "< 30 s"),
+            (f"lookup of {n_lookup:,} SIDs", f"{lookup:.3f} s", "", "", "< 0.5 s")]
+    for length in range(4):
+        prefixes = index.item_codes[rng.integers(0, n_items, n_prefix), :length].astype(np.int64)
+        rows.append((f"prefix mask, {n_prefix:,} prefixes of length {length}",
+                     f"{median_time(lambda: index.prefix_mask(prefixes), 5):.4f} s", "", "", "< 0.05 s"))
+    inverted = len(pickle.dumps(index.inverted_dict(), protocol=4))
+    in_memory = index.sorted_keys.nbytes + index.sorted_items.nbytes
+    rows += [("forward index bytes per item", f"{index.item_codes.nbytes / n_items:.0f}", "int32 seed layout: 16", "", "4"),
+             ("inverted index bytes per item", f"{in_memory / n_items:.0f} in memory (uint32 key + int64 id)",
+              f"{inverted / n_items:.0f} as tokens2item.pkl", "", "")]
+    table(f"5. SID index: {n_items:,} x {dim}-d items", rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that every section runs")
+    args = parser.parse_args()
+    if args.quick:
+        c = RPGEDConfig(n_user_buckets=100, max_history=10, encoder_n_layer=1, decoder_n_layer=1, n_head=2,
+                        n_embd=32, n_inner=64)
+        sizes = dict(n_items=500, B=8, beam=5, repeats=1, train_B=16, index=(3000, 16, 10_000, 1000), peak_n=256)
+    else:
+        c = RPGEDConfig()
+        sizes = dict(n_items=10_000, B=64, beam=10, repeats=3, train_B=256, index=(100_000, 128, 1_000_000, 10_000), peak_n=2048)
+    print(f"# bench.py{' --quick' if args.quick else ''}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU {platform.processor() or platform.machine()} ({_cpu_name()}), numpy {np.__version__}")
+    peak = matmul_peak_gflops(sizes["peak_n"])
+    print(f"measured fp32 matmul peak ({sizes['peak_n']}x{sizes['peak_n']} a@b): {peak:.1f} GFLOP/s")
+    bench_decoding(c, sizes["n_items"], sizes["B"], sizes["beam"], sizes["repeats"], peak)
+    bench_training(c, sizes["train_B"], sizes["repeats"], peak)
+    bench_history(c, sizes["B"], sizes["repeats"])
+    bench_cache_memory(c, sizes["B"], sizes["beam"])
+    bench_index(*sizes["index"])
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
