@@ -74,7 +74,7 @@ def beam_search(model, batch: dict, beam_size: int, n_return: int, constraint,
         scores, flat = scores[:, :beam_size], flat[:, :beam_size]               # (B, beam)
         rows = (user_base + flat // n_codes).reshape(-1)                        # parent row of each new beam
         prefix = torch.cat([prefix[rows], (flat % n_codes).reshape(-1, 1)], dim=1)
-        if use_cache:
+        if use_cache and pos < n_digit - 1:                                     # no step follows the last
             cache.reorder(rows)
 
     items = constraint.lookup(prefix).view(B, beam_size)                        # -1: no such item

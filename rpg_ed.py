@@ -111,16 +111,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     q : Tensor, shape = (B, H, Tq, hd);  k, v : Tensor, shape = (B, H, Tk, hd)
     mask : bool Tensor broadcastable to (B, H, Tq, Tk); True where a query may look.
-    A query row with no visible key gets zeros (never NaN): masked scores use the dtype's
-    minimum instead of -inf, and such rows are zeroed after the softmax.
+    A query row with no visible key gets zeros, never NaN: masked scores get the dtype's
+    minimum instead of -inf (so softmax stays finite), and such rows are zeroed at the end.
     """
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))      # (B, H, Tq, Tk)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1)
-    weights = weights.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)        # (B, H, Tq, Tk)
+    weights = torch.softmax(scores.add_(bias), dim=-1)                          # in place: no copy
     if dropout is not None:
         weights = dropout(weights)
-    return weights @ v                                                         # (B, H, Tq, hd)
+    visible = mask.any(-1, keepdim=True)                                        # (.., Tq, 1)
+    return (weights @ v) * visible                                              # (B, H, Tq, hd)
 
 
 class DecoderCache:
