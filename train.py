@@ -623,8 +623,10 @@ def main(argv: list) -> dict:
     model = RPG_ED(mcfg).to(device)
     print(f"model: {model.num_parameters():,} parameters on {device}")
     train_model = torch.compile(model) if cfg.compile else model
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n and "pos" not in n)]
+    # weight decay on weight matrices only: not on embeddings, positions, norms or biases
+    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n}
+    decay = [p for n, p in model.named_parameters() if n in decayed]
+    no_decay = [p for n, p in model.named_parameters() if n not in decayed]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     train = splits["train"]
