@@ -492,6 +492,13 @@ class RPG_ED(nn.Module):
         """
         beam_size = self.config.beam_size if beam_size is None else beam_size
         n_return = beam_size if n_return is None else n_return
+        _, history_sid = self._check_history(batch["user_ids"], batch["history_sid"])
+        real = history_sid[:, :, 0] != PAD                                      # (B, L)
+        items = index.lookup(history_sid[real] - self.digit_offsets)            # (n_real,)
+        if (items < 0).any():
+            row, slot = real.nonzero()[(items < 0).nonzero()[0, 0]].tolist()
+            raise ValueError(f"history_sid[{row}, {slot}] = {history_sid[row, slot].tolist()}: "
+                             "expected the SID of an item in the index, got one that no item has")
         result = beam.beam_search(self, batch, beam_size, n_return, index, use_cache=use_cache)
         return result.items[..., None]
 

@@ -409,6 +409,11 @@ def _atomic_write(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)      # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -532,11 +537,18 @@ class SIDIndex:
         quantizer = None
         opq_path = os.path.join(folder, "opq.npz")
         if os.path.exists(opq_path):
-            with np.load(opq_path, allow_pickle=False) as z:
-                if int(z["version"]) != INDEX_VERSION:
-                    raise ValueError(f"{opq_path}: index version {int(z['version'])}, this code reads {INDEX_VERSION}")
-                quantizer = OPQ(mean=z["mean"], rotation=z["rotation"], errors=list(z["errors"]),
-                                codebooks=[z["codebooks"][d, :k] for d, k in enumerate(z["n_centroids"])])
+            try:
+                with np.load(opq_path, allow_pickle=False) as z:
+                    version = int(z["version"]) if "version" in z.files else None
+                    if version != INDEX_VERSION:
+                        raise ValueError(f"{opq_path}: index version {version}, this code reads "
+                                         f"{INDEX_VERSION}; rebuild the index")
+                    quantizer = OPQ(mean=z["mean"], rotation=z["rotation"], errors=list(z["errors"]),
+                                    codebooks=[z["codebooks"][d, :k] for d, k in enumerate(z["n_centroids"])])
+            except ValueError:
+                raise
+            except Exception as e:  # a truncated or corrupt zip: BadZipFile, EOFError, KeyError, OSError
+                raise ValueError(f"{opq_path}: not a readable OPQ file ({type(e).__name__}: {e})") from e
         index = cls(codes, quantizer)
         inv = os.path.join(folder, "tokens2item.pkl")
         if os.path.exists(inv):

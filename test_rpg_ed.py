@@ -548,10 +548,22 @@ def test_greedy_is_the_constrained_argmax_chain(index, lengths, seed):
     assert torch.allclose(greedy.scores[:, 0], total, atol=1e-5)
 
 
+def with_real_history(batch, index, model):
+    """The batch with each real history slot replaced by the SID of a random item of `index`."""
+    history = batch["history_sid"]
+    real = history[..., 0] != rpg_ed.PAD
+    pick = torch.randint(0, index.n_items, real.shape, generator=torch.Generator().manual_seed(0))
+    codes = torch.from_numpy(index.item_codes.astype(np.int64))[pick] + model.digit_offsets
+    return {**batch, "history_sid": torch.where(real[..., None], codes, history)}
+
+
 def test_unconstrained_reports_invalid_rate_and_generate_shape():
     model = tiny_model(3)
     index = sid.SIDIndex(np.array([[1, 2, 3, 4], [1, 2, 3, 5], [9, 9, 9, 9]]))
-    batch = make_batch(model, [2, 6, 0], seed=3)
+    random_history = make_batch(model, [2, 6, 0], seed=3)
+    with pytest.raises(ValueError, match="no item has"):                  # a history item with no SID
+        model.generate(random_history, index)
+    batch = with_real_history(random_history, index, model)
     free = beam.beam_search(model, batch, 4, 4, index, constrained=False)
     assert free.invalid_rate == float((free.items < 0).float().mean()) and free.invalid_rate > 0
     items = model.generate(batch, index, beam_size=5)

@@ -9,7 +9,10 @@ Evaluation follows PROTOCOL.md: stable time sort, 5-core, leave-one-out (last it
 second-to-last validation), every earlier train position a training example, history = the
 last `max_history` items before the target, full ranking with beam search over real SIDs,
 Recall/NDCG@5/10, model selection on validation NDCG@10. Writes into out_dir: config.json,
-item_id2tokens.npy, tokens2item.pkl, opq.npz, checkpoint.pt, results.json.
+item_id2tokens.npy, tokens2item.pkl, opq.npz, checkpoint.pt (best), last.pt (to --resume),
+results.json.
+
+    torchrun --standalone --nproc_per_node=N train.py ...   # N processes, DistributedDataParallel
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +73,21 @@ class TrainConfig:
     eval_batch_size: int = 256       # users per beam-search batch
     log_every: int = 100             # steps between log lines
     five_core: bool = True           # 5-core filtering (never for the s3rec format)
+    resume: bool = False             # continue from out_dir/last.pt (same config, same SIDs on disk)
+    eval_only: bool = False          # evaluate out_dir/checkpoint.pt on valid and test, no training
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "log_every", "emb_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: expected a positive int, got {getattr(self, name)}")
+        for name, ok, expected in (("lr", self.lr > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
+                                   ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                                   ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                                   ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")):
+            if not ok:
+                raise ValueError(f"--{name}: expected {expected}, got {getattr(self, name)}")
+        if self.resume and self.eval_only:
+            raise ValueError("--resume and --eval_only: expected at most one of them")
 
 
 PRESETS = {
@@ -178,32 +198,37 @@ def detect_format(path: str) -> str:
     raise ValueError(f"{path}: cannot detect the format from its name or first line; pass --format")
 
 
-def _float(value: str, where: str) -> float:
+def _append(raw: RawData, where: str, user: str, item: str, time: str) -> None:
+    """Add one interaction after checking it: non-empty ids and a finite numeric timestamp."""
+    if not user.strip() or not item.strip():
+        raise ValueError(f"{where}: expected non-empty user and item ids, got {user!r} and {item!r}")
     try:
-        out = float(value)
+        value = float(time)
     except ValueError:
-        raise ValueError(f"{where}: expected a numeric timestamp, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ValueError(f"{where}: expected a finite timestamp, got {value!r}")
-    return out
+        raise ValueError(f"{where}: expected a numeric timestamp, got {time!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite timestamp, got {time!r}")
+    raw.users.append(user); raw.items.append(item); raw.times.append(value)
 
 
 def load_inter(path: str) -> RawData:
     """RecBole atomic file: a header of name:type fields, tab-separated."""
-    users, items, times = [], [], []
+    raw = RawData([], [], [])
     with _open_text(path) as f:
-        header = f.readline().rstrip("\n").split("\t")
+        header = f.readline().rstrip("\r\n").split("\t")
         names = [h.split(":")[0] for h in header]
         for need in ("user_id", "item_id", "timestamp"):
             if need not in names:
                 raise ValueError(f"{path}:1: expected a {need} column in the header, got {header}")
         u, i, t = (names.index(n) for n in ("user_id", "item_id", "timestamp"))
         for line_no, line in enumerate(f, start=2):
-            parts = line.rstrip("\n").split("\t")
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
             if len(parts) != len(names):
                 raise ValueError(f"{path}:{line_no}: expected {len(names)} tab-separated fields, got {len(parts)}")
-            users.append(parts[u]); items.append(parts[i]); times.append(_float(parts[t], f"{path}:{line_no}"))
-    return RawData(users, items, times)
+            _append(raw, f"{path}:{line_no}", parts[u], parts[i], parts[t])
+    return raw
 
 
 def load_csv(path: str) -> RawData:
@@ -211,11 +236,11 @@ def load_csv(path: str) -> RawData:
     aliases = {"user": ("user", "user_id", "userid", "reviewerid"),
                "item": ("item", "item_id", "itemid", "movieid", "asin"),
                "time": ("timestamp", "time", "ts", "unixreviewtime")}
-    users, items, times = [], [], []
+    raw = RawData([], [], [])
     with _open_text(path) as f:
         first = f.readline()
         delimiter = "\t" if "\t" in first else ","
-        header = [h.strip().lower().split(":")[0] for h in next(csv.reader([first], delimiter=delimiter))]
+        header = [h.strip().lower().split(":")[0] for h in next(csv.reader([first], delimiter=delimiter), [])]
         cols = {}
         for key, names in aliases.items():
             found = [header.index(n) for n in names if n in header]
@@ -227,32 +252,31 @@ def load_csv(path: str) -> RawData:
                 continue
             if len(row) != len(header):
                 raise ValueError(f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")
-            users.append(row[cols["user"]]); items.append(row[cols["item"]])
-            times.append(_float(row[cols["time"]], f"{path}:{line_no}"))
-    return RawData(users, items, times)
+            _append(raw, f"{path}:{line_no}", row[cols["user"]], row[cols["item"]], row[cols["time"]])
+    return raw
 
 
 def load_amazon(path: str) -> RawData:
     """Amazon 2014 reviews: one JSON object per line with reviewerID, asin, unixReviewTime."""
-    users, items, times = [], [], []
+    raw = RawData([], [], [])
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 review = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not a JSON object ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from None
             if not isinstance(review, dict) or any(k not in review for k in ("reviewerID", "asin", "unixReviewTime")):
-                raise ValueError(f"{path}:{line_no}: expected keys reviewerID, asin, unixReviewTime")
-            users.append(str(review["reviewerID"])); items.append(str(review["asin"]))
-            times.append(_float(str(review["unixReviewTime"]), f"{path}:{line_no}"))
-    return RawData(users, items, times)
+                raise ValueError(f"{path}:{line_no}: expected a JSON object with keys reviewerID, asin, unixReviewTime")
+            _append(raw, f"{path}:{line_no}", str(review["reviewerID"]), str(review["asin"]),
+                    str(review["unixReviewTime"]))
+    return raw
 
 
 def load_s3rec(path: str) -> RawData:
     """`user item item ...` per line, oldest first (the S3Rec / ICLRec files): no timestamps."""
-    users, items, times = [], [], []
+    raw = RawData([], [], [], time_ordered=True)
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             parts = line.split()
@@ -260,9 +284,16 @@ def load_s3rec(path: str) -> RawData:
                 continue
             if len(parts) < 2:
                 raise ValueError(f"{path}:{line_no}: expected `user item item ...`, got {line.strip()!r}")
-            users.extend([parts[0]] * (len(parts) - 1)); items.extend(parts[1:])
-            times.extend(range(len(times), len(times) + len(parts) - 1))
-    return RawData(users, items, [float(t) for t in times], time_ordered=True)
+            for item in parts[1:]:                             # the file position is the timestamp
+                _append(raw, f"{path}:{line_no}", parts[0], item, str(len(raw.times)))
+    return raw
+
+
+def _text_of(obj: dict) -> str:
+    parts = [str(obj.get("title", "")), str(obj.get("brand", ""))]
+    for extra in (obj.get("attributes", []), obj.get("categories", [])):
+        parts.extend(str(x) for x in (extra if isinstance(extra, list) else [extra]))
+    return " ".join(parts)
 
 
 def load_item_text(path: str) -> dict:
@@ -270,28 +301,44 @@ def load_item_text(path: str) -> dict:
     text = {}
     with _open_text(path) as f:
         if path.removesuffix(".gz").endswith(".item"):
-            header = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
-            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                if len(row) == len(header):
-                    fields_ = dict(zip(header, row))
-                    text[fields_.pop("item_id")] = " ".join(fields_.values())
+            header = [h.split(":")[0] for h in f.readline().rstrip("\r\n").split("\t")]
+            if "item_id" not in header:
+                raise ValueError(f"{path}:1: expected an item_id column in the header, got {header}")
+            for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, got {len(row)}")
+                fields_ = dict(zip(header, row))
+                text[fields_.pop("item_id")] = " ".join(fields_.values())
             return text
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 try:
                     obj = ast.literal_eval(line)  # the 2014 metadata is Python literals; literal_eval runs no code
-                except (ValueError, SyntaxError):
-                    raise ValueError(f"{path}:{line_no}: not a JSON object or Python literal") from None
-            key = str(obj.get("item_id", obj.get("asin", "")))
-            parts = [str(obj.get("title", "")), str(obj.get("brand", ""))]
-            for extra in (obj.get("attributes", []), obj.get("categories", [])):
-                parts.extend(str(x) for x in extra)
-            text[key] = " ".join(parts)
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    obj = None
+            if not isinstance(obj, dict) or not str(obj.get("item_id", obj.get("asin", ""))).strip():
+                raise ValueError(f"{path}:{line_no}: expected a JSON object or Python dict with item_id or asin")
+            text[str(obj.get("item_id", obj.get("asin")))] = _text_of(obj)
     return text
+
+
+LOADERS = {"inter": load_inter, "csv": load_csv, "amazon": load_amazon, "s3rec": load_s3rec}
+
+
+def read_file(path: str, read):
+    """Run a loader, turning undecodable bytes and broken compression into a ValueError that names the file."""
+    try:
+        return read(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError, zlib.error, csv.Error) as e:   # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
 
 
 def load_data(cfg: TrainConfig) -> RawData:
@@ -309,8 +356,8 @@ def load_data(cfg: TrainConfig) -> RawData:
         path = os.path.join(path, candidates[0])
     if not os.path.exists(path):
         raise ValueError(f"--data: {path} does not exist")
-    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
-    raw = {"inter": load_inter, "csv": load_csv, "amazon": load_amazon, "s3rec": load_s3rec}[fmt](path)
+    fmt = read_file(path, detect_format) if cfg.format == "auto" else cfg.format
+    raw = read_file(path, LOADERS[fmt])
     item_text = cfg.item_text
     if not item_text:  # look beside the data file: name.item, or *_items.jsonl
         folder = os.path.dirname(path)
@@ -319,7 +366,7 @@ def load_data(cfg: TrainConfig) -> RawData:
             if os.path.exists(candidate):
                 item_text = candidate
     if item_text:
-        raw.item_text = load_item_text(item_text)
+        raw.item_text = read_file(item_text, load_item_text)
     raw.source = f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "")
     return raw
 
@@ -497,6 +544,8 @@ def make_batch(split: Split, rows: np.ndarray, item_tokens: torch.Tensor, user_b
     width = int(real.sum(1).max()) if len(rows) else 0
     history = history[:, history.shape[1] - width:]
     n_items = item_tokens.shape[0] - 1
+    if history.numel() and int(history.max()) >= n_items:
+        raise ValueError(f"history: item {int(history.max())} has no SID (the index has {n_items} items)")
     batch = {"user_ids": user_buckets[split.user[rows]],
              "history_sid": item_tokens[torch.where(history >= 0, history, n_items)]}  # (b, w, 4)
     if with_target:
@@ -507,16 +556,24 @@ def make_batch(split: Split, rows: np.ndarray, item_tokens: torch.Tensor, user_b
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def rank_metrics(ranked: np.ndarray, target: np.ndarray, ks=(5, 10)) -> dict:
-    """ranked (U, >=max k) item ids best first, target (U,) -> mean Recall@k and NDCG@k."""
+def hit_ranks(ranked: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """ranked (U, k) item ids best first, target (U,) -> 1-based rank of the target, 0 = not found."""
     hits = ranked == target[:, None]
-    rank = np.where(hits.any(1), hits.argmax(1) + 1, 0)                      # 1-based, 0 = miss
+    return np.where(hits.any(1), hits.argmax(1) + 1, 0)
+
+
+def metrics_from_ranks(rank: np.ndarray, ks=(5, 10)) -> dict:
+    """Mean Recall@k and NDCG@k (one relevant item: 1 / log2(rank + 1) when rank <= k)."""
     out = {}
     for k in ks:
         hit = (rank >= 1) & (rank <= k)
         out[f"recall@{k}"] = float(hit.mean())
         out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(np.maximum(rank, 1) + 1.0), 0.0).mean())
     return out
+
+
+def rank_metrics(ranked: np.ndarray, target: np.ndarray, ks=(5, 10)) -> dict:
+    return metrics_from_ranks(hit_ranks(ranked, target), ks)
 
 
 def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> dict:
@@ -548,21 +605,31 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
 
 @torch.no_grad()
 def evaluate(model, split: Split, index: sid.SIDIndex, item_tokens, user_buckets, cfg: TrainConfig,
-             device) -> dict:
-    """Beam search (beam_size from the model config, 10 returned) over real SIDs -> metrics."""
+             dist: "Dist") -> dict:
+    """Beam search (beam_size from the model config, 10 returned) over real SIDs -> metrics.
+
+    With several processes, evaluation batch j runs on rank j % world and the target's rank of
+    each user is summed over processes with all_reduce (each user is filled in by exactly one
+    rank, zeros elsewhere). Every batch is the one a single process would run, so the metrics
+    are identical to a single-process evaluation.
+    """
     model.eval()
-    ranked = []
-    for start in range(0, len(split.target), cfg.eval_batch_size):
-        rows = np.arange(start, min(start + cfg.eval_batch_size, len(split.target)))
-        batch = make_batch(split, rows, item_tokens, user_buckets, device, with_target=False)
-        result = beam.beam_search(model, batch, model.config.beam_size, 10, index)
-        ranked.append(result.items.cpu().numpy())
+    n = len(split.target)
+    rank = np.zeros(n, np.int64)                                                # 0 = not in the top 10
+    for j, start in enumerate(range(0, n, cfg.eval_batch_size)):
+        if j % dist.world != dist.rank:
+            continue
+        rows = np.arange(start, min(start + cfg.eval_batch_size, n))
+        batch = make_batch(split, rows, item_tokens, user_buckets, dist.device, with_target=False)
+        items = beam.beam_search(model, batch, model.config.beam_size, 10, index).items   # (b, 10)
+        rank[rows] = hit_ranks(items.cpu().numpy(), split.target[rows])
     model.train()
-    return rank_metrics(np.concatenate(ranked), split.target)
+    return metrics_from_ranks(dist.sum(torch.from_numpy(rank)).numpy())
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Several processes: `torchrun --nproc_per_node=N train.py` (DistributedDataParallel).
+# With one process (plain `python train.py`) every helper below is a no-op.
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
@@ -575,119 +642,318 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass
+class Dist:
+    rank: int                        # this process, 0..world-1; rank 0 logs and writes files
+    world: int                       # number of processes
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over processes (all_reduce)."""
+        if self.world == 1:
+            return tensor
+        tensor = tensor.to(self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.cpu()
+
+    def gather(self, obj) -> list:
+        """One object per process, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def init_distributed(device_name: str) -> Dist:
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; plain `python train.py` sets none of them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return Dist(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(torch.distributed.get_rank(), world, device)
+
+
+def shard(rows: np.ndarray, dist: Dist) -> tuple[np.ndarray, float]:
+    """This process's part of a global batch, and the loss weight that makes DDP's average of the
+    per-process gradients equal the gradient of the mean loss over all `rows`:
+    (1/W) sum_r (n_r W / N) grad(mean_r) = grad(sum of losses) / N.
+    A process left without rows (a last batch smaller than W) runs one row at weight 0, because
+    every process must take part in each backward pass."""
+    local = rows[dist.rank::dist.world]
+    if len(local) == 0:
+        return rows[:1], 0.0
+    return local, len(local) * dist.world / len(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training steps and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch, a function of (seed, epoch) only: the same on every
+    process and after a resume (torch's DistributedSampler seeds the same way)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+    """Linear warmup, then cosine decay to lr * min_lr_ratio. A function of the step, so the
+    step is the whole scheduler state."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(model: RPG_ED, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weight matrices only (not on embeddings, positions, norms or biases)."""
+    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n}
+    decay = [p for n, p in model.named_parameters() if n in decayed]
+    no_decay = [p for n, p in model.named_parameters() if n not in decayed]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_clip: float,
+               bf16: bool) -> torch.Tensor:
+    """One optimiser step on this process's batch; `weight` comes from shard(). Returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+CHECKPOINT_VERSION = 1
+# fields that may differ between a checkpoint's run and the run that resumes it
+RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "compile", "log_every", "eval_batch_size", "out_dir")
+
+
 def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a temporary file in the same folder, fsync, rename. A kill leaves the old or the new file."""
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
     sid._atomic_write(path, buf.getvalue())
 
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Tensors and plain containers only (weights_only=True): a crafted pickle is refused, never run."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no checkpoint there")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refusing to load: it holds something other than tensors and plain "
+                         f"containers ({str(e).splitlines()[-1][:200]})") from None
+    except Exception as e:  # truncated or corrupt: RuntimeError from the zip reader, EOFError, ...
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    version = state.get("version") if isinstance(state, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}")
+    return state
+
+
+def sids_digest(index: sid.SIDIndex) -> str:
+    return hashlib.sha256(index.item_codes.tobytes()).hexdigest()
+
+
+def check_checkpoint(state: dict, path: str, resolved: dict, digest: str, to_resume: bool) -> None:
+    """Refuse a checkpoint made for another model config, other SIDs, or (to resume) other training settings."""
+    saved = state["config"]
+    diffs = [(f"model.{k}", saved["model"].get(k), v) for k, v in resolved["model"].items()
+             if saved["model"].get(k) != v]
+    if to_resume:
+        diffs += [(f"train.{k}", saved["train"].get(k), v) for k, v in resolved["train"].items()
+                  if k not in RESUME_MAY_CHANGE and saved["train"].get(k) != v]
+    if diffs:
+        raise ValueError(f"{path}: made with another config: " +
+                         "; ".join(f"{k} is {a!r} there, {b!r} here" for k, a, b in diffs))
+    if state["sids_sha256"] != digest:
+        raise ValueError(f"{path}: made with other SIDs than the index on disk (sha256 {state['sids_sha256'][:12]}, "
+                         f"index {digest[:12]}); rebuild the index or train again")
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
 
 def main(argv: list) -> dict:
     start_time = time.time()
     cfg, mcfg = parse_args(argv)
+    dist = init_distributed(cfg.device)
+    try:
+        return run(cfg, mcfg, dist, start_time)
+    finally:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(cfg: TrainConfig, mcfg: RPGEDConfig, dist: Dist, start_time: float) -> dict:
+    log = print if dist.is_main else (lambda *args, **kwargs: None)
     name = cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
     out_dir = cfg.out_dir or os.path.join("out", name)
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
-    print("config:", json.dumps(resolved))
-    sid._atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
+    log("config:", json.dumps(resolved))
+    log(f"processes: {dist.world}, device {dist.device}")
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        if not (cfg.resume or cfg.eval_only):
+            sid._atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
 
+    if not dist.is_main:
+        dist.barrier()                         # rank 0 reads (and if needed fetches) the data first
     raw = load_data(cfg)
-    print(f"data: {raw.source}")
+    if dist.is_main:
+        dist.barrier()
+    log(f"data: {raw.source}")
     data = prepare(raw, cfg.five_core)
     splits = leave_one_out(data, mcfg.max_history)
     stats = {"users": len(data.user_raw), "items": len(data.item_raw), "interactions": data.n_interactions,
              "train_examples": len(splits["train"].target)}
-    print("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
+    log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
 
-    emb, emb_name = item_embeddings(cfg, data, raw.item_text, splits["train"])
-    t0 = time.time()
-    index, moved = sid.build_index(emb, seed=cfg.seed)
-    index.save(out_dir)
-    print(f"SIDs: from {emb_name} embeddings {emb.shape}, OPQ error {index.quantizer.errors[0]:.4g} -> "
-          f"{index.quantizer.errors[-1]:.4g}, {moved} items moved by collision resolution, "
-          f"{time.time() - t0:.1f} s, saved to {out_dir}")
+    # SIDs: rank 0 builds and saves them; the other processes, a resume and --eval_only load them
+    if dist.is_main and not (cfg.resume or cfg.eval_only):
+        emb, emb_name = item_embeddings(cfg, data, raw.item_text, splits["train"])
+        t0 = time.time()
+        index, moved = sid.build_index(emb, seed=cfg.seed)
+        index.save(out_dir)
+        log(f"SIDs: from {emb_name} embeddings {emb.shape}, OPQ error {index.quantizer.errors[0]:.4g} -> "
+            f"{index.quantizer.errors[-1]:.4g}, {moved} items moved by collision resolution, "
+            f"{time.time() - t0:.1f} s, saved to {out_dir}")
+    dist.barrier()
+    if not dist.is_main or cfg.resume or cfg.eval_only:
+        index = sid.SIDIndex.load(out_dir)
+        if index.n_items != len(data.item_raw):
+            raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {len(data.item_raw)}")
+        log(f"SIDs: loaded from {out_dir}")
+    digest = sids_digest(index)
 
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, mcfg.n_user_buckets)),
                              torch.full((1, mcfg.n_digit), sid.PAD)])            # (n_items + 1, 4); last = PAD
     user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
-    model = RPG_ED(mcfg).to(device)
-    print(f"model: {model.num_parameters():,} parameters on {device}")
-    train_model = torch.compile(model) if cfg.compile else model
-    # weight decay on weight matrices only: not on embeddings, positions, norms or biases
-    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n}
-    decay = [p for n, p in model.named_parameters() if n in decayed]
-    no_decay = [p for n, p in model.named_parameters() if n not in decayed]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    torch.manual_seed(cfg.seed)
+    model = RPG_ED(mcfg).to(dist.device)
+    torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
+    log(f"model: {model.num_parameters():,} parameters on {dist.device}")
+    best_path, last_path = os.path.join(out_dir, "checkpoint.pt"), os.path.join(out_dir, "last.pt")
+    progress = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "done": False,
+                "valid_history": [], "train_seconds": 0.0}
+    if not cfg.eval_only:
+        progress = train_model(cfg, model, splits, index, item_tokens, user_buckets, dist, progress,
+                               resolved, digest, log, best_path, last_path)
+
+    state = load_checkpoint(best_path, dist.device)
+    check_checkpoint(state, best_path, resolved, digest, to_resume=False)
+    model.load_state_dict(state["model"])
+    results = {"config": resolved, "dataset": {**stats, "source": raw.source},
+               "processes": dist.world, "best_epoch": state["best_epoch"], "valid_history": state["valid_history"],
+               "valid": evaluate(model, splits["valid"], index, item_tokens, user_buckets, cfg, dist),
+               "test": evaluate(model, splits["test"], index, item_tokens, user_buckets, cfg, dist),
+               "train_seconds": round(progress["train_seconds"] if not cfg.eval_only else state["train_seconds"], 1)}
+    if dist.is_main:
+        results["baselines"] = {split: baseline_rankings(data, splits, split) for split in ("valid", "test")}
+        results["total_seconds"] = round(time.time() - start_time, 1)
+        out_name = "eval.json" if cfg.eval_only else "results.json"
+        sid._atomic_write(os.path.join(out_dir, out_name), json.dumps(results, indent=2).encode())
+        print_table(results)
+        log(f"wrote {out_dir}/{out_name}; total {results['total_seconds'] / 60:.1f} min")
+    return results
+
+
+def train_model(cfg: TrainConfig, model: RPG_ED, splits: dict, index: sid.SIDIndex, item_tokens, user_buckets,
+                dist: Dist, progress: dict, resolved: dict, digest: str, log, best_path: str,
+                last_path: str) -> dict:
+    """Epochs of training with validation, early stopping, the best checkpoint and a resume
+    checkpoint (last.pt) after every epoch. Returns the final progress record."""
+    optimizer = make_optimizer(model, cfg)
+    if cfg.resume:
+        state = load_checkpoint(last_path, dist.device)
+        check_checkpoint(state, last_path, resolved, digest, to_resume=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = {k: state[k] for k in progress}
+        if len(state["rng"]) == dist.world:
+            torch.set_rng_state(state["rng"][dist.rank]["cpu"])
+            if dist.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"][dist.rank]["cuda"], dist.device)
+        else:
+            torch.manual_seed(cfg.seed + dist.rank + 1_000_003 * progress["step"])
+            log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {dist.world}; "
+                "dropout is re-seeded, so the run will not match an uninterrupted one exactly")
+        log(f"resumed from {last_path}: epoch {progress['epoch']}, step {progress['step']}")
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     train = splits["train"]
     steps_per_epoch = math.ceil(len(train.target) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    generator = torch.Generator().manual_seed(cfg.seed)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    best, best_epoch, bad_evals, step = -1.0, 0, 0, 0
-    history = []
-    train_start = time.time()
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(train.target), generator=generator).numpy()
+    first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+        if progress["done"]:
+            break
+        order = epoch_order(len(train.target), cfg.seed, epoch)
         seen, tick = 0, time.time()
         for b in range(steps_per_epoch):
-            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            batch = make_batch(train, rows, item_tokens, user_buckets, device)
-            lr = lr_at(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = train_model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
+            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]            # the global batch
+            local, weight = shard(rows, dist)
+            batch = make_batch(train, local, item_tokens, user_buckets, dist.device)
+            lr = lr_at(progress["step"], total_steps, cfg)
+            loss = train_step(net, optimizer, batch, weight, lr, cfg.grad_clip, dist.device.type == "cuda")
+            progress["step"] += 1
             seen += len(rows)
-            if step % cfg.log_every == 0 or b == steps_per_epoch - 1:
-                elapsed = time.time() - train_start
-                speed = seen / (time.time() - tick)
-                eta = elapsed / step * (total_steps - step)
-                print(f"epoch {epoch} step {step}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                      f"{speed:.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
+            if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1:
+                eta = (time.time() - session_start) / (progress["step"] - first_step) * (total_steps - progress["step"])
+                log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                    f"{seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
+        improved = False
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            metrics = evaluate(model, splits["valid"], index, item_tokens, user_buckets, cfg, device)
-            history.append({"epoch": epoch, **metrics})
-            print(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-            if metrics["ndcg@10"] > best:
-                best, best_epoch, bad_evals = metrics["ndcg@10"], epoch, 0
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "config": resolved, "step": step, "epoch": epoch, "best": best})
+            metrics = evaluate(model, splits["valid"], index, item_tokens, user_buckets, cfg, dist)
+            progress["valid_history"].append({"epoch": epoch, **metrics})
+            log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            if metrics["ndcg@10"] > progress["best"]:
+                progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
+                improved = True
             else:
-                bad_evals += 1
-                if bad_evals >= cfg.patience:
-                    print(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
-                    break
-    train_time = time.time() - train_start
-
-    state = torch.load(ckpt_path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    results = {"config": resolved, "dataset": {**stats, "source": raw.source},
-               "best_epoch": best_epoch, "valid_history": history,
-               "valid": evaluate(model, splits["valid"], index, item_tokens, user_buckets, cfg, device),
-               "test": evaluate(model, splits["test"], index, item_tokens, user_buckets, cfg, device),
-               "baselines": {split: baseline_rankings(data, splits, split) for split in ("valid", "test")},
-               "train_seconds": round(train_time, 1)}
-    results["total_seconds"] = round(time.time() - start_time, 1)
-    sid._atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2).encode())
-    print_table(results)
-    print(f"wrote {out_dir}/results.json; total {results['total_seconds'] / 60:.1f} min")
-    return results
+                progress["bad_evals"] += 1
+                progress["done"] = progress["bad_evals"] >= cfg.patience
+        progress["epoch"] = epoch
+        progress["train_seconds"] = seconds_before + time.time() - session_start
+        rng = dist.gather(rng_state(dist.device))
+        if dist.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": resolved,
+                     "sids_sha256": digest, "rng": rng, **progress}
+            if improved:
+                save_checkpoint(best_path, state)
+            save_checkpoint(last_path, state)   # after the best: a resume never lacks its best checkpoint
+        dist.barrier()
+        if progress["done"]:
+            log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
+    return progress
 
 
 def print_table(results: dict) -> None:
