@@ -743,5 +743,287 @@ def test_end_to_end_run_is_deterministic(tmp_path):
     assert set(saved["baselines"]["test"]) == {"popularity", "markov"}
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Robustness: bad input, fuzzed files, checkpoints, resume
+# ----------------------------------------------------------------------------------------------
+
+import dataclasses
+import signal
+import tempfile
+import time
+
+INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
+
+
+def _write(folder, name: str, content) -> str:
+    path = os.path.join(str(folder), name)
+    with open(path, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def _load(folder, name: str, content, fmt: str = "auto"):
+    return train.load_data(train.TrainConfig(data=_write(folder, name, content), format=fmt))
+
+
+def _emb(folder, array) -> np.ndarray:
+    """item_embeddings() for a 4-item dataset with `array` as --item_emb."""
+    data = train.Dataset([np.arange(4)], ["u"], ["a", "b", "c", "d"], 4)
+    path = os.path.join(str(folder), "e.npy")
+    np.save(path, array)
+    return train.item_embeddings(train.TrainConfig(item_emb=path), data, {}, None)
+
+
+def _tiny_checkpoint(folder, **changes) -> tuple[str, dict]:
+    """A checkpoint file of a tiny config, and the `resolved` config of a run that uses it."""
+    resolved = {"train": dataclasses.asdict(train.TrainConfig()), "model": dataclasses.asdict(rpg_ed.RPGEDConfig(**TINY))}
+    state = {"model": {}, "config": resolved, "sids_sha256": "0" * 64, **changes}
+    path = os.path.join(str(folder), "checkpoint.pt")
+    train.save_checkpoint(path, state)
+    return path, resolved
+
+
+def _check_other_config(folder):
+    path, resolved = _tiny_checkpoint(folder)
+    here = {**resolved, "model": {**resolved["model"], "n_embd": 32}}
+    train.check_checkpoint(train.load_checkpoint(path), path, here, "0" * 64, to_resume=False)
+
+
+def _check_other_sids(folder):
+    path, resolved = _tiny_checkpoint(folder)
+    train.check_checkpoint(train.load_checkpoint(path), path, resolved, "1" * 64, to_resume=False)
+
+
+def _old_index(folder):
+    index, _ = small_index(np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32))
+    index.save(str(folder))
+    with np.load(os.path.join(str(folder), "opq.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(os.path.join(str(folder), "opq.npz"), **{**arrays, "version": 99})
+    sid.SIDIndex.load(str(folder))
+
+
+def _train_batch_with_unknown_item(folder):
+    split = train.Split(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
+    item_tokens = torch.zeros(4, 4, dtype=torch.long)                    # 3 items + the PAD row
+    train.make_batch(split, np.array([0]), item_tokens, torch.zeros(1, dtype=torch.long), torch.device("cpu"))
+
+
+def _generate_with_unknown_sid(folder):
+    model = tiny_model()
+    index = sid.SIDIndex(np.array([[1, 2, 3, 4]]))
+    model.generate(make_batch(model, [3], seed=1), index)
+
+
+# (what is wrong, how to trigger it in a temporary folder, a fragment of the expected message)
+BAD_INPUTS = [
+    ("empty data file", lambda d: train.prepare(_load(d, "d.inter", INTER_HEADER)), "no interactions"),
+    ("nothing left after 5-core", lambda d: train.prepare(_load(d, "d.inter", INTER_HEADER + "u1\ti1\t1\n")),
+     "empty after 5-core"),
+    (".inter without a timestamp column", lambda d: _load(d, "d.inter", "user_id:token\titem_id:token\nu\ti\n"),
+     "expected a timestamp column"),
+    (".inter line with 2 of 3 fields", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t5\nu1\ti2\n"),
+     "d.inter:3: expected 3 tab-separated fields, got 2"),
+    (".inter non-numeric timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tyesterday\n"),
+     "d.inter:2: expected a numeric timestamp, got 'yesterday'"),
+    (".inter infinite timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tinf\n"),
+     "d.inter:2: expected a finite timestamp"),
+    ("csv without an item column", lambda d: _load(d, "d.csv", "user,thing,timestamp\nu,i,1\n"),
+     "d.csv:1: expected a item column"),
+    ("csv empty user id", lambda d: _load(d, "d.csv", "user,item,timestamp\n,i,1\n"),
+     "d.csv:2: expected non-empty user and item ids"),
+    ("amazon line that is not JSON", lambda d: _load(d, "d.json", '{"reviewerID": "u"\n'), "d.json:1: not a JSON object"),
+    ("amazon review without asin", lambda d: _load(d, "d.json", '{"reviewerID": "u", "unixReviewTime": 1}\n'),
+     "d.json:1: expected a JSON object with keys"),
+    ("s3rec user without items", lambda d: _load(d, "d.txt", "u1 i1 i2\nu2\n", fmt="s3rec"),
+     "d.txt:2: expected `user item item ...`"),
+    (".json.gz that is not gzip", lambda d: _load(d, "d.json.gz", b"not gzip at all"), "d.json.gz: cannot read it (BadGzipFile"),
+    ("bytes that are not UTF-8", lambda d: _load(d, "d.csv", b"user,item,timestamp\n\xff\xfe,i,1\n"), "d.csv: not UTF-8 text"),
+    ("item text line that is not a dict", lambda d: train.load_item_text(_write(d, "m.jsonl", "[1, 2]\n")),
+     "m.jsonl:1: expected a JSON object or Python dict"),
+    ("item text with an item twice", lambda d: train.load_item_text(_write(d, "m.jsonl", '{"asin": "a"}\n{"asin": "a"}\n')),
+     "m.jsonl:2: item 'a' appears a second time"),
+    ("--item_emb with NaN", lambda d: _emb(d, np.array([[0.0], [np.nan], [1.0], [2.0]])), "got NaN or inf in row 1"),
+    ("--item_emb with 3 rows for 4 items", lambda d: _emb(d, np.zeros((3, 8))), "expected shape [4 items, D], got (3, 8)"),
+    ("--item_emb of strings", lambda d: _emb(d, np.array([["a"]] * 4)), "expected a numeric array, got dtype <U1"),
+    ("embeddings with inf (sid.py)", lambda d: sid.build_index(np.array([[0.0, np.inf]])), "finite"),
+    ("codes of the wrong dtype (sid.py)", lambda d: sid.SIDIndex(np.zeros((3, 4))), "integer"),
+    ("history item id with no SID (train batch)", _train_batch_with_unknown_item, "history: item 7 has no SID (the index has 3 items)"),
+    ("history SID of no item (generate)", _generate_with_unknown_sid, "expected the SID of an item in the index"),
+    ("history_sid of floats (model)", lambda d: tiny_model()(dict(make_batch(tiny_model(), [2]),
+                                                                  history_sid=torch.zeros(1, 2, 4))), "expected integer ids"),
+    ("user id out of range (model)", lambda d: tiny_model()(dict(make_batch(tiny_model(), [2]), user_ids=torch.tensor([7]))),
+     "user_ids: expected bucket indices in [0, 7)"),
+    ("beam_size 0 (beam search)", lambda d: beam.beam_search(tiny_model(), make_batch(tiny_model(), [2]), 0, 1, None),
+     "beam_size: expected a positive int"),
+    ("checkpoint config != this run's", _check_other_config, "model.n_embd is 16 there, 32 here"),
+    ("checkpoint SIDs != the index on disk", _check_other_sids, "made with other SIDs than the index on disk"),
+    ("checkpoint of another version", lambda d: train.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
+     "checkpoint version 0, this code reads version 1"),
+    ("truncated checkpoint", lambda d: train.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
+     "not a readable checkpoint, truncated or corrupt"),
+    ("missing checkpoint", lambda d: train.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
+    ("opq.npz of another version", _old_index, "index version 99, this code reads 1"),
+    ("CLI unknown --key", lambda d: train.parse_args(["--learning_rate=1"]), "unknown option --learning_rate"),
+    ("CLI value of the wrong type", lambda d: train.parse_args(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),
+    ("CLI zero epochs", lambda d: train.parse_args(["--epochs=0"]), "--epochs: expected a positive int, got 0"),
+    ("CLI --resume with --eval_only", lambda d: train.parse_args(["--resume=true", "--eval_only=true"]), "at most one"),
+]
+
+
+@pytest.mark.parametrize("what, make, fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_clear_value_error(tmp_path, what, make, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        make(tmp_path)
+
+
+def _valid_files() -> dict:
+    """One small valid file per loader: (file name, format, bytes)."""
+    rows = interactions(4, n_users=6, n_items=7)
+    users = sorted({u for u, _, _ in rows})
+    return {
+        "inter": ("d.inter", "inter", INTER_HEADER + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows)),
+        "csv": ("d.csv", "csv", "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows)),
+        "amazon": ("d.json", "amazon", "".join(json.dumps({"reviewerID": u, "asin": i, "unixReviewTime": t}) + "\n"
+                                             for u, i, t in rows)),
+        "s3rec": ("d.txt", "s3rec", "".join(f"{u} " + " ".join(i for v, i, _ in rows if v == u) + "\n" for u in users)),
+        "item": ("d.item", "text", "item_id:token\ttitle:token_seq\n" + "".join(f"{100 + i}\tfilm {i}\n" for i in range(7))),
+        "meta": ("m.jsonl", "text", "".join(json.dumps({"asin": str(100 + i), "title": f"film {i}"}) + "\n" for i in range(7))),
+    }
+
+
+VALID_FILES = _valid_files()
+
+
+def _parse(folder, name: str, fmt: str, content):
+    """Rows (or the item-text dict) of a file; prepare() runs too, so it is fuzzed as well."""
+    path = _write(folder, name, content)
+    if fmt == "text":
+        return sorted(train.read_file(path, train.load_item_text).items())
+    raw = train.load_data(train.TrainConfig(data=path, format=fmt))
+    train.prepare(raw, five_core=True)
+    if raw.time_ordered:                                 # s3rec times are file positions
+        return sorted(zip(raw.users, raw.items))
+    return sorted(zip(raw.users, raw.items, raw.times))
+
+
+def _contains(big: list, small: list) -> bool:
+    from collections import Counter
+    return not (Counter(small) - Counter(big))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(VALID_FILES)), st.data())
+def test_fuzzed_lines_parse_the_rest_unchanged_or_raise_value_error(kind, data):
+    """A corrupted line: ValueError, or a parse that keeps every other line's rows unchanged."""
+    name, fmt, text = VALID_FILES[kind]
+    lines = text.encode().splitlines(keepends=True)
+    k = data.draw(st.integers(0, len(lines) - 1), label="line")
+    line = lines[k]
+    how = data.draw(st.sampled_from(["flip", "delete", "insert", "drop", "random"]), label="how")
+    pos = data.draw(st.integers(0, len(line)), label="pos")
+    junk = data.draw(st.binary(min_size=1, max_size=8), label="junk")
+    corrupted = {"flip": line[:pos] + junk[:1] + line[pos + 1:], "delete": line[:pos] + line[pos + 1:],
+                 "insert": line[:pos] + junk + line[pos:], "drop": b"", "random": junk}[how]
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            parsed = _parse(folder, name, fmt, b"".join(lines[:k] + [corrupted] + lines[k + 1:]))
+        except ValueError:
+            return
+        if corrupted == line:
+            assert parsed == _parse(folder, name, fmt, text)
+        try:
+            rest = _parse(folder, name, fmt, b"".join(lines[:k] + lines[k + 1:]))
+        except ValueError:
+            return                                        # e.g. the header was the corrupted line
+        if kind == "s3rec":                               # a line is a whole user: compare per user
+            rest = [r for r in rest if r[0] != lines[k].split()[0].decode()]
+        assert _contains(parsed, rest)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from(["auto", "inter", "csv", "amazon", "s3rec"]),
+       st.sampled_from(["d.inter", "d.csv", "d.json", "d.json.gz", "d.txt"]))
+def test_random_bytes_raise_only_value_error(content, fmt, name):
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            _parse(folder, name, fmt, content)
+        except ValueError:
+            pass
+
+
+CHECKPOINT_BYTES = None
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_truncated_checkpoint_is_a_clear_error(data):
+    global CHECKPOINT_BYTES
+    with tempfile.TemporaryDirectory() as folder:
+        if CHECKPOINT_BYTES is None:
+            path, _ = _tiny_checkpoint(folder, model=tiny_model().state_dict())
+            CHECKPOINT_BYTES = open(path, "rb").read()
+        n = data.draw(st.integers(0, len(CHECKPOINT_BYTES) - 1))
+        with pytest.raises(ValueError, match="not a readable checkpoint, truncated or corrupt"):
+            train.load_checkpoint(_write(folder, "c.pt", CHECKPOINT_BYTES[:n]))
+
+
+def test_crafted_checkpoint_is_refused_and_its_payload_does_not_run(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"version": 1, "model": _Bomb(str(target))}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        train.load_checkpoint(str(path))
+    assert not target.exists()
+
+
+RESUME_RUN = ["--epochs=3", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
+              "--decoder_n_layer=1", "--max_history=5", "--batch_size=16", "--warmup_steps=5", "--n_user_buckets=50",
+              "--log_every=1000", "--patience=5", "--resid_pdrop=0.3", "--embd_pdrop=0.3"]   # dropout uses the RNG
+
+# the run that is killed sleeps after writing its first last.pt, so SIGKILL always lands there
+_SLEEP_AFTER_FIRST_CHECKPOINT = """
+import sys, time, train
+save = train.save_checkpoint
+def save_then_sleep(path, state):
+    save(path, state)
+    if path.endswith("last.pt"):
+        print("checkpoint written", flush=True)
+        time.sleep(600)
+train.save_checkpoint = save_then_sleep
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    data_path = write_formats(tmp_path, interactions(2, n_users=30, n_items=12))["inter"]
+    args = [f"--data={data_path}"] + RESUME_RUN
+    whole = train.main(args + [f"--out_dir={tmp_path / 'whole'}"])
+
+    proc = subprocess.Popen([sys.executable, "-c", _SLEEP_AFTER_FIRST_CHECKPOINT] + args +
+                            [f"--out_dir={tmp_path / 'killed'}"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:                              # wait for the first checkpoint, then kill
+        if line.startswith("checkpoint written"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    first = train.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    assert first["epoch"] == 1 and not (tmp_path / "killed" / "results.json").exists()
+
+    resumed = train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=true"])
+    a = train.load_checkpoint(str(tmp_path / "whole" / "last.pt"))
+    b = train.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert resumed["valid"] == whole["valid"] and resumed["test"] == whole["test"]
+    with pytest.raises(ValueError, match="model.n_embd is 16 there, 32 here"):   # another config, same index
+        train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=true", "--n_embd=32"])
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))

@@ -310,7 +310,7 @@ def load_item_text(path: str) -> dict:
                 if len(row) != len(header):
                     raise ValueError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, got {len(row)}")
                 fields_ = dict(zip(header, row))
-                text[fields_.pop("item_id")] = " ".join(fields_.values())
+                _add_text(text, f"{path}:{line_no}", fields_.pop("item_id"), " ".join(fields_.values()))
             return text
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -324,8 +324,14 @@ def load_item_text(path: str) -> dict:
                     obj = None
             if not isinstance(obj, dict) or not str(obj.get("item_id", obj.get("asin", ""))).strip():
                 raise ValueError(f"{path}:{line_no}: expected a JSON object or Python dict with item_id or asin")
-            text[str(obj.get("item_id", obj.get("asin")))] = _text_of(obj)
+            _add_text(text, f"{path}:{line_no}", str(obj.get("item_id", obj.get("asin"))), _text_of(obj))
     return text
+
+
+def _add_text(text: dict, where: str, item: str, words: str) -> None:
+    if item in text:
+        raise ValueError(f"{where}: item {item!r} appears a second time")
+    text[item] = words
 
 
 LOADERS = {"inter": load_inter, "csv": load_csv, "amazon": load_amazon, "s3rec": load_s3rec}
@@ -521,6 +527,11 @@ def item_embeddings(cfg: TrainConfig, data: Dataset, item_text: dict, train: Spl
             raise ValueError(f"--item_emb: {cfg.item_emb} is not a readable .npy array ({e})") from None
         if emb.ndim != 2 or emb.shape[0] != n_items:
             raise ValueError(f"--item_emb: expected shape [{n_items} items, D], got {emb.shape} from {cfg.item_emb}")
+        if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
+            raise ValueError(f"--item_emb: expected a numeric array, got dtype {emb.dtype} from {cfg.item_emb}")
+        if not np.isfinite(emb).all():
+            row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
+            raise ValueError(f"--item_emb: expected finite values, got NaN or inf in row {row} of {cfg.item_emb}")
         return emb.astype(np.float32), f"file {cfg.item_emb}"
     parts = []
     if cfg.emb_source in ("text", "both"):
