@@ -920,18 +920,19 @@ def test_fuzzed_lines_parse_the_rest_unchanged_or_raise_value_error(kind, data):
     name, fmt, text = VALID_FILES[kind]
     lines = text.encode().splitlines(keepends=True)
     k = data.draw(st.integers(0, len(lines) - 1), label="line")
-    line = lines[k]
+    line = lines[k].removesuffix(b"\n")                  # corrupt the content, keep the line break
     how = data.draw(st.sampled_from(["flip", "delete", "insert", "drop", "random"]), label="how")
     pos = data.draw(st.integers(0, len(line)), label="pos")
     junk = data.draw(st.binary(min_size=1, max_size=8), label="junk")
     corrupted = {"flip": line[:pos] + junk[:1] + line[pos + 1:], "delete": line[:pos] + line[pos + 1:],
-                 "insert": line[:pos] + junk + line[pos:], "drop": b"", "random": junk}[how]
+                 "insert": line[:pos] + junk + line[pos:], "drop": None, "random": junk}[how]
+    corrupted = b"" if corrupted is None else corrupted + b"\n"
     with tempfile.TemporaryDirectory() as folder:
         try:
             parsed = _parse(folder, name, fmt, b"".join(lines[:k] + [corrupted] + lines[k + 1:]))
         except ValueError:
             return
-        if corrupted == line:
+        if corrupted == lines[k]:
             assert parsed == _parse(folder, name, fmt, text)
         try:
             rest = _parse(folder, name, fmt, b"".join(lines[:k] + lines[k + 1:]))
