@@ -830,7 +830,7 @@ BAD_INPUTS = [
     (".inter infinite timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tinf\n"),
      "d.inter:2: expected a finite timestamp"),
     ("csv without an item column", lambda d: _load(d, "d.csv", "user,thing,timestamp\nu,i,1\n"),
-     "d.csv:1: expected a item column"),
+     "d.csv:1: expected the item column"),
     ("csv empty user id", lambda d: _load(d, "d.csv", "user,item,timestamp\n,i,1\n"),
      "d.csv:2: expected non-empty user and item ids"),
     ("amazon line that is not JSON", lambda d: _load(d, "d.json", '{"reviewerID": "u"\n'), "d.json:1: not a JSON object"),
@@ -1024,6 +1024,112 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert resumed["valid"] == whole["valid"] and resumed["test"] == whole["test"]
     with pytest.raises(ValueError, match="model.n_embd is 16 there, 32 here"):   # another config, same index
         train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=true", "--n_embd=32"])
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun / DistributedDataParallel, gloo on CPU)
+# ----------------------------------------------------------------------------------------------
+
+import socket
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_setup():
+    """A tiny model without dropout, its optimiser and a small training split (the same in every process)."""
+    torch.manual_seed(0)
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "dropout": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                                                "resid_pdrop": 0.0}))
+    optimizer = train.make_optimizer(model, train.TrainConfig())
+    rng = np.random.default_rng(0)
+    history = np.where(rng.random((13, 6)) < 0.3, -1, rng.integers(0, 9, (13, 6)))
+    history = np.sort(history, axis=1)                                   # padding (-1) on the left
+    split = train.Split(history=history, target=rng.integers(0, 9, 13), user=rng.integers(0, 5, 13))
+    codes = np.unique(rng.integers(0, 256, (40, 4)), axis=0)[:9]
+    item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(codes, TINY["n_user_buckets"])),
+                             torch.full((1, 4), sid.PAD)])
+    return model, optimizer, split, item_tokens, torch.arange(5) % TINY["n_user_buckets"]
+
+
+STEPS = [np.arange(10), np.arange(10, 13)]   # a global batch of 2b = 10 rows, then 3 rows (split 2 + 1)
+
+
+def _run_steps(model, optimizer, split, item_tokens, buckets, net, dist):
+    for rows in STEPS:
+        local, weight = train.shard(rows, dist)
+        batch = train.make_batch(split, local, item_tokens, buckets, torch.device("cpu"))
+        train.train_step(net, optimizer, batch, weight, lr=1e-2, grad_clip=1.0, bf16=False)
+
+
+def _ddp_step_worker(rank: int, port: int, out_path: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    dist = train.init_distributed("cpu")
+    model, optimizer, split, item_tokens, buckets = _step_setup()
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    _run_steps(model, optimizer, split, item_tokens, buckets, net, dist)
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_steps_equal_single_process_steps_on_the_union_batch(tmp_path):
+    """2 processes, each on its half of a global batch (and 2 + 1 rows of an uneven one), end with
+    the parameters of one process that trains on the whole batches."""
+    out = str(tmp_path / "ddp.pt")
+    mp.start_processes(_ddp_step_worker, args=(_free_port(), out), nprocs=2, start_method="spawn")
+    model, optimizer, split, item_tokens, buckets = _step_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _run_steps(model, optimizer, split, item_tokens, buckets, model, train.Dist(0, 1, torch.device("cpu")))
+    ddp = torch.load(out, weights_only=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5, msg=key)   # Adam amplifies float noise in ~0 gradients
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())   # it did train
+
+
+def test_shard_covers_the_batch_once():
+    for n in range(1, 9):
+        rows = np.arange(100, 100 + n)
+        parts = [train.shard(rows, train.Dist(r, 3, torch.device("cpu"))) for r in range(3)]
+        real = [local for local, weight in parts if weight > 0]
+        assert sorted(np.concatenate(real).tolist()) == rows.tolist()
+        assert sum(w for _, w in parts) == pytest.approx(3.0)             # weights average to 1
+
+
+def _torchrun(n: int, args: list) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           os.path.join(HERE, "train.py")] + args, cwd=HERE, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    args = [f"--data={data_path}", f"--out_dir={tmp_path / 'out'}"] + TINY_RUN + ["--emb_source=cf"]
+    run = _torchrun(2, args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("dataset:") == 1                              # only rank 0 logs
+    state = train.load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**state["config"]["model"]))
+    model.load_state_dict(state["model"])                                 # the unwrapped module's state_dict
+    trained = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert trained["processes"] == 2
+
+    evaluate = args + ["--eval_only=true", "--eval_batch_size=8"]        # 5 batches: ranks get 3 and 2
+    run = _torchrun(2, evaluate)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "out" / "eval.json").read_text())
+    one = train.main(evaluate)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["valid"] == one["valid"] and two["test"] == one["test"]
+    assert one["test"] == trained["test"]
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def load_csv(path: str) -> RawData:
         for key, names in aliases.items():
             found = [header.index(n) for n in names if n in header]
             if not found:
-                raise ValueError(f"{path}:1: expected a {key} column (one of {names}), got {header}")
+                raise ValueError(f"{path}:1: expected the {key} column (one of {names}), got {header}")
             cols[key] = found[0]
         for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=2):
             if not row:
