@@ -198,16 +198,16 @@ def detect_format(path: str) -> str:
     raise ValueError(f"{path}: cannot detect the format from its name or first line; pass --format")
 
 
-def _append(raw: RawData, where: str, user: str, item: str, time: str) -> None:
+def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> None:
     """Add one interaction after checking it: non-empty ids and a finite numeric timestamp."""
     if not user.strip() or not item.strip():
         raise ValueError(f"{where}: expected non-empty user and item ids, got {user!r} and {item!r}")
     try:
-        value = float(time)
+        value = float(timestamp)
     except ValueError:
-        raise ValueError(f"{where}: expected a numeric timestamp, got {time!r}") from None
+        raise ValueError(f"{where}: expected a numeric timestamp, got {timestamp!r}") from None
     if not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite timestamp, got {time!r}")
+        raise ValueError(f"{where}: expected a finite timestamp, got {timestamp!r}")
     raw.users.append(user); raw.items.append(item); raw.times.append(value)
 
 
@@ -615,8 +615,7 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
 
 
 @torch.no_grad()
-def evaluate(model, split: Split, index: sid.SIDIndex, item_tokens, user_buckets, cfg: TrainConfig,
-             dist: "Dist") -> dict:
+def evaluate(model: RPG_ED, run: "Run", split_name: str) -> dict:
     """Beam search (beam_size from the model config, 10 returned) over real SIDs -> metrics.
 
     With several processes, evaluation batch j runs on rank j % world and the target's rank of
@@ -625,17 +624,17 @@ def evaluate(model, split: Split, index: sid.SIDIndex, item_tokens, user_buckets
     are identical to a single-process evaluation.
     """
     model.eval()
-    n = len(split.target)
-    rank = np.zeros(n, np.int64)                                                # 0 = not in the top 10
-    for j, start in enumerate(range(0, n, cfg.eval_batch_size)):
-        if j % dist.world != dist.rank:
+    target = run.splits[split_name].target
+    rank = np.zeros(len(target), np.int64)                                      # 0 = not in the top 10
+    for j, start in enumerate(range(0, len(target), run.cfg.eval_batch_size)):
+        if j % run.dist.world != run.dist.rank:
             continue
-        rows = np.arange(start, min(start + cfg.eval_batch_size, n))
-        batch = make_batch(split, rows, item_tokens, user_buckets, dist.device, with_target=False)
-        items = beam.beam_search(model, batch, model.config.beam_size, 10, index).items   # (b, 10)
-        rank[rows] = hit_ranks(items.cpu().numpy(), split.target[rows])
+        rows = np.arange(start, min(start + run.cfg.eval_batch_size, len(target)))
+        batch = run.batch(split_name, rows, with_target=False)
+        items = beam.beam_search(model, batch, model.config.beam_size, 10, run.index).items   # (b, 10)
+        rank[rows] = hit_ranks(items.cpu().numpy(), target[rows])
     model.train()
-    return metrics_from_ranks(dist.sum(torch.from_numpy(rank)).numpy())
+    return metrics_from_ranks(run.dist.sum(torch.from_numpy(rank)).numpy())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,6 +706,30 @@ def shard(rows: np.ndarray, dist: Dist) -> tuple[np.ndarray, float]:
     if len(local) == 0:
         return rows[:1], 0.0
     return local, len(local) * dist.world / len(rows)
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: settings, processes, the split data and the SIDs."""
+    cfg: TrainConfig
+    resolved: dict                   # {"train": ..., "model": ...}: saved in config.json and in checkpoints
+    dist: Dist
+    out_dir: str
+    splits: dict                     # "train" | "valid" | "test" -> Split
+    index: sid.SIDIndex
+    item_tokens: torch.Tensor        # (n_items + 1, 4) SID tokens of each item; the last row is PAD
+    user_buckets: torch.Tensor       # (n_users,) hashed user-token bucket of each user
+
+    def log(self, *args, **kwargs) -> None:
+        if self.dist.is_main:
+            print(*args, **kwargs)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def batch(self, split_name: str, rows: np.ndarray, with_target: bool = True) -> dict:
+        return make_batch(self.splits[split_name], rows, self.item_tokens, self.user_buckets, self.dist.device,
+                          with_target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -860,92 +883,94 @@ def run(cfg: TrainConfig, mcfg: RPGEDConfig, dist: Dist, start_time: float) -> d
         if index.n_items != len(data.item_raw):
             raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {len(data.item_raw)}")
         log(f"SIDs: loaded from {out_dir}")
-    digest = sids_digest(index)
-
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, mcfg.n_user_buckets)),
-                             torch.full((1, mcfg.n_digit), sid.PAD)])            # (n_items + 1, 4); last = PAD
+                             torch.full((1, mcfg.n_digit), sid.PAD)])
     user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
+    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
+
     torch.manual_seed(cfg.seed)
     model = RPG_ED(mcfg).to(dist.device)
     torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
     log(f"model: {model.num_parameters():,} parameters on {dist.device}")
-    best_path, last_path = os.path.join(out_dir, "checkpoint.pt"), os.path.join(out_dir, "last.pt")
-    progress = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "done": False,
-                "valid_history": [], "train_seconds": 0.0}
-    if not cfg.eval_only:
-        progress = train_model(cfg, model, splits, index, item_tokens, user_buckets, dist, progress,
-                               resolved, digest, log, best_path, last_path)
+    trained = None if cfg.eval_only else train_model(model, run)
 
-    state = load_checkpoint(best_path, dist.device)
-    check_checkpoint(state, best_path, resolved, digest, to_resume=False)
+    state = load_checkpoint(run.path("checkpoint.pt"), dist.device)
+    check_checkpoint(state, run.path("checkpoint.pt"), resolved, sids_digest(index), to_resume=False)
     model.load_state_dict(state["model"])
-    results = {"config": resolved, "dataset": {**stats, "source": raw.source},
-               "processes": dist.world, "best_epoch": state["best_epoch"], "valid_history": state["valid_history"],
-               "valid": evaluate(model, splits["valid"], index, item_tokens, user_buckets, cfg, dist),
-               "test": evaluate(model, splits["test"], index, item_tokens, user_buckets, cfg, dist),
-               "train_seconds": round(progress["train_seconds"] if not cfg.eval_only else state["train_seconds"], 1)}
+    results = {"config": resolved, "dataset": {**stats, "source": raw.source}, "processes": dist.world,
+               "best_epoch": state["best_epoch"], "valid_history": state["valid_history"],
+               "valid": evaluate(model, run, "valid"), "test": evaluate(model, run, "test"),
+               "train_seconds": round((trained or state)["train_seconds"], 1)}
     if dist.is_main:
         results["baselines"] = {split: baseline_rankings(data, splits, split) for split in ("valid", "test")}
         results["total_seconds"] = round(time.time() - start_time, 1)
         out_name = "eval.json" if cfg.eval_only else "results.json"
-        sid._atomic_write(os.path.join(out_dir, out_name), json.dumps(results, indent=2).encode())
+        sid._atomic_write(run.path(out_name), json.dumps(results, indent=2).encode())
         print_table(results)
-        log(f"wrote {out_dir}/{out_name}; total {results['total_seconds'] / 60:.1f} min")
+        log(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
     return results
 
 
-def train_model(cfg: TrainConfig, model: RPG_ED, splits: dict, index: sid.SIDIndex, item_tokens, user_buckets,
-                dist: Dist, progress: dict, resolved: dict, digest: str, log, best_path: str,
-                last_path: str) -> dict:
-    """Epochs of training with validation, early stopping, the best checkpoint and a resume
-    checkpoint (last.pt) after every epoch. Returns the final progress record."""
-    optimizer = make_optimizer(model, cfg)
-    if cfg.resume:
-        state = load_checkpoint(last_path, dist.device)
-        check_checkpoint(state, last_path, resolved, digest, to_resume=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        progress = {k: state[k] for k in progress}
-        if len(state["rng"]) == dist.world:
-            torch.set_rng_state(state["rng"][dist.rank]["cpu"])
-            if dist.device.type == "cuda":
-                torch.cuda.set_rng_state(state["rng"][dist.rank]["cuda"], dist.device)
-        else:
-            torch.manual_seed(cfg.seed + dist.rank + 1_000_003 * progress["step"])
-            log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {dist.world}; "
+def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict) -> dict:
+    """Load last.pt into the model and optimizer, restore this process's RNG; return the progress record."""
+    path = run.path("last.pt")
+    state = load_checkpoint(path, run.dist.device)
+    check_checkpoint(state, path, run.resolved, sids_digest(run.index), to_resume=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    progress = {k: state[k] for k in progress}
+    if len(state["rng"]) == run.dist.world:
+        torch.set_rng_state(state["rng"][run.dist.rank]["cpu"])
+        if run.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"][run.dist.rank]["cuda"], run.dist.device)
+    else:
+        torch.manual_seed(run.cfg.seed + run.dist.rank + 1_000_003 * progress["step"])
+        run.log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {run.dist.world}; "
                 "dropout is re-seeded, so the run will not match an uninterrupted one exactly")
-        log(f"resumed from {last_path}: epoch {progress['epoch']}, step {progress['step']}")
+    run.log(f"resumed from {path}: epoch {progress['epoch']}, step {progress['step']}")
+    return progress
+
+
+def train_model(model: RPG_ED, run: Run) -> dict:
+    """Epochs of training with validation and early stopping. After every epoch: checkpoint.pt
+    when validation improved, and last.pt (everything --resume needs). Returns the progress record."""
+    cfg, dist = run.cfg, run.dist
+    optimizer = make_optimizer(model, cfg)
+    progress = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "done": False,
+                "valid_history": [], "train_seconds": 0.0}
+    if cfg.resume:
+        progress = resume(model, optimizer, run, progress)
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    train = splits["train"]
-    steps_per_epoch = math.ceil(len(train.target) / cfg.batch_size)
+    n_examples = len(run.splits["train"].target)
+    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         if progress["done"]:
             break
-        order = epoch_order(len(train.target), cfg.seed, epoch)
+        order = epoch_order(n_examples, cfg.seed, epoch)
         seen, tick = 0, time.time()
         for b in range(steps_per_epoch):
             rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]            # the global batch
             local, weight = shard(rows, dist)
-            batch = make_batch(train, local, item_tokens, user_buckets, dist.device)
             lr = lr_at(progress["step"], total_steps, cfg)
-            loss = train_step(net, optimizer, batch, weight, lr, cfg.grad_clip, dist.device.type == "cuda")
+            loss = train_step(net, optimizer, run.batch("train", local), weight, lr, cfg.grad_clip,
+                              bf16=dist.device.type == "cuda")
             progress["step"] += 1
             seen += len(rows)
             if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1:
                 eta = (time.time() - session_start) / (progress["step"] - first_step) * (total_steps - progress["step"])
-                log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                    f"{seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
+                run.log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                        f"{seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
         improved = False
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            metrics = evaluate(model, splits["valid"], index, item_tokens, user_buckets, cfg, dist)
+            metrics = evaluate(model, run, "valid")
             progress["valid_history"].append({"epoch": epoch, **metrics})
-            log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
             if metrics["ndcg@10"] > progress["best"]:
                 progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
                 improved = True
@@ -956,14 +981,14 @@ def train_model(cfg: TrainConfig, model: RPG_ED, splits: dict, index: sid.SIDInd
         progress["train_seconds"] = seconds_before + time.time() - session_start
         rng = dist.gather(rng_state(dist.device))
         if dist.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": resolved,
-                     "sids_sha256": digest, "rng": rng, **progress}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
+                     "sids_sha256": sids_digest(run.index), "rng": rng, **progress}
             if improved:
-                save_checkpoint(best_path, state)
-            save_checkpoint(last_path, state)   # after the best: a resume never lacks its best checkpoint
+                save_checkpoint(run.path("checkpoint.pt"), state)
+            save_checkpoint(run.path("last.pt"), state)   # after the best: a resume never lacks its best
         dist.barrier()
         if progress["done"]:
-            log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
+            run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
     return progress
 
 
