@@ -488,7 +488,8 @@ class RPG_ED(nn.Module):
 
         Beams are constrained to prefixes of real SIDs in `index` (sid.SIDIndex or anything with
         prefix_mask/lookup), so every item exists and appears once; -1 pads a catalogue smaller
-        than n_return. Call model.eval() first: dropout stays on in training mode.
+        than n_return. Every real history SID must be an item of `index` (ValueError otherwise).
+        Call model.eval() first: dropout stays on in training mode.
         """
         beam_size = self.config.beam_size if beam_size is None else beam_size
         n_return = beam_size if n_return is None else n_return
