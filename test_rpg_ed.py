@@ -751,7 +751,7 @@ def test_end_to_end_run_is_deterministic(tmp_path):
 import dataclasses
 import signal
 import tempfile
-import time
+from collections import Counter
 
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
 
@@ -909,7 +909,6 @@ def _parse(folder, name: str, fmt: str, content):
 
 
 def _contains(big: list, small: list) -> bool:
-    from collections import Counter
     return not (Counter(small) - Counter(big))
 
 
