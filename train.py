@@ -791,6 +791,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Tensors and plain containers only (weights_only=True): a crafted pickle is refused, never run."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: no checkpoint there")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one loses its directory
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt (expected the zip "
+                         "archive torch.save writes)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
