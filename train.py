@@ -842,13 +842,13 @@ def main(argv: list) -> dict:
     cfg, mcfg = parse_args(argv)
     dist = init_distributed(cfg.device)
     try:
-        return run(cfg, mcfg, dist, start_time)
+        return train_and_evaluate(cfg, mcfg, dist, start_time)
     finally:
         if dist.world > 1:
             torch.distributed.destroy_process_group()
 
 
-def run(cfg: TrainConfig, mcfg: RPGEDConfig, dist: Dist, start_time: float) -> dict:
+def train_and_evaluate(cfg: TrainConfig, mcfg: RPGEDConfig, dist: Dist, start_time: float) -> dict:
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     name = cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
     out_dir = cfg.out_dir or os.path.join("out", name)
