@@ -708,6 +708,10 @@ def test_markov_baseline_by_hand():
     (["epochs=2"], "expected --key=value"),
     (["--n_embd=30", "--n_head=4"], "divisible by n_head"),
     (["--emb_source=image"], "--emb_source: expected one of"),
+    (["--dtype=fp16"], "--dtype: expected one of ('auto', 'bf16', 'fp32'), got 'fp16'"),
+    (["--batch_tokens=-1"], "--batch_tokens: expected 0 (no limit beyond batch_size) or a positive int, got -1"),
+    (["--batch_tokens=10", "--max_history=20"], "--batch_tokens: expected 0 or at least max_history (20)"),
+    (["--batch_size=0"], "--batch_size: expected a positive int, got 0"),
 ])
 def test_cli_rejects_bad_arguments(argv, fragment):
     with pytest.raises(ValueError, match=re_escape(fragment)):
@@ -1064,7 +1068,8 @@ def _run_steps(model, optimizer, split, item_tokens, buckets, net, dist):
     for rows in STEPS:
         local, weight = train.shard(rows, dist)
         batch = train.make_batch(split, local, item_tokens, buckets, torch.device("cpu"))
-        train.train_step(net, optimizer, batch, weight, lr=1e-2, grad_clip=1.0, bf16=False)
+        train.train_step(net, optimizer, batch, weight, lr=1e-2, grad_clip=1.0,
+                         device=torch.device("cpu"), dtype=torch.float32)
 
 
 def _ddp_step_worker(rank: int, port: int, out_path: str):
@@ -1091,6 +1096,62 @@ def test_ddp_steps_equal_single_process_steps_on_the_union_batch(tmp_path):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5, msg=key)   # Adam amplifies float noise in ~0 gradients
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())   # it did train
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic batches: rows grouped by history length change nothing but the padding
+# ----------------------------------------------------------------------------------------------
+
+@FAST
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=80), st.integers(1, 9), st.integers(12, 60),
+       st.integers(0, 1000))
+def test_length_batches_cover_each_row_once_within_budget(lengths, batch_size, batch_tokens, seed):
+    lengths = np.array(lengths)
+    batches = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))    # every row once
+    for rows in batches:
+        assert len(set(lengths[rows].tolist())) == 1                                  # one length a batch
+        assert 1 <= len(rows) <= batch_size and len(rows) * max(lengths[rows[0]], 1) <= batch_tokens
+    again = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))                  # pure function of the seed
+    other = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed + 1))
+    assert sorted(map(len, other)) == sorted(map(len, batches))                       # same steps every epoch
+    in_order = train.length_batches(lengths, batch_size, batch_tokens)                 # evaluation: by length
+    assert np.all(np.diff(lengths[np.concatenate(in_order)]) >= 0)
+
+
+@FAST
+@given(st.integers(0, 1000), st.integers(1, 5), st.integers(6, 40))
+def test_batch_loss_does_not_depend_on_grouping(seed, batch_size, batch_tokens):
+    """The mean loss over a set of rows, in one padded batch or in length groups weighted by size."""
+    model, _, split, item_tokens, buckets = _step_setup()
+    model.eval()
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 7, 13)
+    split.history = np.where(np.arange(6)[None, :] >= 6 - lengths[:, None], split.history.clip(0), -1)
+    rows = np.arange(13)
+    cpu = torch.device("cpu")
+    whole = model(train.make_batch(split, rows, item_tokens, buckets, cpu)).item()
+    groups = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
+    grouped = sum(model(train.make_batch(split, g, item_tokens, buckets, cpu)).item() * len(g) for g in groups) / 13
+    assert grouped == pytest.approx(whole, abs=1e-5)
+
+
+def test_evaluation_does_not_depend_on_grouping():
+    """Beam-search metrics with users grouped by history length equal those of plain batches."""
+    data = train.prepare(train.RawData(*map(list, zip(*interactions(3, n_users=30, n_items=12)))), five_core=False)
+    splits = train.leave_one_out(data, 6)
+    index, _ = sid.build_index(np.random.default_rng(0).normal(size=(len(data.item_raw), 8)), seed=0)
+    item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, TINY["n_user_buckets"])),
+                             torch.full((1, 4), sid.PAD)])
+    buckets = torch.arange(len(data.user_raw)) % TINY["n_user_buckets"]
+    model = tiny_model(3)
+    results = []
+    for dynamic, size in ((False, 256), (True, 256), (True, 3), (False, 7)):
+        cfg = train.TrainConfig(dynamic_batches=dynamic, eval_batch_size=size)
+        run = train.Run(cfg, {}, train.Dist(0, 1, torch.device("cpu")), "", splits, index, item_tokens, buckets)
+        results.append(train.evaluate(model, run, "test"))
+    assert results[0]["ndcg@10"] > 0 and all(r == results[0] for r in results[1:])
 
 
 def test_shard_covers_the_batch_once():

@@ -62,7 +62,12 @@ class TrainConfig:
     device: str = "auto"             # auto (cuda, mps, cpu) | cpu | cuda | mps
     compile: bool = False            # torch.compile the model
     epochs: int = 6                  # maximum epochs
-    batch_size: int = 256
+    batch_size: int = 256            # most rows (examples) in a training batch
+    dynamic_batches: bool = True     # group rows by history length (little padding); false: random batches
+    batch_tokens: int = 0            # most history positions in a batch (rows x its longest history);
+                                     # 0 = batch_size * max_history, so only batch_size binds
+    dtype: str = "auto"              # auto (bf16 on cuda, fp32 elsewhere) | bf16 | fp32: autocast compute
+                                     # dtype; weights and optimizer state stay fp32
     lr: float = 3e-3                 # peak learning rate
     warmup_steps: int = 200
     min_lr_ratio: float = 0.05       # cosine decays to lr * min_lr_ratio
@@ -77,6 +82,9 @@ class TrainConfig:
     eval_only: bool = False          # evaluate out_dir/checkpoint.pt on valid and test, no training
 
     def __post_init__(self):
+        if self.batch_tokens < 0:
+            raise ValueError(f"--batch_tokens: expected 0 (no limit beyond batch_size) or a positive int, "
+                             f"got {self.batch_tokens}")
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "log_every", "emb_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: expected a positive int, got {getattr(self, name)}")
@@ -135,9 +143,13 @@ def parse_args(argv: list) -> tuple[TrainConfig, RPGEDConfig]:
     tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
     mcfg = RPGEDConfig(**{k: v for k, v in values.items() if k not in train_keys})
     for name, allowed in (("format", ("auto", "inter", "csv", "amazon", "s3rec")),
-                          ("emb_source", ("text", "cf", "both")), ("device", ("auto", "cpu", "cuda", "mps"))):
+                          ("emb_source", ("text", "cf", "both")), ("device", ("auto", "cpu", "cuda", "mps")),
+                          ("dtype", ("auto", "bf16", "fp32"))):
         if getattr(tcfg, name) not in allowed:
             raise ValueError(f"--{name}: expected one of {allowed}, got {getattr(tcfg, name)!r}")
+    if tcfg.batch_tokens and tcfg.batch_tokens < mcfg.max_history:
+        raise ValueError(f"--batch_tokens: expected 0 or at least max_history ({mcfg.max_history}) so that a "
+                         f"batch holds one row of the longest history, got {tcfg.batch_tokens}")
     return tcfg, mcfg
 
 
@@ -625,14 +637,22 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str) -> dict:
     are identical to a single-process evaluation.
     """
     model.eval()
-    target = run.splits[split_name].target
+    split, cfg = run.splits[split_name], run.cfg
+    target = split.target
     rank = np.zeros(len(target), np.int64)                                      # 0 = not in the top 10
-    for j, start in enumerate(range(0, len(target), run.cfg.eval_batch_size)):
+    if cfg.dynamic_batches:                                                     # users grouped by history length
+        tokens = cfg.batch_tokens or cfg.eval_batch_size * model.config.max_history
+        batches = length_batches(history_lengths(split), cfg.eval_batch_size, tokens)
+    else:
+        batches = [np.arange(start, min(start + cfg.eval_batch_size, len(target)))
+                   for start in range(0, len(target), cfg.eval_batch_size)]
+    dtype = compute_dtype(cfg, run.dist.device)
+    for j, rows in enumerate(batches):
         if j % run.dist.world != run.dist.rank:
             continue
-        rows = np.arange(start, min(start + run.cfg.eval_batch_size, len(target)))
         batch = run.batch(split_name, rows, with_target=False)
-        items = beam.beam_search(model, batch, model.config.beam_size, 10, run.index).items   # (b, 10)
+        with autocast(run.dist.device, dtype):
+            items = beam.beam_search(model, batch, model.config.beam_size, 10, run.index).items   # (b, 10)
         rank[rows] = hit_ranks(items.cpu().numpy(), target[rows])
     model.train()
     return metrics_from_ranks(run.dist.sum(torch.from_numpy(rank)).numpy())
@@ -743,6 +763,58 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
 
 
+def history_lengths(split: Split) -> np.ndarray:
+    """(E,) number of real (non-padding) history items of each example."""
+    return (split.history >= 0).sum(1)
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int,
+                   generator: torch.Generator | None = None) -> list:
+    """Dynamic batches: rows of one history length together, so a batch pads (almost) nothing.
+
+    Each batch holds rows of a single length l, at most batch_size of them and at most
+    batch_tokens // l (the encoder reads rows x l history positions). With a generator, rows are
+    shuffled within each length and the batches among themselves; without one they come in
+    length order (evaluation). The batch sizes depend on the lengths alone, so every epoch has
+    the same number of steps. Returns a list of row-index arrays covering each row once.
+    """
+    n = len(lengths)
+    order = np.arange(n) if generator is None else torch.randperm(n, generator=generator).numpy()
+    order = order[np.argsort(lengths[order], kind="stable")]          # by length, shuffled within
+    sorted_lengths = lengths[order]
+    batches = []
+    for length in np.unique(sorted_lengths):                          # at most max_history + 1 groups
+        lo, hi = np.searchsorted(sorted_lengths, [length, length + 1])
+        rows = max(1, min(batch_size, batch_tokens // max(int(length), 1)))
+        batches.extend(order[start:min(start + rows, hi)] for start in range(lo, hi, rows))
+    if generator is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, max_history: int, epoch: int) -> list:
+    """The global batches of one epoch, a function of (seed, epoch) only: the same on every
+    process and after a resume (torch's DistributedSampler seeds the same way)."""
+    if not cfg.dynamic_batches:
+        order = epoch_order(len(lengths), cfg.seed, epoch)
+        return [order[start:start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    return length_batches(lengths, cfg.batch_size, cfg.batch_tokens or cfg.batch_size * max_history, generator)
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 or fp32 (fp32 = autocast off)."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Matmuls in bf16 when asked (CPUs with AVX512-BF16 or AMX run them about twice as fast);
+    weights, optimizer state, LayerNorm, softmax and the loss stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio. A function of the step, so the
     step is the whole scheduler state."""
@@ -762,11 +834,11 @@ def make_optimizer(model: RPG_ED, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_clip: float,
-               bf16: bool) -> torch.Tensor:
+               device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """One optimiser step on this process's batch; `weight` comes from shard(). Returns the loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    with autocast(device, dtype):
         loss = model(batch)
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
@@ -949,21 +1021,22 @@ def train_model(model: RPG_ED, run: Run) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    n_examples = len(run.splits["train"].target)
-    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
+    lengths = history_lengths(run.splits["train"])
+    max_history = run.resolved["model"]["max_history"]
+    steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
     total_steps = cfg.epochs * steps_per_epoch
+    dtype = compute_dtype(cfg, dist.device)
     first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         if progress["done"]:
             break
-        order = epoch_order(n_examples, cfg.seed, epoch)
+        batches = epoch_batches(lengths, cfg, max_history, epoch)
         seen, tick = 0, time.time()
-        for b in range(steps_per_epoch):
-            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]            # the global batch
+        for b, rows in enumerate(batches):                                     # rows: the global batch
             local, weight = shard(rows, dist)
             lr = lr_at(progress["step"], total_steps, cfg)
             loss = train_step(net, optimizer, run.batch("train", local), weight, lr, cfg.grad_clip,
-                              bf16=dist.device.type == "cuda")
+                              dist.device, dtype)
             progress["step"] += 1
             seen += len(rows)
             if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1:
