@@ -5,7 +5,8 @@
 
 Sections: 1 decoding (cache vs no cache, FLOP/s vs measured matmul peak), 2 training step
 (vs torch.nn.Transformer of the same shape), 3 history compression (50 vs 200 encoder tokens),
-4 decoding-cache memory, 5 SID index at scale. Times are medians of several runs after warm-up.
+4 decoding-cache memory, 5 SID index at scale, 6 dynamic batches and bf16
+on Beauty-shaped histories. Times are medians of several runs after warm-up.
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ import torch.nn as nn
 import beam
 import sid
 from rpg_ed import RPG_ED, RPGEDConfig
+
+
+# the model `python train.py` trains on Beauty-sized data (train.py's recipe); section 6 uses it
+RECIPE_MODEL = RPGEDConfig(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
+                           use_user_token=False)
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -258,26 +264,104 @@ def bench_index(n_items: int, dim: int, n_lookup: int, n_prefix: int):
     table(f"5. SID index: {n_items:,} x {dim}-d items", rows)
 
 
+def beauty_shaped_lengths(n_users: int, max_history: int, seed: int = 0) -> np.ndarray:
+    """History lengths of the training examples of a Beauty-like data set: 5-core user sequences
+    of mean length about 8.9, each train position 1..n-3 a target (PROTOCOL.md), capped at max_history."""
+    rng = np.random.default_rng(seed)
+    n = 4 + rng.geometric(1 / 4.9, n_users)                                      # sequence lengths, >= 5
+    return np.minimum(np.concatenate([np.arange(1, k - 2) for k in n]), max_history)
+
+
+def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B: int, repeats: int):
+    """Examples/s of training on Beauty-shaped histories: fixed random batches vs length-grouped
+    dynamic batches; then each of the training step and beam search in bf16 vs fp32 autocast."""
+    import train                                                                 # only this section needs it
+    torch.manual_seed(0)
+    lengths = beauty_shaped_lengths(n_users, c.max_history)
+    rng = np.random.default_rng(0)
+    codes = np.unique(rng.integers(0, 256, (3000, 4)), axis=0)
+    index = sid.SIDIndex(codes)
+    history = np.where(np.arange(c.max_history)[None, :] >= c.max_history - lengths[:, None],
+                       rng.integers(0, index.n_items, (len(lengths), c.max_history)), -1)
+    split = train.Split(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
+    item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, c.n_user_buckets)),
+                             torch.full((1, c.n_digit), sid.PAD)])
+    user_buckets = torch.zeros(1, dtype=torch.long)
+    cpu = torch.device("cpu")
+    cfg = train.TrainConfig(batch_size=B)
+    order = train.epoch_order(len(lengths), 0, 1)                               # one epoch, both ways
+    fixed = [order[i:i + B] for i in range(0, len(order), B)]
+    dynamic = train.length_batches(lengths, B, B * c.max_history, torch.Generator().manual_seed(1))
+    padded = sum(len(r) * lengths[r].max() for r in fixed) / sum(lengths[r].sum() for r in fixed)
+
+    def examples_per_s(batches: list, dtype: torch.dtype) -> float:
+        model = RPG_ED(c).train()
+        opt = train.make_optimizer(model, cfg)
+        made = [train.make_batch(split, rows, item_tokens, user_buckets, cpu) for rows in batches]
+
+        def epoch(part=made):
+            for batch in part:
+                train.train_step(model, opt, batch, 1.0, 1e-4, 1.0, cpu, dtype)
+        epoch(made[:2])                                                          # warm-up
+        return sum(map(len, batches)) / median_time(epoch, 1, warmup=0)
+
+    fixed_fp32, dynamic_fp32 = examples_per_s(fixed, torch.float32), examples_per_s(dynamic, torch.float32)
+    fixed_bf16, dynamic_bf16 = examples_per_s(fixed, torch.bfloat16), examples_per_s(dynamic, torch.bfloat16)
+
+    model = RPG_ED(c).eval()
+    rows = np.flatnonzero(lengths == min(c.max_history, 8))[:beam_B]               # one length, like an eval batch
+    batch = train.make_batch(split, rows, item_tokens, user_buckets, cpu, with_target=False)
+
+    def search(dtype):
+        def run():
+            with train.autocast(cpu, dtype):
+                return beam.beam_search(model, batch, c.beam_size, c.beam_size, index)
+        return run
+    fp32_s, bf16_s = median_time(search(torch.float32), repeats), median_time(search(torch.bfloat16), repeats)
+    same = (search(torch.float32)().items == search(torch.bfloat16)().items).all(1).float().mean()
+    table(f"6. Dynamic batches and bf16: Beauty-shaped histories (mean {lengths.mean():.1f}, max {c.max_history}), "
+          f"{len(lengths):,} examples, d {c.n_embd}, MLP {c.n_inner}, {c.encoder_n_layer}+{c.decoder_n_layer} layers, "
+          f"batch {B}", [
+        ("training examples/s, fp32", f"{dynamic_fp32:.0f} (dynamic)", f"{fixed_fp32:.0f} (fixed random)",
+         f"{dynamic_fp32 / fixed_fp32:.2f}x", ">= 2x"),
+        ("encoder positions / real history items", "about 1.0 (dynamic)", f"{padded:.2f} (fixed random)", "", ""),
+        ("training examples/s, dynamic batches", f"{dynamic_bf16:.0f} (bf16)", f"{dynamic_fp32:.0f} (fp32)",
+         f"{dynamic_bf16 / dynamic_fp32:.2f}x", ""),
+        ("training examples/s, fixed batches", f"{fixed_bf16:.0f} (bf16)", f"{fixed_fp32:.0f} (fp32)",
+         f"{fixed_bf16 / fixed_fp32:.2f}x", ""),
+        (f"beam search users/s (beam {c.beam_size}, {len(rows)} users)", f"{len(rows) / bf16_s:.0f} (bf16)",
+         f"{len(rows) / fp32_s:.0f} (fp32)", f"{fp32_s / bf16_s:.2f}x", ""),
+        ("users whose bf16 top items equal fp32's", f"{same:.0%}", "", "", ""),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that every section runs")
+    parser.add_argument("--only", type=int, default=0, help="run one section (1-6); 0 = all")
     args = parser.parse_args()
     if args.quick:
         c = RPGEDConfig(n_user_buckets=100, max_history=10, encoder_n_layer=1, decoder_n_layer=1, n_head=2,
                         n_embd=32, n_inner=64)
-        sizes = dict(n_items=500, B=8, beam=5, repeats=1, train_B=16, index=(3000, 16, 10_000, 1000), peak_n=256)
+        sizes = dict(n_items=500, B=8, beam=5, repeats=1, train_B=16, index=(3000, 16, 10_000, 1000), peak_n=256,
+                     dynamic=(c, 16, 100, 8))
     else:
         c = RPGEDConfig()
-        sizes = dict(n_items=10_000, B=64, beam=10, repeats=3, train_B=256, index=(100_000, 128, 1_000_000, 10_000), peak_n=2048)
+        sizes = dict(n_items=10_000, B=64, beam=10, repeats=3, train_B=256, index=(100_000, 128, 1_000_000, 10_000), peak_n=2048,
+                     dynamic=(RECIPE_MODEL, 512, 3000, 256))
     print(f"# bench.py{' --quick' if args.quick else ''}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU {platform.processor() or platform.machine()} ({_cpu_name()}), numpy {np.__version__}")
     peak = matmul_peak_gflops(sizes["peak_n"])
     print(f"measured fp32 matmul peak ({sizes['peak_n']}x{sizes['peak_n']} a@b): {peak:.1f} GFLOP/s")
-    bench_decoding(c, sizes["n_items"], sizes["B"], sizes["beam"], sizes["repeats"], peak)
-    bench_training(c, sizes["train_B"], sizes["repeats"], peak)
-    bench_history(c, sizes["B"], sizes["repeats"])
-    bench_cache_memory(c, sizes["B"], sizes["beam"])
-    bench_index(*sizes["index"])
+    sections = [lambda: bench_decoding(c, sizes["n_items"], sizes["B"], sizes["beam"], sizes["repeats"], peak),
+                lambda: bench_training(c, sizes["train_B"], sizes["repeats"], peak),
+                lambda: bench_history(c, sizes["B"], sizes["repeats"]),
+                lambda: bench_cache_memory(c, sizes["B"], sizes["beam"]),
+                lambda: bench_index(*sizes["index"]),
+                lambda: bench_dynamic_batches_and_bf16(*sizes["dynamic"], sizes["repeats"])]
+    for number, section in enumerate(sections, 1):
+        if args.only in (0, number):
+            section()
 
 
 def _cpu_name() -> str:

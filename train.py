@@ -1045,9 +1045,11 @@ def train_model(model: RPG_ED, run: Run) -> dict:
                         f"{seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
         improved = False
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            eval_start = time.time()
             metrics = evaluate(model, run, "valid")
             progress["valid_history"].append({"epoch": epoch, **metrics})
-            run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+                    f" | {time.time() - eval_start:.0f} s", flush=True)
             if metrics["ndcg@10"] > progress["best"]:
                 progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
                 improved = True
