@@ -77,6 +77,8 @@ class TrainConfig:
     patience: int = 3                # validation runs without improvement before stopping
     eval_batch_size: int = 256       # users per beam-search batch
     log_every: int = 100             # steps between log lines
+    report_beam_size: int = 20       # also report the selected model with this beam (0 = no); the
+                                     # protocol's numbers stay those of the model's beam_size (10)
     five_core: bool = True           # 5-core filtering (never for the s3rec format)
     resume: bool = False             # continue from out_dir/last.pt (same config, same SIDs on disk)
     eval_only: bool = False          # evaluate out_dir/checkpoint.pt on valid and test, no training
@@ -85,6 +87,9 @@ class TrainConfig:
         if self.batch_tokens < 0:
             raise ValueError(f"--batch_tokens: expected 0 (no limit beyond batch_size) or a positive int, "
                              f"got {self.batch_tokens}")
+        if self.report_beam_size < 0 or 0 < self.report_beam_size < 10:
+            raise ValueError(f"--report_beam_size: expected 0 (off) or at least 10 (10 items are ranked), "
+                             f"got {self.report_beam_size}")
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "log_every", "emb_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: expected a positive int, got {getattr(self, name)}")
@@ -147,6 +152,8 @@ def parse_args(argv: list) -> tuple[TrainConfig, RPGEDConfig]:
                           ("dtype", ("auto", "bf16", "fp32"))):
         if getattr(tcfg, name) not in allowed:
             raise ValueError(f"--{name}: expected one of {allowed}, got {getattr(tcfg, name)!r}")
+    if mcfg.beam_size < 10:
+        raise ValueError(f"--beam_size: expected at least 10 (evaluation ranks 10 items), got {mcfg.beam_size}")
     if tcfg.batch_tokens and tcfg.batch_tokens < mcfg.max_history:
         raise ValueError(f"--batch_tokens: expected 0 or at least max_history ({mcfg.max_history}) so that a "
                          f"batch holds one row of the longest history, got {tcfg.batch_tokens}")
@@ -628,8 +635,8 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
 
 
 @torch.no_grad()
-def evaluate(model: RPG_ED, run: "Run", split_name: str) -> dict:
-    """Beam search (beam_size from the model config, 10 returned) over real SIDs -> metrics.
+def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None = None) -> dict:
+    """Beam search (beam_size, default the model config's; 10 returned) over real SIDs -> metrics.
 
     With several processes, evaluation batch j runs on rank j % world and the target's rank of
     each user is summed over processes with all_reduce (each user is filled in by exactly one
@@ -652,7 +659,7 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str) -> dict:
             continue
         batch = run.batch(split_name, rows, with_target=False)
         with autocast(run.dist.device, dtype):
-            items = beam.beam_search(model, batch, model.config.beam_size, 10, run.index).items   # (b, 10)
+            items = beam.beam_search(model, batch, beam_size or model.config.beam_size, 10, run.index).items  # (b, 10)
         rank[rows] = hit_ranks(items.cpu().numpy(), target[rows])
     model.train()
     return metrics_from_ranks(run.dist.sum(torch.from_numpy(rank)).numpy())
@@ -849,7 +856,8 @@ def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_cli
 
 CHECKPOINT_VERSION = 1
 # fields that may differ between a checkpoint's run and the run that resumes it
-RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "compile", "log_every", "eval_batch_size", "out_dir")
+RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "compile", "log_every", "eval_batch_size", "out_dir",
+                     "report_beam_size")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -977,6 +985,9 @@ def train_and_evaluate(cfg: TrainConfig, mcfg: RPGEDConfig, dist: Dist, start_ti
                "best_epoch": state["best_epoch"], "valid_history": state["valid_history"],
                "valid": evaluate(model, run, "valid"), "test": evaluate(model, run, "test"),
                "train_seconds": round((trained or state)["train_seconds"], 1)}
+    if cfg.report_beam_size:
+        results[f"beam{cfg.report_beam_size}"] = {split: evaluate(model, run, split, cfg.report_beam_size)
+                                                  for split in ("valid", "test")}
     if dist.is_main:
         results["baselines"] = {split: baseline_rankings(data, splits, split) for split in ("valid", "test")}
         results["total_seconds"] = round(time.time() - start_time, 1)
@@ -1076,7 +1087,9 @@ def print_table(results: dict) -> None:
     print(f"\n| model | split | {' | '.join(k.replace('recall', 'R').replace('ndcg', 'N') for k in keys)} |")
     print("|---|---|" + "---|" * len(keys))
     for split in ("valid", "test"):
-        rows = [("RPG_ED", results[split])] + [(n, m) for n, m in results["baselines"][split].items()]
+        rows = [("RPG_ED", results[split])]
+        rows += [(f"RPG_ED, {key[4:]} beams", results[key][split]) for key in results if key.startswith("beam")]
+        rows += [(n, m) for n, m in results["baselines"][split].items()]
         for name, m in rows:
             print(f"| {name} | {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
 
