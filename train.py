@@ -1079,7 +1079,7 @@ def train_model(model: RPG_ED, run: Run) -> dict:
         if progress["done"]:
             break
         batches = epoch_batches(lengths, cfg, max_history, epoch)
-        seen, tick = 0, time.time()
+        seen, tick, loss_sum, loss_rows = 0, time.time(), 0.0, 0
         for b, rows in enumerate(batches):                                     # rows: the global batch
             local, weight = shard(rows, dist)
             lr = lr_at(progress["step"], total_steps, cfg)
@@ -1087,10 +1087,13 @@ def train_model(model: RPG_ED, run: Run) -> dict:
                               dist.device, dtype)
             progress["step"] += 1
             seen += len(rows)
+            loss_sum, loss_rows = loss_sum + loss.item() * len(local), loss_rows + len(local)
             if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1:
                 eta = (time.time() - session_start) / (progress["step"] - first_step) * (total_steps - progress["step"])
-                run.log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                        f"{seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
+                # the mean since the last line: one length-grouped batch alone is a noisy figure
+                run.log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss_sum / loss_rows:.4f} | "
+                        f"lr {lr:.2e} | {seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
+                loss_sum, loss_rows = 0.0, 0
         improved = False
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             eval_start = time.time()
