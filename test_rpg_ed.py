@@ -776,7 +776,7 @@ def _emb(folder, array) -> np.ndarray:
     data = train.Dataset([np.arange(4)], ["u"], ["a", "b", "c", "d"], 4)
     path = os.path.join(str(folder), "e.npy")
     np.save(path, array)
-    return train.item_embeddings(train.TrainConfig(item_emb=path), data, {}, None)
+    return train.item_embeddings(train.TrainConfig(item_emb=path), data, train.RawData([], [], [], item_emb=path), None)
 
 
 def _tiny_checkpoint(folder, **changes) -> tuple[str, dict]:

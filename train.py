@@ -53,7 +53,8 @@ class TrainConfig:
     data: str = "ml-100k"            # "ml-100k" or a path (file, or folder with one data file)
     format: str = "auto"             # auto | inter | csv | amazon | s3rec
     item_text: str = ""              # optional item-text file (.item, .jsonl, Amazon metadata)
-    item_emb: str = ""               # optional [n_items, D] .npy; rows in sorted original-id order
+    item_emb: str = ""               # [n_items, D] .npy, rows in sorted original-id order; default: the one
+                                     # file NAME_*.npy beside data file NAME.ext, if any; "none": no file
     emb_source: str = "cf"           # text | cf | both (text + cf); with item_emb: both = file + cf,
                                      # anything else = the file alone
     emb_dim: int = 64                # width of built embeddings
@@ -114,8 +115,8 @@ PRESETS = {
     # batches, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP and depth)
     # trained for longer (README, the recipe table)
     "sparse": dict(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
-                   attn_pdrop=0.1, use_user_token=False, epochs=16, eval_every=4, patience=2, batch_size=512,
-                   lr=2e-3, warmup_steps=500, dtype="bf16"),
+                   attn_pdrop=0.1, use_user_token=False, epochs=32, eval_every=4, patience=3, batch_size=512,
+                   lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both"),
     # the seed's architecture (RPGEDConfig's defaults), for a GPU
     "seed": dict(epochs=200, eval_every=5, patience=4, lr=1e-3, warmup_steps=2000),
 }
@@ -184,6 +185,7 @@ class RawData:
     times: list                      # timestamp per interaction (float); file position for s3rec
     time_ordered: bool = False       # s3rec: file order is time order, already 5-core
     item_text: dict = field(default_factory=dict)   # raw item id -> text
+    item_emb: str = ""               # item-embedding file: --item_emb, or the one found beside the data
     source: str = ""
 
 
@@ -406,7 +408,18 @@ def load_data(cfg: TrainConfig) -> RawData:
                 item_text = candidate
     if item_text:
         raw.item_text = read_file(item_text, load_item_text)
-    raw.source = f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "")
+    raw.item_emb = cfg.item_emb
+    if not cfg.item_emb:  # look beside the data file: name_*.npy (e.g. Beauty_minilm.f16.npy)
+        folder, stem = os.path.dirname(path), os.path.basename(path).split(".")[0]
+        found = sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + "_") and f.endswith(".npy"))
+        if len(found) > 1:
+            raise ValueError(f"{folder}: found several item-embedding files {found}; choose one with "
+                             "--item_emb=FILE, or none with --item_emb=none")
+        raw.item_emb = os.path.join(folder, found[0]) if found else ""
+    if raw.item_emb == "none":
+        raw.item_emb = ""
+    raw.source = (f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "") +
+                  (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
     return raw
 
 
@@ -565,31 +578,38 @@ def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int =
     return (u * np.sqrt(s)).astype(np.float32)
 
 
-def item_embeddings(cfg: TrainConfig, data: Dataset, item_text: dict, train: Split) -> tuple[np.ndarray, str]:
-    n_items = len(data.item_raw)
-    if cfg.item_emb:
+def item_embeddings(cfg: TrainConfig, data: Dataset, raw: RawData, train: Split) -> tuple[np.ndarray, str]:
+    """The embeddings the SIDs are built from, and their name for the log.
+
+    An embeddings file (--item_emb, or found beside the data) is used alone, or with
+    --emb_source=both joined with co-occurrence (LETTER: content + collaborative signal).
+    Without a file: text TF-IDF, co-occurrence (cf), or both."""
+    n_items, path = len(data.item_raw), raw.item_emb
+    if path:
         try:
-            emb = np.load(cfg.item_emb, allow_pickle=False)
+            emb = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise ValueError(f"--item_emb: {cfg.item_emb} is not a readable .npy array ({e})") from None
+            raise ValueError(f"--item_emb: {path} is not a readable .npy array ({e})") from None
         if emb.ndim != 2 or emb.shape[0] != n_items:
-            raise ValueError(f"--item_emb: expected shape [{n_items} items, D], got {emb.shape} from {cfg.item_emb}")
+            raise ValueError(f"--item_emb: expected shape [{n_items} items, D], got {emb.shape} from {path}")
         if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
-            raise ValueError(f"--item_emb: expected a numeric array, got dtype {emb.dtype} from {cfg.item_emb}")
+            raise ValueError(f"--item_emb: expected a numeric array, got dtype {emb.dtype} from {path}")
         if not np.isfinite(emb).all():
             row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
-            raise ValueError(f"--item_emb: expected finite values, got NaN or inf in row {row} of {cfg.item_emb}")
+            raise ValueError(f"--item_emb: expected finite values, got NaN or inf in row {row} of {path}")
         if cfg.emb_source != "both":
-            return emb.astype(np.float32), f"file {cfg.item_emb}"
+            return emb.astype(np.float32), f"file {path}"
+    if cfg.emb_source == "both" and not path and not raw.item_text:
+        return cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed), "cf (no item text nor embeddings file for 'both')"
     parts = []
-    if cfg.item_emb and cfg.emb_source == "both":          # content from the file, joined with cf (LETTER)
+    if path:                                                # emb_source "both": the file + cf
         parts.append(emb.astype(np.float32))
     elif cfg.emb_source in ("text", "both"):
-        parts.append(text_embeddings(data, item_text, cfg.emb_dim, cfg.seed))
+        parts.append(text_embeddings(data, raw.item_text, cfg.emb_dim, cfg.seed))
     if cfg.emb_source in ("cf", "both"):
         parts.append(cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed))
     parts = [p / max(np.linalg.norm(p, axis=1).mean(), 1e-12) for p in parts]  # equal weight in "both"
-    name = f"file {cfg.item_emb} + cf" if cfg.item_emb else cfg.emb_source
+    name = f"file {path} + cf" if path else cfg.emb_source
     return np.concatenate(parts, axis=1), name
 
 
@@ -991,7 +1011,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
 
     # SIDs: rank 0 builds and saves them; the other processes, a resume and --eval_only load them
     if dist.is_main and not (cfg.resume or cfg.eval_only):
-        emb, emb_name = item_embeddings(cfg, data, raw.item_text, splits["train"])
+        emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
         t0 = time.time()
         index, moved = sid.build_index(emb, seed=cfg.seed)
         index.save(out_dir)
