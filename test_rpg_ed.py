@@ -722,6 +722,46 @@ def test_cli_overrides_and_presets():
     cfg, mcfg = train.parse_args(["--preset=seed", "--lr=0.5", "--n_embd=64", "--digit_logits=false"])
     assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.digit_logits is False
     assert mcfg.encoder_n_layer == 4 and mcfg.n_inner == 1024                 # seed architecture
+    cfg, mcfg = train.parse_args(["--epochs=3"], auto_preset="sparse")         # auto: the data's preset, flags win
+    assert cfg.preset == "sparse" and cfg.epochs == 3 and mcfg.n_embd == 128 and cfg.dtype == "bf16"
+    cfg, _ = train.parse_args(["--preset=cpu"], auto_preset="sparse")          # an explicit preset wins
+    assert cfg.preset == "cpu" and cfg.epochs == 7
+
+
+def test_both_joins_the_embeddings_file_with_cf(tmp_path):
+    data = train.prepare(train.RawData(*map(list, zip(*interactions(2, n_users=20, n_items=9)))), five_core=False)
+    split = train.leave_one_out(data, 5)["train"]
+    content = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
+    np.save(tmp_path / "e.npy", content)
+    raw = train.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
+    cfg = train.TrainConfig(emb_source="both", emb_dim=4)
+    joined, name = train.item_embeddings(cfg, data, raw, split)
+    cf = train.cf_embeddings(split, 9, 4, cfg.seed)
+    norm = lambda x: x / np.linalg.norm(x, axis=1).mean()                    # equal weight for each part
+    assert name.endswith("+ cf") and np.allclose(joined, np.concatenate([norm(content), norm(cf)], 1), atol=1e-6)
+    alone, name = train.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
+    assert np.array_equal(alone, content) and name.startswith("file")
+    fallback, name = train.item_embeddings(cfg, data, train.RawData([], [], []), split)   # no text, no file
+    assert np.allclose(fallback, cf) and name.startswith("cf")
+
+
+def test_auto_preset_follows_interactions_per_user():
+    def dataset(per_user: int) -> train.Dataset:
+        return train.Dataset([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)], 4 * per_user)
+    assert train.choose_preset(dataset(9))[0] == "sparse"
+    assert train.choose_preset(dataset(train.SPARSE_BELOW))[0] == "cpu"
+
+
+def test_item_embeddings_file_beside_the_data_is_found(tmp_path):
+    """NAME_*.npy beside NAME.txt is used like NAME_items.jsonl; two such files need a choice."""
+    (tmp_path / "shop.txt").write_text("".join(f"u{u} " + " ".join(str(i) for i in range(1, 6)) + "\n" for u in range(3)))
+    np.save(tmp_path / "shop_text.npy", np.ones((5, 3), np.float32))
+    cfg = train.TrainConfig(data=str(tmp_path / "shop.txt"))
+    assert train.load_data(cfg).item_emb == str(tmp_path / "shop_text.npy")
+    assert train.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
+    np.save(tmp_path / "shop_image.npy", np.ones((5, 3), np.float32))
+    with pytest.raises(ValueError, match="found several item-embedding files"):
+        train.load_data(cfg)
 
 
 TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
