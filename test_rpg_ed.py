@@ -766,11 +766,12 @@ def test_item_embeddings_file_beside_the_data_is_found(tmp_path):
 
 TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
             "--decoder_n_layer=1", "--max_history=5", "--batch_size=32", "--warmup_steps=5", "--n_user_buckets=50",
-            "--log_every=1000", "--emb_source=both"]
+            "--log_every=1000", "--emb_source=both", "--dtype=fp32"]
 
 
 @pytest.mark.slow
-def test_end_to_end_run_is_deterministic(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_end_to_end_run_is_deterministic(tmp_path, dtype):
     rows = interactions(1, n_users=40, n_items=15)
     data_path = write_formats(tmp_path, rows)["inter"]
     (tmp_path / "d.item").write_text("item_id:token\tmovie_title:token_seq\n" +
@@ -778,7 +779,7 @@ def test_end_to_end_run_is_deterministic(tmp_path):
     results = []
     for run in ("a", "b"):
         out = tmp_path / run
-        results.append(train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN))
+        results.append(train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + [f"--dtype={dtype}"]))
         assert {"config.json", "checkpoint.pt", "results.json", "item_id2tokens.npy", "tokens2item.pkl"} <= set(os.listdir(out))
     assert results[0]["test"] == results[1]["test"] and results[0]["valid"] == results[1]["valid"]
     assert np.array_equal(np.load(tmp_path / "a" / "item_id2tokens.npy"), np.load(tmp_path / "b" / "item_id2tokens.npy"))
@@ -1024,7 +1025,8 @@ def test_crafted_checkpoint_is_refused_and_its_payload_does_not_run(tmp_path):
 
 RESUME_RUN = ["--epochs=3", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
               "--decoder_n_layer=1", "--max_history=5", "--batch_size=16", "--warmup_steps=5", "--n_user_buckets=50",
-              "--log_every=1000", "--patience=5", "--resid_pdrop=0.3", "--embd_pdrop=0.3"]   # dropout uses the RNG
+              "--log_every=1000", "--patience=5", "--resid_pdrop=0.3", "--embd_pdrop=0.3",   # dropout uses the RNG
+              "--dtype=fp32"]
 
 # the run that is killed sleeps after writing its first last.pt, so SIGKILL always lands there
 _SLEEP_AFTER_FIRST_CHECKPOINT = """
