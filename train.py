@@ -1,9 +1,10 @@
 """Train and evaluate RPG_ED end to end: data -> item embeddings -> SIDs -> model -> Recall/NDCG.
 
-    python train.py                                   # MovieLens-100K, CPU preset (<= 10 min)
-    python train.py --data=../shared/data/amazon-beauty/Beauty.txt \\
-        --item_emb=../shared/data/amazon-beauty/Beauty_minilm.f16.npy --preset=seed
+    python train.py                                   # MovieLens-100K, the cpu preset (about 3 min)
+    python train.py --data=PATH/Beauty.txt            # Amazon Beauty, the sparse preset (< 80 min)
     python train.py --key=value ...                   # any field of TrainConfig or RPGEDConfig
+
+--preset=auto (the default) picks the preset from the data and says why in the log.
 
 Evaluation follows PROTOCOL.md: stable time sort, 5-core, leave-one-out (last item test,
 second-to-last validation), every earlier train position a training example, history = the
