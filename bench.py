@@ -25,9 +25,10 @@ import sid
 from rpg_ed import RPG_ED, RPGEDConfig
 
 
-# the model `python train.py` trains on Beauty-sized data (train.py's recipe); section 6 uses it
-RECIPE_MODEL = RPGEDConfig(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
-                           use_user_token=False)
+def recipe_model() -> RPGEDConfig:
+    """The model `python train.py` trains on Beauty-like data: train.py's `sparse` preset."""
+    import train
+    return train.parse_args(["--preset=sparse"])[1]
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -350,7 +351,7 @@ def main() -> None:
     else:
         c = RPGEDConfig()
         sizes = dict(n_items=10_000, B=64, beam=10, repeats=3, train_B=256, index=(100_000, 128, 1_000_000, 10_000), peak_n=2048,
-                     dynamic=(RECIPE_MODEL, 512, 3000, 256))
+                     dynamic=(recipe_model(), 512, 3000, 256))
     print(f"# bench.py{' --quick' if args.quick else ''}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU {platform.processor() or platform.machine()} ({_cpu_name()}), numpy {np.__version__}")
     peak = matmul_peak_gflops(sizes["peak_n"])
