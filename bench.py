@@ -293,7 +293,7 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     cpu = torch.device("cpu")
     cfg = train.TrainConfig(batch_size=B)
     order = train.epoch_order(len(lengths), 0, 1)                               # one epoch, both ways
-    fixed = [order[i:i + B] for i in range(0, len(order), B)]
+    fixed = train.fixed_batches(order, B)
     dynamic = train.length_batches(lengths, B, B * c.max_history, torch.Generator().manual_seed(1))
     padded = sum(len(r) * lengths[r].max() for r in fixed) / sum(lengths[r].sum() for r in fixed)
 

@@ -762,6 +762,8 @@ def test_item_embeddings_file_beside_the_data_is_found(tmp_path):
     np.save(tmp_path / "shop_image.npy", np.ones((5, 3), np.float32))
     with pytest.raises(ValueError, match="found several item-embedding files"):
         train.load_data(cfg)
+    chosen = str(tmp_path / "shop_image.npy")                                   # an explicit file wins
+    assert train.load_data(dataclasses.replace(cfg, item_emb=chosen)).item_emb == chosen
 
 
 TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",

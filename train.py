@@ -383,13 +383,50 @@ def read_file(path: str, read):
         raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
 
 
+def _item_emb_file(cfg: TrainConfig, data_path: str) -> str:
+    """--item_emb, else the one NAME_*.npy beside data file NAME.ext (e.g. Beauty_minilm.f16.npy),
+    else none; "none" skips the search."""
+    if cfg.item_emb:
+        return "" if cfg.item_emb == "none" else cfg.item_emb
+    folder, stem = os.path.dirname(data_path), os.path.basename(data_path).split(".")[0]
+    found = sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + "_") and f.endswith(".npy"))
+    if len(found) > 1:
+        raise ValueError(f"{folder}: found several item-embedding files {found}; choose one with "
+                         "--item_emb=FILE, or none with --item_emb=none")
+    return os.path.join(folder, found[0]) if found else ""
+
+
 def load_data(cfg: TrainConfig) -> RawData:
     if cfg.data == "ml-100k":
         path, source = fetch_ml100k()
         raw = load_inter(path)
         raw.item_text = load_item_text(path.replace(".inter", ".item"))
-        raw.source = source
+        raw.item_emb = _item_emb_file(cfg, path)
+        raw.source = source + (f", item embeddings from {raw.item_emb}" if raw.item_emb else "")
         return raw
+    path = cfg.data
+    if os.path.isdir(path):
+        candidates = sorted(f for f in os.listdir(path) if f.endswith((".inter", ".csv", ".tsv", ".txt", ".json", ".json.gz")))
+        if len(candidates) != 1:
+            raise ValueError(f"{path}: expected exactly one data file in the folder, found {candidates}")
+        path = os.path.join(path, candidates[0])
+    if not os.path.exists(path):
+        raise ValueError(f"--data: {path} does not exist")
+    fmt = read_file(path, detect_format) if cfg.format == "auto" else cfg.format
+    raw = read_file(path, LOADERS[fmt])
+    item_text = cfg.item_text
+    if not item_text:  # look beside the data file: name.item, or *_items.jsonl
+        folder = os.path.dirname(path)
+        stem = os.path.basename(path).split(".")[0]
+        for candidate in (os.path.join(folder, stem + ".item"), os.path.join(folder, stem + "_items.jsonl")):
+            if os.path.exists(candidate):
+                item_text = candidate
+    if item_text:
+        raw.item_text = read_file(item_text, load_item_text)
+    raw.item_emb = _item_emb_file(cfg, path)
+    raw.source = (f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "") +
+                  (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
+    return raw
     path = cfg.data
     if os.path.isdir(path):
         candidates = sorted(f for f in os.listdir(path) if f.endswith((".inter", ".csv", ".tsv", ".txt", ".json", ".json.gz")))
@@ -703,8 +740,7 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
         tokens = cfg.batch_tokens or cfg.eval_batch_size * model.config.max_history
         batches = length_batches(history_lengths(split), cfg.eval_batch_size, tokens)
     else:
-        batches = [np.arange(start, min(start + cfg.eval_batch_size, len(target)))
-                   for start in range(0, len(target), cfg.eval_batch_size)]
+        batches = fixed_batches(np.arange(len(target)), cfg.eval_batch_size)
     dtype = compute_dtype(cfg, run.dist.device)
     for j, rows in enumerate(batches):
         if j % run.dist.world != run.dist.rank:
@@ -822,6 +858,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
 
 
+def fixed_batches(order: np.ndarray, batch_size: int) -> list:
+    """Consecutive slices of `order`, batch_size rows each (the last one may be shorter)."""
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def history_lengths(split: Split) -> np.ndarray:
     """(E,) number of real (non-padding) history items of each example."""
     return (split.history >= 0).sum(1)
@@ -855,8 +896,7 @@ def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, max_history: int, epoch
     """The global batches of one epoch, a function of (seed, epoch) only: the same on every
     process and after a resume (torch's DistributedSampler seeds the same way)."""
     if not cfg.dynamic_batches:
-        order = epoch_order(len(lengths), cfg.seed, epoch)
-        return [order[start:start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        return fixed_batches(epoch_order(len(lengths), cfg.seed, epoch), cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
     return length_batches(lengths, cfg.batch_size, cfg.batch_tokens or cfg.batch_size * max_history, generator)
 
@@ -1000,7 +1040,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
     out_dir = cfg.out_dir or os.path.join("out", name)
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
     log("config:", json.dumps(resolved))
-    log(f"processes: {dist.world}, device {dist.device}, compute dtype {str(compute_dtype(cfg, dist.device))[6:]}")
+    log(f"processes: {dist.world}, device {dist.device}, compute dtype {str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
         if not (cfg.resume or cfg.eval_only):
