@@ -1014,7 +1014,9 @@ def main(argv: list) -> dict:
     cfg, _ = parse_args(argv)                  # checks every flag before anything is read or written
     dist = init_distributed(cfg.device)
     try:
-        return train_and_evaluate(argv, dist, start_time)
+        results = train_and_evaluate(argv, dist, start_time)
+        dist.barrier()   # no process tears gloo/nccl down while another still talks to it
+        return results
     finally:
         if dist.world > 1:
             torch.distributed.destroy_process_group()
