@@ -1236,5 +1236,226 @@ def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
     assert one["test"] == trained["test"]
 
 
+# ----------------------------------------------------------------------------------------------
+# recommend.py: load a finished run, recommend, add items, continue training
+# ----------------------------------------------------------------------------------------------
+
+import recommend
+
+N_GROUPS, N_SLOTS = 12, 4
+GROUP_RUN = ["--preset=cpu", "--epochs=8", "--eval_every=4", "--n_embd=16", "--n_head=2", "--n_inner=32",
+             "--encoder_n_layer=1", "--decoder_n_layer=1", "--max_history=5", "--batch_size=32", "--warmup_steps=5",
+             "--n_user_buckets=50", "--log_every=1000", "--lr=1e-2", "--report_beam_size=0", "--emb_source=cf",
+             "--dtype=fp32"]
+
+
+def group_embeddings(seed: int = 0) -> np.ndarray:
+    """Item (g, s) of N_GROUPS x N_SLOTS: dims 0-5 say its group, dims 6-7 its slot. OPQ keeps the
+    identity rotation on such data, so the first three SID digits name the group, the last the slot."""
+    rng = np.random.default_rng(seed)
+    groups, slots = rng.standard_normal((N_GROUPS, 6)) * 10, rng.standard_normal((N_SLOTS, 2))
+    return np.concatenate([np.repeat(groups, N_SLOTS, 0), np.tile(slots, (N_GROUPS, 1))], 1).astype(np.float32)
+
+
+def group_raw(g: int, s: int) -> str:
+    return f"i{g:02d}{s}"
+
+
+@pytest.fixture(scope="module")
+def group_run(tmp_path_factory):
+    """A tiny trained run whose SIDs come from an embeddings file alone. Every user stays within one
+    group of items, so the model learns "the next item is in the group of the history". Slot
+    g % N_SLOTS of group g is left out of the data: the held-out items, to add later."""
+    folder = tmp_path_factory.mktemp("group_run")
+    rng = np.random.default_rng(0)
+    emb = group_embeddings()
+    kept = [(g, s) for g in range(N_GROUPS) for s in range(N_SLOTS) if s != g % N_SLOTS]
+    rows = []
+    for u in range(120):
+        g = u % N_GROUPS
+        slots = [s for s in range(N_SLOTS) if s != g % N_SLOTS]
+        rows += [(f"u{u:03d}", group_raw(g, int(rng.choice(slots))), t) for t in range(6)]
+    (folder / "d.inter").write_text(INTER_HEADER + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows))
+    order = sorted(range(len(kept)), key=lambda k: group_raw(*kept[k]))           # rows in sorted id order
+    np.save(folder / "d_content.npy", emb[[kept[k][0] * N_SLOTS + kept[k][1] for k in order]])
+    out = folder / "run"
+    train.main([f"--data={folder / 'd.inter'}", f"--out_dir={out}"] + GROUP_RUN)
+    held_out = [(g, g % N_SLOTS) for g in range(N_GROUPS)]
+    return {"folder": folder, "out": str(out), "emb": emb, "held_out": held_out}
+
+
+def _copy_run(run: dict, dest) -> str:
+    import shutil
+    shutil.copytree(run["out"], dest)
+    return str(dest)
+
+
+def _files(folder) -> dict:
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.slow
+def test_added_items_are_recommended_when_the_history_points_to_their_group(group_run, tmp_path):
+    out = _copy_run(group_run, tmp_path / "run")
+    before = recommend.load_run(out)
+    new_ids = [group_raw(g, s) for g, s in group_run["held_out"]]
+    new_emb = group_run["emb"][[g * N_SLOTS + s for g, s in group_run["held_out"]]]
+    histories = [before.item_ids([group_raw(g, (s + 1) % N_SLOTS), group_raw(g, (s + 2) % N_SLOTS)])
+                 for g, s in group_run["held_out"]]
+    users = [f"new{g}" for g in range(N_GROUPS)]
+    old_items, _ = recommend.recommend(before, histories, users)
+    assert recommend.add_items(out, new_emb, new_ids, [f"added {i}" for i in new_ids]) == 0
+    after = recommend.load_run(out)
+    assert after.index.n_items == before.index.n_items + N_GROUPS
+    assert np.array_equal(after.index.item_codes[:before.index.n_items], before.index.item_codes)  # old SIDs kept
+    assert (after.index.item_codes[before.index.n_items:, :3] ==
+            before.index.item_codes[before.item_ids([group_raw(g, (s + 1) % N_SLOTS) for g, s in group_run["held_out"]]), :3]).all()
+    items, scores = recommend.recommend(after, histories, users)
+    new_item = after.item_ids(new_ids)
+    assert not np.isin(old_items, new_item).any()
+    hits = (items == new_item[:, None]).any(1)            # in the top 10 of 48 items, for every group
+    assert hits.all(), after.item_raw[items]
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    assert after.item_title[new_item[0]] == f"added {new_ids[0]}"
+
+
+@pytest.mark.slow
+def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
+    run = recommend.load_run(group_run["out"])
+    rng = np.random.default_rng(1)
+    histories = [rng.integers(0, run.index.n_items, rng.integers(1, 9)) for _ in range(13)]
+    users = [f"u{k}" for k in range(13)]
+    items, scores = recommend.recommend(run, histories, users, batch_size=4)
+    for k in range(13):
+        one_items, one_scores = recommend.recommend(run, [histories[k]], [users[k]])
+        assert np.array_equal(one_items[0], items[k])
+        np.testing.assert_allclose(one_scores[0], scores[k], rtol=1e-5, atol=1e-5)
+
+
+@given(st.lists(st.lists(st.integers(0, 50), min_size=0, max_size=12), min_size=0, max_size=6), st.integers(1, 7))
+@FAST
+def test_history_matrix_keeps_the_last_items_left_padded(histories, width):
+    fast = recommend.history_matrix([np.array(h, np.int64) for h in histories], width)
+    for row, h in zip(fast, histories):
+        tail = h[-width:] if h else []
+        assert row.tolist() == [-1] * (width - len(tail)) + list(tail)
+
+
+@pytest.mark.slow
+def test_load_run_refuses_missing_or_mismatched_files(group_run, tmp_path):
+    good = group_run["out"]
+    for name in ("data.npz", "checkpoint.pt", "config.json"):
+        out = _copy_run(group_run, tmp_path / f"no_{name}")
+        os.remove(os.path.join(out, name))
+        with pytest.raises(ValueError, match=f"missing.*{name}"):
+            recommend.load_run(out)
+    out = _copy_run(group_run, tmp_path / "fewer_items")                    # the item map of another run
+    z = dict(np.load(os.path.join(out, "data.npz")))
+    z["item_raw"], z["item_title"] = z["item_raw"][:-1], z["item_title"][:-1]
+    np.savez(os.path.join(out, "data.npz"), **z)
+    with pytest.raises(ValueError, match="index has 36 items, data.npz maps 35"):
+        recommend.load_run(out)
+    out = _copy_run(group_run, tmp_path / "other_sids")                      # SIDs the model was not trained on
+    codes = np.load(os.path.join(good, "item_id2tokens.npy"))
+    sid.SIDIndex(codes[::-1].copy()).save(out)
+    with pytest.raises(ValueError, match="other SIDs"):
+        recommend.load_run(out)
+    out = _copy_run(group_run, tmp_path / "other_model")                     # config.json of another model
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    config["model"]["n_embd"] = 32
+    open(os.path.join(out, "config.json"), "w").write(json.dumps(config))
+    with pytest.raises(ValueError, match="model.n_embd is 16 there, 32 here"):
+        recommend.load_run(out)
+    out = _copy_run(group_run, tmp_path / "pickled")                         # an object array needs a pickle
+    np.savez(os.path.join(out, "data.npz"), **{**z, "item_raw": np.array([object()] * 36, dtype=object)})
+    with pytest.raises(ValueError, match="data.npz: not a readable run data file"):
+        recommend.load_run(out)
+
+
+@pytest.mark.slow
+def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_path):
+    out = _copy_run(group_run, tmp_path / "run")
+    run = recommend.load_run(out)
+    with pytest.raises(ValueError, match="'nobody' is not a user"):
+        run.sequence("nobody")
+    with pytest.raises(ValueError, match="item 'x9' is not an item"):
+        run.item_ids(["i000" if "i000" in run.item_id else "i001", "x9"])
+    before = _files(out)
+    emb = group_run["emb"][:2]
+    for ids, array, match in ((["n1", "n2"], emb[:, :5], r"expected shape \[n, 8\]"),
+                              ([str(run.item_raw[0]), "n2"], emb, "already exists in the run"),
+                              (["n1", "n1"], emb, "already exists \\(twice\\)"),
+                              (["n1"], emb, "one id .* per embedding row"),
+                              (["n1", "n2"], np.where(np.eye(2, 8) > 0, np.nan, emb), "finite")):
+        with pytest.raises(ValueError, match=match):
+            recommend.add_items(out, array, ids)
+        assert _files(out) == before
+    for argv, match in ((["--run=" + out, "--user=nobody"], "'nobody' is not a user"),
+                        (["--run=" + out, "--history=i001,zz"], "'zz' is not an item"),
+                        (["--run=" + out, "--all"], "--all: expected --out"),
+                        (["--run=" + out, "--user=u000", "--all"], "exactly one of"),
+                        (["--run=" + str(tmp_path / "none"), "--user=u000"], "not a finished run folder")):
+        cli = subprocess.run([sys.executable, os.path.join(HERE, "recommend.py")] + argv, capture_output=True,
+                             text=True, cwd=HERE, timeout=120)
+        assert cli.returncode == 1 and cli.stderr.startswith("error: ") and match.replace("\\", "") in cli.stderr, cli.stderr
+        assert "Traceback" not in cli.stderr
+
+
+@pytest.mark.slow
+def test_a_cf_run_cannot_place_items_without_interactions(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    out = tmp_path / "cf"
+    train.main([f"--data={data_path}", f"--out_dir={out}", "--item_emb=none"] + TINY_RUN + ["--emb_source=cf", "--epochs=1"])
+    before = _files(out)
+    with pytest.raises(ValueError, match="not built from an embeddings file alone"):
+        recommend.add_items(str(out), np.ones((1, 64), np.float32), ["new"])
+    assert _files(out) == before
+
+
+@pytest.mark.slow
+def test_recommend_all_under_torchrun_writes_the_file_of_one_process(group_run, tmp_path):
+    args = [f"--run_dir={group_run['out']}", "--all", "--batch_size=7"]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}        # as torchrun gives each process: same arithmetic
+    one = subprocess.run([sys.executable, os.path.join(HERE, "recommend.py")] + args + [f"--out={tmp_path / 'one.jsonl'}"],
+                         capture_output=True, text=True, cwd=HERE, timeout=300, env=one_thread)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "recommend.py")] + args + [f"--out={tmp_path / 'two.jsonl'}"],
+                         capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    first = (tmp_path / "one.jsonl").read_bytes()
+    assert first == (tmp_path / "two.jsonl").read_bytes()
+    lines = [json.loads(line) for line in first.decode().splitlines()]
+    assert len(lines) == 120 and lines[0]["user"] == "u000" and len(lines[0]["items"]) == 10
+
+
+@pytest.mark.slow
+def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, tmp_path):
+    folder, emb = group_run["folder"], group_run["emb"]
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    rows = (folder / "d.inter").read_text().splitlines()[1:]
+    rows += [f"v{g}{c}\t{group_raw(g, s)}\t{t}" for g in range(N_GROUPS) for c in "ab" for t in range(6)
+             for s in [g % N_SLOTS if t % 2 else (g + 1) % N_SLOTS]]              # the held-out items appear
+    (newer / "d.inter").write_text(INTER_HEADER + "\n".join(rows) + "\n")
+    every = sorted((g, s) for g in range(N_GROUPS) for s in range(N_SLOTS))
+    np.save(newer / "d_content.npy", emb[[g * N_SLOTS + s for g, s in sorted(every, key=lambda p: group_raw(*p))]])
+    base = recommend.load_run(group_run["out"])
+    out = tmp_path / "continued"
+    args = [f"--data={newer / 'd.inter'}", f"--init_from={group_run['out']}", f"--out_dir={out}"]
+    with pytest.raises(ValueError, match="--n_embd: the model of --init_from has n_embd=16, got 32"):
+        train.main(args + ["--n_embd=32"])
+    with pytest.raises(ValueError, match="--out_dir: expected a folder other than --init_from"):
+        train.main(args[:2] + [f"--out_dir={group_run['out']}"])
+    results = train.main(args + ["--epochs=1", "--lr=1e-9", "--warmup_steps=0", "--min_lr_ratio=1", "--log_every=1000"])
+    cont = recommend.load_run(str(out))
+    assert cont.item_raw[:base.index.n_items].tolist() == base.item_raw.tolist()     # old items keep their ids ...
+    assert np.array_equal(cont.index.item_codes[:base.index.n_items], base.index.item_codes)  # ... and SIDs
+    assert sorted(cont.item_raw[base.index.n_items:].tolist()) == sorted(group_raw(g, s) for g, s in group_run["held_out"])
+    for name, weight in base.model.state_dict().items():                   # a learning rate of 1e-9: unchanged
+        torch.testing.assert_close(cont.model.state_dict()[name], weight, atol=1e-6, rtol=0)
+    assert results["valid"]["ndcg@10"] > 0.3
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))

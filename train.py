@@ -85,6 +85,8 @@ class TrainConfig:
     five_core: bool = True           # 5-core filtering (never for the s3rec format)
     resume: bool = False             # continue from out_dir/last.pt (same config, same SIDs on disk)
     eval_only: bool = False          # evaluate out_dir/checkpoint.pt on valid and test, no training
+    init_from: str = ""              # a finished run's folder: start from its weights and SIDs, add the
+                                     # data's new items to its index, train on this data (recommend.py)
 
     def __post_init__(self):
         if self.batch_tokens < 0:
@@ -427,38 +429,6 @@ def load_data(cfg: TrainConfig) -> RawData:
     raw.source = (f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "") +
                   (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
     return raw
-    path = cfg.data
-    if os.path.isdir(path):
-        candidates = sorted(f for f in os.listdir(path) if f.endswith((".inter", ".csv", ".tsv", ".txt", ".json", ".json.gz")))
-        if len(candidates) != 1:
-            raise ValueError(f"{path}: expected exactly one data file in the folder, found {candidates}")
-        path = os.path.join(path, candidates[0])
-    if not os.path.exists(path):
-        raise ValueError(f"--data: {path} does not exist")
-    fmt = read_file(path, detect_format) if cfg.format == "auto" else cfg.format
-    raw = read_file(path, LOADERS[fmt])
-    item_text = cfg.item_text
-    if not item_text:  # look beside the data file: name.item, or *_items.jsonl
-        folder = os.path.dirname(path)
-        stem = os.path.basename(path).split(".")[0]
-        for candidate in (os.path.join(folder, stem + ".item"), os.path.join(folder, stem + "_items.jsonl")):
-            if os.path.exists(candidate):
-                item_text = candidate
-    if item_text:
-        raw.item_text = read_file(item_text, load_item_text)
-    raw.item_emb = cfg.item_emb
-    if not cfg.item_emb:  # look beside the data file: name_*.npy (e.g. Beauty_minilm.f16.npy)
-        folder, stem = os.path.dirname(path), os.path.basename(path).split(".")[0]
-        found = sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + "_") and f.endswith(".npy"))
-        if len(found) > 1:
-            raise ValueError(f"{folder}: found several item-embedding files {found}; choose one with "
-                             "--item_emb=FILE, or none with --item_emb=none")
-        raw.item_emb = os.path.join(folder, found[0]) if found else ""
-    if raw.item_emb == "none":
-        raw.item_emb = ""
-    raw.source = (f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "") +
-                  (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
-    return raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,6 +586,22 @@ def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int =
     return (u * np.sqrt(s)).astype(np.float32)
 
 
+def read_item_emb(path: str, n_items: int, flag: str = "--item_emb") -> np.ndarray:
+    """An [n_items, D] numeric .npy file (no pickles) -> float32, or a ValueError naming the file."""
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag}: {path} is not a readable .npy array ({e})") from None
+    if emb.ndim != 2 or emb.shape[0] != n_items:
+        raise ValueError(f"{flag}: expected shape [{n_items} items, D], got {emb.shape} from {path}")
+    if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
+        raise ValueError(f"{flag}: expected a numeric array, got dtype {emb.dtype} from {path}")
+    if not np.isfinite(emb).all():
+        row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
+        raise ValueError(f"{flag}: expected finite values, got NaN or inf in row {row} of {path}")
+    return emb.astype(np.float32)
+
+
 def item_embeddings(cfg: TrainConfig, data: Dataset, raw: RawData, train: Split) -> tuple[np.ndarray, str]:
     """The embeddings the SIDs are built from, and their name for the log.
 
@@ -624,24 +610,14 @@ def item_embeddings(cfg: TrainConfig, data: Dataset, raw: RawData, train: Split)
     Without a file: text TF-IDF, co-occurrence (cf), or both."""
     n_items, path = len(data.item_raw), raw.item_emb
     if path:
-        try:
-            emb = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--item_emb: {path} is not a readable .npy array ({e})") from None
-        if emb.ndim != 2 or emb.shape[0] != n_items:
-            raise ValueError(f"--item_emb: expected shape [{n_items} items, D], got {emb.shape} from {path}")
-        if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
-            raise ValueError(f"--item_emb: expected a numeric array, got dtype {emb.dtype} from {path}")
-        if not np.isfinite(emb).all():
-            row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
-            raise ValueError(f"--item_emb: expected finite values, got NaN or inf in row {row} of {path}")
+        emb = read_item_emb(path, n_items)
         if cfg.emb_source != "both":
-            return emb.astype(np.float32), f"file {path}"
+            return emb, f"file {path}"
     if cfg.emb_source == "both" and not path and not raw.item_text:
         return cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed), "cf (no item text nor embeddings file for 'both')"
     parts = []
     if path:                                                # emb_source "both": the file + cf
-        parts.append(emb.astype(np.float32))
+        parts.append(emb)
     elif cfg.emb_source in ("text", "both"):
         parts.append(text_embeddings(data, raw.item_text, cfg.emb_dim, cfg.seed))
     if cfg.emb_source in ("cf", "both"):
@@ -649,6 +625,68 @@ def item_embeddings(cfg: TrainConfig, data: Dataset, raw: RawData, train: Split)
     parts = [p / max(np.linalg.norm(p, axis=1).mean(), 1e-12) for p in parts]  # equal weight in "both"
     name = f"file {path} + cf" if path else cfg.emb_source
     return np.concatenate(parts, axis=1), name
+
+
+TITLE_CHARS = 120   # item text kept per item in data.npz, for recommend.py to show
+
+
+def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool) -> None:
+    """data.npz: what using a run needs beside the model and the SIDs (recommend.load_run reads it
+    with allow_pickle=False): raw item and user ids in id order, the start of each item's text
+    ("" without text), every user's sequence as one flat int32 array with offsets, and whether
+    the SIDs came from an embeddings file alone (then new items can be placed by theirs)."""
+    lengths = np.array([len(s) for s in data.sequences], np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, version=1, item_raw=np.array(data.item_raw, dtype=str), user_raw=np.array(data.user_raw, dtype=str),
+             item_title=np.array([" ".join(item_text.get(i, "").split())[:TITLE_CHARS] for i in data.item_raw],
+                                 dtype=str),
+             offsets=np.concatenate([[0], np.cumsum(lengths)]), items=np.concatenate(data.sequences).astype(np.int32),
+             content_sids=np.array(content_sids))
+    sid._atomic_write(path, buf.getvalue())
+
+
+def extend_catalogue(data: Dataset, known: list) -> tuple[Dataset, np.ndarray]:
+    """Renumber items so that `known` (a trained run's items, in its id order) keep their ids and the
+    data's other items follow in sorted order. Known items absent from the data stay in the catalogue.
+    Returns the dataset and, per new item, its row in the data's own sorted order (the row an
+    embeddings file for this data has for it)."""
+    known_set = set(known)
+    new = [i for i in data.item_raw if i not in known_set]
+    row_of = {item: k for k, item in enumerate(data.item_raw)}
+    item_raw = list(known) + new
+    new_id = {item: k for k, item in enumerate(item_raw)}
+    remap = np.array([new_id[i] for i in data.item_raw], np.int64)
+    return (Dataset([remap[s] for s in data.sequences], data.user_raw, item_raw, data.n_interactions),
+            np.array([row_of[i] for i in new], np.int64))
+
+
+def add_new_items(base, item_emb: str, n_own: int, new_rows: np.ndarray) -> tuple[sid.SIDIndex, int]:
+    """--init_from: the base run's index with the data's new items added (old items keep their SIDs)."""
+    if len(new_rows) == 0:
+        return base.index, 0
+    if not base.content_sids:
+        raise ValueError(f"--init_from: this data has {len(new_rows)} items that {base.folder} does not know; "
+                         "placing them needs a run whose SIDs came from an embeddings file alone (--item_emb, "
+                         "not --emb_source=both), and that run's SIDs did not")
+    if not item_emb:
+        raise ValueError(f"--init_from: this data has {len(new_rows)} new items; give their embeddings with "
+                         "--item_emb (rows in this data's sorted item order), the same kind the run used")
+    return base.index.add_items(read_item_emb(item_emb, n_own)[new_rows])
+
+
+def continue_config(argv: list, base_config: dict) -> tuple[TrainConfig, RPGEDConfig]:
+    """--init_from: training settings from the flags (preset auto = the base run's preset); the
+    model config is the base run's, and a model flag that contradicts it is an error."""
+    cfg, _ = parse_args(argv)
+    preset = base_config["train"]["preset"] if cfg.preset == "auto" else cfg.preset
+    cfg, mcfg = parse_args(argv, auto_preset=preset)
+    base_model = RPGEDConfig(**base_config["model"])
+    given = {arg[2:].split("=", 1)[0] for arg in argv}
+    for key, value in dataclasses.asdict(mcfg).items():
+        if key in given and value != getattr(base_model, key):
+            raise ValueError(f"--{key}: the model of --init_from has {key}={getattr(base_model, key)!r}, "
+                             f"got {value!r}; a continued run keeps the model's shape")
+    return cfg, base_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -980,8 +1018,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return state
 
 
-def sids_digest(index: sid.SIDIndex) -> str:
-    return hashlib.sha256(index.item_codes.tobytes()).hexdigest()
+def sids_digest(index: sid.SIDIndex, n_items: int | None = None) -> str:
+    """sha256 of the first n_items SIDs (default all): items added after training keep it intact."""
+    return hashlib.sha256(index.item_codes[:n_items].tobytes()).hexdigest()
 
 
 def check_checkpoint(state: dict, path: str, resolved: dict, digest: str, to_resume: bool) -> None:
@@ -1032,7 +1071,17 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
         dist.barrier()
     log(f"data: {raw.source}")
     data = prepare(raw, cfg.five_core)
-    if cfg.preset == "auto":
+    base = None
+    if cfg.init_from:
+        import recommend                       # here, not at the top: recommend.py imports this module
+        base = recommend.load_run(cfg.init_from)
+        cfg, mcfg = continue_config(argv, base.config)
+        n_own = len(data.item_raw)             # rows of an embeddings file for this data
+        data, new_rows = extend_catalogue(data, list(base.item_raw))
+        index, moved = add_new_items(base, raw.item_emb, n_own, new_rows)
+        log(f"init from {cfg.init_from}: its weights and SIDs; {len(new_rows)} new items in this data get "
+            f"SIDs from their embeddings ({moved} moved by collision resolution)")
+    elif cfg.preset == "auto":
         preset, why = choose_preset(data)
         log(f"preset: {preset}, chosen from the data: {why}")
         cfg, mcfg = parse_args(argv, auto_preset=preset)
@@ -1040,6 +1089,9 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
         cfg, mcfg = parse_args(argv)
     name = cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
     out_dir = cfg.out_dir or os.path.join("out", name)
+    if base is not None and os.path.realpath(out_dir) == os.path.realpath(cfg.init_from):
+        raise ValueError(f"--out_dir: expected a folder other than --init_from ({cfg.init_from}), which it "
+                         "would overwrite")
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
     log("config:", json.dumps(resolved))
     log(f"processes: {dist.world}, device {dist.device}, compute dtype {str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
@@ -1054,13 +1106,16 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
 
     # SIDs: rank 0 builds and saves them; the other processes, a resume and --eval_only load them
     if dist.is_main and not (cfg.resume or cfg.eval_only):
-        emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
-        t0 = time.time()
-        index, moved = sid.build_index(emb, seed=cfg.seed)
+        if base is None:
+            emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
+            t0 = time.time()
+            index, moved = sid.build_index(emb, seed=cfg.seed)
+            log(f"SIDs: from {emb_name} embeddings {emb.shape}, OPQ error {index.quantizer.errors[0]:.4g} -> "
+                f"{index.quantizer.errors[-1]:.4g}, {moved} items moved by collision resolution, "
+                f"{time.time() - t0:.1f} s, saved to {out_dir}")
         index.save(out_dir)
-        log(f"SIDs: from {emb_name} embeddings {emb.shape}, OPQ error {index.quantizer.errors[0]:.4g} -> "
-            f"{index.quantizer.errors[-1]:.4g}, {moved} items moved by collision resolution, "
-            f"{time.time() - t0:.1f} s, saved to {out_dir}")
+        content_sids = base.content_sids if base else bool(raw.item_emb) and cfg.emb_source != "both"
+        save_run_data(os.path.join(out_dir, "data.npz"), data, raw.item_text, content_sids)
     dist.barrier()
     if not dist.is_main or cfg.resume or cfg.eval_only:
         index = sid.SIDIndex.load(out_dir)
@@ -1074,6 +1129,8 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = RPG_ED(mcfg).to(dist.device)
+    if base is not None and not (cfg.resume or cfg.eval_only):
+        model.load_state_dict(base.model.state_dict())
     torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
     log(f"model: {model.num_parameters():,} parameters on {dist.device}")
     trained = None if cfg.eval_only else train_model(model, run)
@@ -1175,7 +1232,7 @@ def train_model(model: RPG_ED, run: Run) -> dict:
         rng = dist.gather(rng_state(dist.device))
         if dist.is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
-                     "sids_sha256": sids_digest(run.index), "rng": rng, **progress}
+                     "sids_sha256": sids_digest(run.index), "sids_items": run.index.n_items, "rng": rng, **progress}
             if improved:
                 save_checkpoint(run.path("checkpoint.pt"), state)
             save_checkpoint(run.path("last.pt"), state)   # after the best: a resume never lacks its best
