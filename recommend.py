@@ -5,6 +5,8 @@
     python recommend.py --run=out/ml-100k --all --out=recs.jsonl  # every user, one JSON line each
     torchrun --standalone --nproc_per_node=2 recommend.py --run_dir=out/ml-100k --all --out=recs.jsonl
     python recommend.py --run=DIR --add_items=EMB.npy --item_ids=IDS.txt   # new items (cold start)
+    python recommend.py --cold_start=PATH/Beauty.txt --out=out/cold        # the cold-start experiment
+    python recommend.py --continue_experiment=true --out=out/continue      # continued training, ML-100K
 
 (`--run_dir` is another name for `--run`: torchrun takes `--run=...` for an abbreviation of its own
 `--run-path` and refuses it.)
@@ -238,11 +240,141 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
 
 
 # ----------------------------------------------------------------------------------------------
+# Experiment: cold start (TIGER, section 4.4) -- items never seen in training, added afterwards
+# ----------------------------------------------------------------------------------------------
+
+def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, train_args: list = ()) -> dict:
+    """Hold out `fraction` of the items, with every interaction of theirs; train on the rest with
+    SIDs from the content embeddings beside the data (file alone); add the held-out items through
+    add_items; score the users whose last item is held out, by their whole history before it.
+
+    Writes OUT/warm/NAME.txt (user item item ..., the kept interactions in time order, users with
+    at least 3), OUT/warm/NAME_content.npy (their items' rows), OUT/run, and OUT/cold_start.json.
+    """
+    cfg = train.TrainConfig(data=data_path)
+    raw = train.load_data(cfg)
+    if not raw.item_emb:
+        raise ValueError(f"--cold_start: expected content embeddings beside {data_path} (NAME_*.npy), found none")
+    data = train.prepare(raw, not raw.time_ordered)
+    emb = train.read_item_emb(raw.item_emb, len(data.item_raw))
+    rng = np.random.default_rng(seed)
+    n_items = len(data.item_raw)
+    cold = np.zeros(n_items, bool)
+    cold[rng.choice(n_items, max(1, round(fraction * n_items)), replace=False)] = True
+    warm_dir = os.path.join(out, "warm")
+    os.makedirs(warm_dir, exist_ok=True)
+    stem = os.path.basename(data_path).split(".")[0]
+    lines = []
+    for user, seq in zip(data.user_raw, data.sequences):          # data preparation, once per user
+        kept = seq[~cold[seq]]
+        if len(kept) >= 3:
+            lines.append(" ".join([user] + [data.item_raw[i] for i in kept]))
+    sid._atomic_write(os.path.join(warm_dir, stem + ".txt"), ("\n".join(lines) + "\n").encode())
+    warm_items = {i for line in lines for i in line.split()[1:]}
+    warm_items = sorted(warm_items, key=train.sort_key(warm_items))       # the warm run's item order
+    row = {raw_id: k for k, raw_id in enumerate(data.item_raw)}
+    buf = io.BytesIO()
+    np.save(buf, emb[[row[i] for i in warm_items]])
+    sid._atomic_write(os.path.join(warm_dir, stem + "_content.npy"), buf.getvalue())
+    run_dir = os.path.join(out, "run")
+    train.main([f"--data={os.path.join(warm_dir, stem + '.txt')}", "--format=s3rec", "--emb_source=text",
+                f"--out_dir={run_dir}", f"--seed={seed}"] + list(train_args))
+
+    run = load_run(run_dir)
+    new = [i for i in range(n_items) if cold[i] and data.item_raw[i] not in run.item_id]
+    add_items(run_dir, emb[new], [data.item_raw[i] for i in new])
+    run = load_run(run_dir)
+    users = [u for u, seq in enumerate(data.sequences) if cold[seq[-1]] and len(seq) > 1]
+    histories = [run.item_ids([data.item_raw[i] for i in data.sequences[u][:-1]]) for u in users]
+    target = run.item_ids([data.item_raw[data.sequences[u][-1]] for u in users])
+    items, _ = recommend(run, histories, [data.user_raw[u] for u in users])
+    popular = np.argsort(-np.bincount(run.items, minlength=run.index.n_items), kind="stable")[:10]
+    random_top = np.argsort(rng.random((len(users), run.index.n_items)), axis=1)[:, :10]
+    results = {"held_out_items": len(new), "users": len(users), "items": run.index.n_items,
+               "model": train.rank_metrics(items, target), "random": train.rank_metrics(random_top, target),
+               "popularity": train.rank_metrics(np.tile(popular, (len(users), 1)), target),
+               "model_top10_cold_share": float(np.isin(items, run.item_ids([data.item_raw[i] for i in new])).mean())}
+    sid._atomic_write(os.path.join(out, "cold_start.json"), json.dumps(results, indent=2).encode())
+    print(f"\ncold start: {len(new)} held-out items added to {run_dir}; {len(users)} users whose last item is one")
+    print("| ranking | R@5 | N@5 | R@10 | N@10 |\n|---|---|---|---|---|")
+    for name in ("model", "random", "popularity"):
+        m = results[name]
+        print(f"| {name} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} |")
+    print(f"share of the model's top-10 slots given to held-out items: {results['model_top10_cold_share']:.3f}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment: continued training on a time split -- new interactions and new items arrive
+# ----------------------------------------------------------------------------------------------
+
+def _write_inter(path: str, rows: list) -> None:
+    text = "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"{u}\t{i}\t{t!r}\n" for u, i, t in rows)
+    sid._atomic_write(path, text.encode())
+
+
+def _text_emb_file(path: str, data: train.Dataset, vectors: dict) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.stack([vectors[i] for i in data.item_raw]))
+    sid._atomic_write(path, buf.getvalue())
+
+
+def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), continue_args: list = ()) -> dict:
+    """MovieLens-100K cut at the `cut` quantile of time. base: trained on what came before the cut.
+    continued: --init_from=base on all the data (new items added by their text embeddings).
+    scratch: trained on all the data from nothing. All three build SIDs from the same text embeddings
+    (TF-IDF of title and genres, fitted on the whole catalogue: content, no interactions), because a
+    run must place items it never saw. Scores both final runs on every test user and on the later
+    period's (test item after the cut); writes OUT/continue.json."""
+    raw = train.load_data(train.TrainConfig())
+    cut_time = float(np.quantile(raw.times, cut))
+    rows = list(zip(raw.users, raw.items, raw.times))
+    early = [r for r in rows if r[2] < cut_time]
+    data = {"early": train.prepare(train.RawData(*map(list, zip(*early)))),
+            "all": train.prepare(train.RawData(list(raw.users), list(raw.items), list(raw.times)))}
+    catalogue = train.Dataset([], [], data["all"].item_raw, 0)
+    vectors = dict(zip(catalogue.item_raw, train.text_embeddings(catalogue, raw.item_text, 64, 0)))
+    runs = {}
+    for name, part in (("early", early), ("all", rows)):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        _write_inter(os.path.join(out, name, f"{name}.inter"), part)
+        _text_emb_file(os.path.join(out, name, f"{name}_text.npy"), data[name], vectors)
+    common = ["--emb_source=text", "--report_beam_size=0"] + list(train_args)
+    for name, args in (("base", [f"--data={out}/early/early.inter"]),
+                       ("continued", [f"--data={out}/all/all.inter", f"--init_from={out}/base"] + list(continue_args)),
+                       ("scratch", [f"--data={out}/all/all.inter"])):
+        start = time.time()
+        runs[name] = {"results": train.main(args + common + [f"--out_dir={out}/{name}"]),
+                      "minutes": round((time.time() - start) / 60, 2)}
+    time_of = {(u, i): t for u, i, t in rows}          # ML-100K: a user rates an item once
+    results = {"cut_time": cut_time, "interactions": {"early": len(early), "all": len(rows)}}
+    for name in ("continued", "scratch"):
+        run = load_run(os.path.join(out, name))
+        seqs = [run.items[run.offsets[u]:run.offsets[u + 1]] for u in range(len(run.user_raw))]
+        later = np.array([time_of[(run.user_raw[u], run.item_raw[s[-1]])] >= cut_time for u, s in enumerate(seqs)])
+        items, _ = recommend(run, [s[:-1] for s in seqs], run.user_raw.tolist())
+        target = np.array([s[-1] for s in seqs])
+        results[name] = {"minutes": runs[name]["minutes"], "test": runs[name]["results"]["test"],
+                         "later_users": int(later.sum()), "later": train.rank_metrics(items[later], target[later])}
+    results["base_minutes"] = runs["base"]["minutes"]
+    sid._atomic_write(os.path.join(out, "continue.json"), json.dumps(results, indent=2).encode())
+    print(f"\ncut at {cut:.0%} of interactions by time; later-period test users: {results['scratch']['later_users']}")
+    print("| run | minutes | test R@10 | test N@10 | later R@10 | later N@10 |\n|---|---|---|---|---|---|")
+    for name in ("continued", "scratch"):
+        r = results[name]
+        print(f"| {name} | {r['minutes']} | {r['test']['recall@10']:.4f} | {r['test']['ndcg@10']:.4f} | "
+              f"{r['later']['recall@10']:.4f} | {r['later']['ndcg@10']:.4f} |")
+    print(f"(base, on the early part: {results['base_minutes']} min)")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
 OPTIONS = {"run": "", "user": "", "history": "", "all": "false", "out": "", "dtype": "fp32", "beam_size": "0",
-           "n_return": "10", "batch_size": "256", "device": "cpu", "add_items": "", "item_ids": ""}
+           "n_return": "10", "batch_size": "256", "device": "cpu", "add_items": "", "item_ids": "", "cold_start": "",
+           "train_args": "", "continue_experiment": "false", "continue_args": ""}
 
 
 def parse(argv: list) -> dict:
@@ -263,6 +395,14 @@ def parse(argv: list) -> dict:
     if opts["all"] not in ("true", "false"):
         raise ValueError(f"--all: expected true or false, got {opts['all']!r}")
     opts["all"] = opts["all"] == "true"
+    if opts["continue_experiment"] == "true":
+        if not opts["out"]:
+            raise ValueError("--continue_experiment: expected --out=FOLDER for the experiment's data and runs")
+        return opts
+    if opts["cold_start"]:
+        if not opts["out"]:
+            raise ValueError("--cold_start: expected --out=FOLDER for the experiment's data, run and results")
+        return opts
     if not opts["run"]:
         raise ValueError("--run: expected a run folder (train.py's out_dir)")
     modes = [m for m in ("user", "history", "all", "add_items") if opts[m]]
@@ -310,6 +450,13 @@ def write_all(run: TrainedRun, opts: dict, dist: train.Dist) -> None:
 
 def main(argv: list) -> None:
     opts = parse(argv)
+    if opts["cold_start"]:
+        cold_start(opts["cold_start"], opts["out"], train_args=opts["train_args"].split())
+        return
+    if opts["continue_experiment"] == "true":
+        continue_experiment(opts["out"], train_args=opts["train_args"].split(),
+                            continue_args=opts["continue_args"].split())
+        return
     if opts["add_items"]:
         ids, titles = read_item_ids(opts["item_ids"])
         emb = train.read_item_emb(opts["add_items"], len(ids), "--add_items")

@@ -1457,5 +1457,24 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
     assert results["valid"]["ndcg@10"] > 0.3
 
 
+@pytest.mark.slow
+def test_cold_start_experiment_adds_the_held_out_items_and_scores_their_users(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = group_embeddings()
+    lines = [f"u{u} " + " ".join(group_raw(u % N_GROUPS, int(rng.integers(N_SLOTS))) for _ in range(7)) for u in range(150)]
+    (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
+    np.save(tmp_path / "d_content.npy", emb[np.argsort([group_raw(g, s) for g in range(N_GROUPS) for s in range(N_SLOTS)])])
+    out = tmp_path / "cold"
+    results = recommend.cold_start(str(tmp_path / "d.txt"), str(out), fraction=0.1, train_args=GROUP_RUN)
+    warm = (out / "warm" / "d.txt").read_text()
+    run = recommend.load_run(str(out / "run"))
+    added = run.item_raw[run.index.n_items - results["held_out_items"]:].tolist()
+    assert results["held_out_items"] == 5 and not any(f" {i} " in f" {line} " for i in added for line in warm.splitlines())
+    assert results["items"] == N_GROUPS * N_SLOTS and results["users"] > 0
+    assert results["popularity"]["recall@10"] == 0.0          # held-out items have no training interactions
+    assert 0 < results["model_top10_cold_share"] <= 1
+    assert json.loads((out / "cold_start.json").read_text()) == results
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))

@@ -10,8 +10,10 @@ Evaluation follows PROTOCOL.md: stable time sort, 5-core, leave-one-out (last it
 second-to-last validation), every earlier train position a training example, history = the
 last `max_history` items before the target, full ranking with beam search over real SIDs,
 Recall/NDCG@5/10, model selection on validation NDCG@10. Writes into out_dir: config.json,
-item_id2tokens.npy, tokens2item.pkl, opq.npz, checkpoint.pt (best), last.pt (to --resume),
-results.json.
+item_id2tokens.npy, tokens2item.pkl, opq.npz, data.npz (id maps, titles, sequences: what
+recommend.py needs), checkpoint.pt (best), last.pt (to --resume), results.json.
+
+    python train.py --data=NEWER --init_from=out/RUN --out_dir=out/NEXT   # continue a finished run
 
     torchrun --standalone --nproc_per_node=N train.py ...   # N processes, DistributedDataParallel
 """
@@ -443,12 +445,15 @@ class Dataset:
     n_interactions: int
 
 
+def sort_key(raw_ids):
+    """The order of item and user ids: numeric when every id is an integer, else by string."""
+    return int if all(re.fullmatch(r"-?\d+", u) for u in raw_ids) else str
+
+
 def _sorted_ids(raw_ids) -> list:
     """Unique raw ids in sorted order: numeric order when every id is an integer."""
     uniq = set(raw_ids)
-    if all(re.fullmatch(r"-?\d+", u) for u in uniq):
-        return sorted(uniq, key=int)
-    return sorted(uniq)
+    return sorted(uniq, key=sort_key(uniq))
 
 
 def prepare(raw: RawData, five_core: bool = True) -> Dataset:
