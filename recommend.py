@@ -57,6 +57,7 @@ class TrainedRun:
     offsets: np.ndarray              # (n_users + 1,) int64: user u's items are items[offsets[u]:offsets[u + 1]]
     items: np.ndarray                # (n_interactions,) int32 item ids, oldest first per user
     content_sids: bool               # SIDs from an embeddings file alone: new items can be placed
+    trained_items: int               # items the model was trained with; ids from here on were added later
 
     def __post_init__(self):
         self.item_id = {raw: i for i, raw in enumerate(self.item_raw.tolist())}
@@ -126,7 +127,7 @@ def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
     model = RPG_ED(mcfg)
     model.load_state_dict(state["model"])
     return TrainedRun(folder, config, model.to(device).eval(), index, data["item_raw"], data["item_title"],
-                      data["user_raw"], data["offsets"], data["items"], bool(data["content_sids"]))
+                      data["user_raw"], data["offsets"], data["items"], bool(data["content_sids"]), trained_items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,17 +145,59 @@ def history_matrix(histories: list, max_history: int) -> np.ndarray:
     return out
 
 
+def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, first_new: int, n_new: int) -> np.ndarray:
+    """TIGER's cold-start rule: after each generated SID, insert the items added since training
+    (ids >= first_new) whose SID shares its first n_digit - 1 codes, at most n_new of them per
+    user, and keep the list's length. The model has never generated such an item's last code, so
+    without this they are seldom returned even when their prefix is.
+
+    items (U, k) and codes (U, k, n_digit) from beam search, best first -> (U, k) item ids.
+    """
+    U, k = items.shape
+    added = np.arange(first_new, index.n_items)
+    if n_new <= 0 or len(added) == 0:
+        return items
+    prefix = lambda c: sid.pack_codes(np.concatenate([c[..., :-1], np.zeros_like(c[..., :1])], -1))
+    added_keys = prefix(index.item_codes[added].astype(np.int64))
+    order = np.argsort(added_keys, kind="stable")
+    added, added_keys = added[order], added_keys[order]
+    keys = prefix(np.maximum(codes, 0))                                    # (U, k); padding rows are masked below
+    lo, hi = np.searchsorted(added_keys, keys, "left"), np.searchsorted(added_keys, keys, "right")
+    count = np.where(items >= 0, hi - lo, 0).reshape(-1)
+    slot = np.repeat(np.arange(U * k), count)                              # candidates, in (user, rank) order
+    cand = added[np.repeat(lo.reshape(-1), count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)]
+    user, after = slot // k, slot % k
+    fresh = ~(items[user] == cand[:, None]).any(1)                         # not generated already
+    _, first = np.unique(user * index.n_items + cand, return_index=True)   # once, after its first match
+    fresh &= np.isin(np.arange(len(cand)), first)
+    user, after, cand = user[fresh], after[fresh], cand[fresh]
+    nth = np.arange(len(user)) - np.searchsorted(user, user)               # rank among the user's candidates
+    keep = nth < n_new
+    # merge: every generated item at (rank, 0), every candidate right after the item it follows
+    all_user = np.concatenate([np.repeat(np.arange(U), k), user[keep]])
+    all_rank = np.concatenate([np.tile(np.arange(k), U), after[keep]])
+    all_item = np.concatenate([items.reshape(-1), cand[keep]])
+    inserted = np.concatenate([np.zeros(U * k, np.int64), 1 + nth[keep]])
+    merged = np.lexsort((inserted, all_rank, all_user))
+    position = np.arange(len(merged)) - np.searchsorted(all_user[merged], all_user[merged])
+    out = np.full((U, k), -1, np.int64)
+    take = merged[position < k]
+    out[all_user[take], position[position < k]] = all_item[take]
+    return out
+
+
 @torch.no_grad()
 def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10, beam_size: int | None = None,
               dtype: str = "fp32", batch_size: int = 256, batch_tokens: int = 0,
-              dist: train.Dist | None = None) -> tuple[np.ndarray, np.ndarray]:
+              dist: train.Dist | None = None, new_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Top n_return items for each history (item ids, oldest first) of each raw user id.
 
     Returns (items (U, n_return) int64, scores (U, n_return) float32), best first. Users are
     grouped by history length into batches of at most batch_size rows and batch_tokens history
     positions (train.length_batches, as in evaluation). With several processes, batch j runs on
     rank j % world and the results are summed over processes, so each batch is the one a single
-    process runs and the output is identical.
+    process runs and the output is identical. `new_share` > 0 applies TIGER's cold-start rule
+    (with_new_items) to at most round(new_share * n_return) slots; scores of inserted items are NaN.
     """
     if len(histories) != len(users):
         raise ValueError(f"histories and users: expected one user per history, got {len(histories)} and {len(users)}")
@@ -174,6 +217,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in users], dtype=torch.long)
     items = torch.zeros(len(histories), n_return, dtype=torch.long)
     scores = torch.zeros(len(histories), n_return)
+    codes = torch.zeros(len(histories), n_return, mcfg.n_digit, dtype=torch.long)
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32
     batches = train.length_batches(train.history_lengths(split), batch_size, batch_tokens or batch_size * mcfg.max_history)
     for j, rows in enumerate(batches):
@@ -182,8 +226,13 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
         batch = train.make_batch(split, rows, item_tokens, buckets, dist.device, with_target=False)
         with train.autocast(dist.device, compute):
             result = beam.beam_search(run.model, batch, beam_size, n_return, run.index)
-        items[rows], scores[rows] = result.items.cpu(), result.scores.float().cpu()
-    return dist.sum(items).numpy(), dist.sum(scores).numpy()
+        items[rows], scores[rows], codes[rows] = result.items.cpu(), result.scores.float().cpu(), result.sids.cpu()
+    items, scores, codes = dist.sum(items).numpy(), dist.sum(scores).numpy(), dist.sum(codes).numpy()
+    if new_share > 0:
+        mixed = with_new_items(items, codes, run.index, run.trained_items, round(new_share * n_return))
+        scores = np.where(mixed == items, scores, np.nan)
+        items = mixed
+    return items, scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +292,9 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
 # Experiment: cold start (TIGER, section 4.4) -- items never seen in training, added afterwards
 # ----------------------------------------------------------------------------------------------
 
+NEW_SHARES = (0.0, 0.1, 0.3)   # cold start: shares of the top 10 open to added items (TIGER's epsilon)
+
+
 def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, train_args: list = ()) -> dict:
     """Hold out `fraction` of the items, with every interaction of theirs; train on the rest with
     SIDs from the content embeddings beside the data (file alone); add the held-out items through
@@ -283,24 +335,34 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
     run = load_run(run_dir)
     new = [i for i in range(n_items) if cold[i] and data.item_raw[i] not in run.item_id]
     add_items(run_dir, emb[new], [data.item_raw[i] for i in new])
-    run = load_run(run_dir)
+    return score_cold_start(out, data, new, seed)
+
+
+def score_cold_start(out: str, data: train.Dataset, new: list, seed: int = 0) -> dict:
+    """The users of `data` whose last item is one of `new` (added to OUT/run after training):
+    the model with 0, 1 or 3 of the top 10 open to added items, random and popularity rankings."""
+    run_dir, rng = os.path.join(out, "run"), np.random.default_rng(seed + 1)
+    run, cold = load_run(run_dir), np.isin(np.arange(len(data.item_raw)), new)
     users = [u for u, seq in enumerate(data.sequences) if cold[seq[-1]] and len(seq) > 1]
     histories = [run.item_ids([data.item_raw[i] for i in data.sequences[u][:-1]]) for u in users]
     target = run.item_ids([data.item_raw[data.sequences[u][-1]] for u in users])
-    items, _ = recommend(run, histories, [data.user_raw[u] for u in users])
     popular = np.argsort(-np.bincount(run.items, minlength=run.index.n_items), kind="stable")[:10]
     random_top = np.argsort(rng.random((len(users), run.index.n_items)), axis=1)[:, :10]
     results = {"held_out_items": len(new), "users": len(users), "items": run.index.n_items,
-               "model": train.rank_metrics(items, target), "random": train.rank_metrics(random_top, target),
-               "popularity": train.rank_metrics(np.tile(popular, (len(users), 1)), target),
-               "model_top10_cold_share": float(np.isin(items, run.item_ids([data.item_raw[i] for i in new])).mean())}
+               "random": train.rank_metrics(random_top, target),
+               "popularity": train.rank_metrics(np.tile(popular, (len(users), 1)), target)}
+    is_new = run.item_ids([data.item_raw[i] for i in new])
+    for share in NEW_SHARES:
+        items, _ = recommend(run, histories, [data.user_raw[u] for u in users], new_share=share)
+        results[f"model, new_share {share}"] = {**train.rank_metrics(items, target),
+                                                "held_out_slots": float(np.isin(items, is_new).mean())}
     sid._atomic_write(os.path.join(out, "cold_start.json"), json.dumps(results, indent=2).encode())
     print(f"\ncold start: {len(new)} held-out items added to {run_dir}; {len(users)} users whose last item is one")
-    print("| ranking | R@5 | N@5 | R@10 | N@10 |\n|---|---|---|---|---|")
-    for name in ("model", "random", "popularity"):
+    print("| ranking | R@5 | N@5 | R@10 | N@10 | top-10 slots given to held-out items |\n|---|---|---|---|---|---|")
+    for name in [f"model, new_share {share}" for share in NEW_SHARES] + ["random", "popularity"]:
         m = results[name]
-        print(f"| {name} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} |")
-    print(f"share of the model's top-10 slots given to held-out items: {results['model_top10_cold_share']:.3f}")
+        print(f"| {name} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
+              f"{m.get('held_out_slots', float('nan')):.3f} |")
     return results
 
 
@@ -374,7 +436,7 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
 
 OPTIONS = {"run": "", "user": "", "history": "", "all": "false", "out": "", "dtype": "fp32", "beam_size": "0",
            "n_return": "10", "batch_size": "256", "device": "cpu", "add_items": "", "item_ids": "", "cold_start": "",
-           "train_args": "", "continue_experiment": "false", "continue_args": ""}
+           "train_args": "", "continue_experiment": "false", "continue_args": "", "new_share": "0"}
 
 
 def parse(argv: list) -> dict:
@@ -392,6 +454,12 @@ def parse(argv: list) -> dict:
             opts[key] = int(opts[key])
         except ValueError:
             raise ValueError(f"--{key}: expected an int, got {opts[key]!r}") from None
+    try:
+        opts["new_share"] = float(opts["new_share"])
+    except ValueError:
+        raise ValueError(f"--new_share: expected a number in [0, 1], got {opts['new_share']!r}") from None
+    if not 0 <= opts["new_share"] <= 1:
+        raise ValueError(f"--new_share: expected a number in [0, 1], got {opts['new_share']}")
     if opts["all"] not in ("true", "false"):
         raise ValueError(f"--all: expected true or false, got {opts['all']!r}")
     opts["all"] = opts["all"] == "true"
@@ -429,7 +497,9 @@ def read_item_ids(path: str) -> tuple[list, list]:
 def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> None:
     print(f"{'rank':>4}  {'item':>10}  {'score':>8}  title")
     for rank, (item, score) in enumerate(zip(items.tolist(), scores.tolist()), start=1):
-        flag = "  (seen)" if item in seen else ""
+        if item < 0:                                    # fewer items than n_return
+            break
+        flag = ("  (seen)" if item in seen else "") + ("  (added after training)" if item >= run.trained_items else "")
         print(f"{rank:>4}  {run.item_raw[item]:>10}  {score:>8.3f}  {run.item_title[item]}{flag}")
 
 
@@ -438,10 +508,11 @@ def write_all(run: TrainedRun, opts: dict, dist: train.Dist) -> None:
     users = run.user_raw.tolist()
     histories = [run.items[run.offsets[u]:run.offsets[u + 1]] for u in range(len(users))]
     items, scores = recommend(run, histories, users, opts["n_return"], opts["beam_size"] or None, opts["dtype"],
-                              opts["batch_size"], dist=dist)
+                              opts["batch_size"], dist=dist, new_share=opts["new_share"])
     seconds = time.time() - start
     if dist.is_main:
-        lines = [json.dumps({"user": u, "items": run.item_raw[row].tolist(), "scores": [round(float(s), 5) for s in sc]})
+        lines = [json.dumps({"user": u, "items": run.item_raw[row[row >= 0]].tolist(),
+                             "scores": [None if np.isnan(x) else round(float(x), 5) for x in sc[row >= 0]]})
                  for u, row, sc in zip(users, items, scores)]
         sid._atomic_write(opts["out"], ("\n".join(lines) + "\n").encode())
         print(f"{len(users)} users in {seconds:.1f} s ({len(users) / seconds:.0f} users/s, {dist.world} process(es), "
@@ -477,7 +548,7 @@ def main(argv: list) -> None:
             who = "the given history"
         start = time.time()
         items, scores = recommend(run, [history], [opts["user"] or ""], opts["n_return"],
-                                  opts["beam_size"] or None, opts["dtype"])
+                                  opts["beam_size"] or None, opts["dtype"], new_share=opts["new_share"])
         print(f"{who}: {len(history)} items, the model reads the last {min(len(history), run.model.config.max_history)}; "
               f"top {opts['n_return']} in {time.time() - start:.2f} s")
         show(run, items[0], scores[0], set(history.tolist()))

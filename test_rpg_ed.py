@@ -1319,6 +1319,41 @@ def test_added_items_are_recommended_when_the_history_points_to_their_group(grou
     assert after.item_title[new_item[0]] == f"added {new_ids[0]}"
 
 
+def slow_with_new_items(items, codes, item_codes, first_new, n_new):
+    """TIGER's cold-start rule one user and one generated SID at a time (the oracle)."""
+    out = []
+    for row, row_codes in zip(items.tolist(), codes.tolist()):
+        merged, used = [], 0
+        for item, code in zip(row, row_codes):
+            merged.append(item)
+            if item < 0:
+                continue
+            for added in range(first_new, len(item_codes)):
+                if (used < n_new and list(item_codes[added, :3]) == code[:3] and added not in row
+                        and added not in merged):
+                    merged.append(added)
+                    used += 1
+        out.append(merged[:len(row)])
+    return np.array(out)
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 6), st.integers(0, 4))
+def test_new_item_rule_equals_the_per_user_loop(seed, k, n_new):
+    rng = np.random.default_rng(seed)
+    codes = np.unique(np.concatenate([rng.integers(0, 2, (40, 3)), rng.integers(0, 8, (40, 1))], 1), axis=0)
+    codes = codes[rng.permutation(len(codes))]                           # 8 prefixes: many shared
+    index = sid.SIDIndex(codes)
+    first_new = int(rng.integers(0, index.n_items // 2 + 1))
+    U = int(rng.integers(1, 5))
+    pool = first_new if first_new >= k and rng.random() < 0.8 else index.n_items   # mostly trained items
+    items = np.stack([rng.permutation(pool)[:k] for _ in range(U)])
+    items[:, k - int(rng.integers(0, 2)):] = -1                          # sometimes padding at the end
+    sids = np.where(items[..., None] >= 0, index.item_codes[np.maximum(items, 0)].astype(np.int64), -1)
+    fast = recommend.with_new_items(items, sids, index, first_new, n_new)
+    assert np.array_equal(fast, slow_with_new_items(items, sids, index.item_codes, first_new, n_new))
+
+
 @pytest.mark.slow
 def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
     run = recommend.load_run(group_run["out"])
