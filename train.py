@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
 from array import array
@@ -626,9 +627,9 @@ def leave_one_out(data: Dataset, max_history: int) -> dict:
 
 class CSR:
     """A sparse matrix in compressed-row form, just enough for a randomised SVD: `A @ X` for a
-    dense X, and `A.T`. Products run over chunks of the stored values, vectorised within a chunk,
-    so memory stays at the matrix plus one chunk of rows of X."""
-    CHUNK = 1 << 18                                  # stored values per product chunk
+    dense X, and `A.T`. Built and held with numpy; the product runs in torch's sparse CSR kernel
+    (float64, like the dense formula), measured 5-9x faster than numpy's best (gathering rows of
+    X per stored value and np.add.reduceat), which is what keeps a million items within minutes."""
 
     def __init__(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple, ordered: bool = False,
                  symmetric: bool = False):
@@ -639,6 +640,7 @@ class CSR:
         self.indices = cols[order].astype(np.int32)                    # (nnz,) column of each value
         self.data = vals[order].astype(np.float32)                     # (nnz,)
         self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])  # (n_rows + 1,)
+        self._torch = None
 
     def rows(self) -> np.ndarray:
         """(nnz,) the row of each stored value."""
@@ -650,19 +652,16 @@ class CSR:
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
         """(n_rows, n_cols) @ (n_cols, k) -> (n_rows, k) float64."""
-        out = np.zeros((self.shape[0], x.shape[1]))
-        row_lo = 0
-        while row_lo < self.shape[0]:                                 # chunks of whole rows
-            row_hi = max(row_lo + 1, int(np.searchsorted(self.indptr, self.indptr[row_lo] + self.CHUNK, "right")) - 1)
-            row_hi = min(row_hi, self.shape[0])
-            lo, hi = self.indptr[row_lo], self.indptr[row_hi]
-            if hi > lo:
-                products = self.data[lo:hi, None] * x[self.indices[lo:hi]]          # (chunk, k)
-                starts = self.indptr[row_lo:row_hi]
-                filled = np.flatnonzero(np.diff(self.indptr[row_lo:row_hi + 1]) > 0)
-                out[row_lo + filled] = np.add.reduceat(products, starts[filled] - lo, axis=0)
-            row_lo = row_hi
-        return out
+        if self._torch is None:
+            index = np.int32 if len(self.data) < 2 ** 31 else np.int64
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                        # "sparse CSR support is in beta"
+                self._torch = torch.sparse_csr_tensor(
+                    torch.from_numpy(self.indptr.astype(index)), torch.from_numpy(self.indices.astype(index, copy=False)),
+                    torch.from_numpy(self.data.astype(np.float64)), self.shape, check_invariants=False)
+        if self.shape[0] == 0 or len(self.data) == 0:
+            return np.zeros((self.shape[0], x.shape[1]))
+        return (self._torch @ torch.from_numpy(np.ascontiguousarray(x, np.float64))).numpy()
 
     def toarray(self) -> np.ndarray:
         dense = np.zeros(self.shape, np.float32)
