@@ -6,7 +6,10 @@
 Sections: 1 decoding (cache vs no cache, FLOP/s vs measured matmul peak), 2 training step
 (vs torch.nn.Transformer of the same shape), 3 history compression (50 vs 200 encoder tokens),
 4 decoding-cache memory, 5 SID index at scale, 6 dynamic batches and bf16
-on Beauty-shaped histories. Times are medians of several runs after warm-up.
+on Beauty-shaped histories, 7 (`--scale`) train.py's data path on up to 20M synthetic interactions
+and 1M items (peak memory, seconds per stage). Times are medians of several runs after warm-up.
+
+    python bench.py --scale    # section 7 alone: 1M, 5M and 20M interactions (about 15 minutes)
 """
 from __future__ import annotations
 
@@ -286,7 +289,7 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     index = sid.SIDIndex(codes)
     history = np.where(np.arange(c.max_history)[None, :] >= c.max_history - lengths[:, None],
                        rng.integers(0, index.n_items, (len(lengths), c.max_history)), -1)
-    split = train.Split(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
+    split = train.Split.from_windows(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, c.n_user_buckets)),
                              torch.full((1, c.n_digit), sid.PAD)])
     user_buckets = torch.zeros(1, dtype=torch.long)
@@ -338,11 +341,105 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     ])
 
 
+# ----------------------------------------------------------------------------------------------
+# 7 (--scale): the data path at a million items, on synthetic interactions
+# ----------------------------------------------------------------------------------------------
+
+def synthetic_interactions(n_users: int, n_items: int, per_user: float, seed: int = 0, n_successors: int = 3,
+                           follow: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, timestamp) int arrays with learnable structure, deterministic by seed.
+
+    Item popularity follows a power law (p ~ rank^-0.5: a long tail that still survives 5-core).
+    Each item has `n_successors` likely successors; the next item is one of the current item's
+    successors with probability `follow`, else a popularity draw. History lengths are 5 plus a
+    geometric draw, so the mean is about `per_user`. Rows come user by user, oldest first.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = 4 + rng.geometric(1 / max(per_user - 4, 1.0), n_users)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    by_rank = rng.permutation(n_items)                                     # the item at each popularity rank
+    cdf = np.cumsum(np.arange(1, n_items + 1) ** -0.5)
+    draw = lambda n: by_rank[np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1]), n_items - 1)]
+    successors = rng.integers(0, n_items, (n_items, n_successors))
+    items = np.empty(offsets[-1], np.int32)
+    current, users = draw(n_users), np.arange(n_users)
+    for t in range(int(lengths.max())):                                   # positions; vectorised over users
+        users, current = users[lengths[users] > t], current[lengths[users] > t]
+        items[offsets[users] + t] = current
+        follows = rng.random(len(users)) < follow
+        current = np.where(follows, successors[current, rng.integers(0, n_successors, len(users))], draw(len(users)))
+    user = np.repeat(np.arange(n_users), lengths)
+    return user, items, np.arange(offsets[-1]) - offsets[user]
+
+
+def write_csv(path: str, user: np.ndarray, item: np.ndarray, time_: np.ndarray, chunk: int = 1_000_000) -> None:
+    with open(path, "w") as f:
+        f.write("user,item,timestamp\n")
+        for lo in range(0, len(user), chunk):                              # chunks of rows, joined in C
+            rows = zip(user[lo:lo + chunk].tolist(), item[lo:lo + chunk].tolist(), time_[lo:lo + chunk].tolist())
+            f.write("".join(f"u{u},i{i},{t}\n" for u, i, t in rows))
+
+
+def run_measured(argv: list) -> tuple[int, float, str]:
+    """Run a command; return (exit status, its peak resident memory in GB, its output)."""
+    import os
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        log.seek(0)
+        return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024 ** 2, log.read()
+
+
+def bench_scale(sizes: list, steps: int, eval_users: int) -> None:
+    """`python train.py` on synthetic CSVs of growing size: peak memory and seconds per stage."""
+    import json
+    import os
+    import sys
+    import tempfile
+    rows = []
+    for n_interactions, n_users, n_items in sizes:
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            user, item, time_ = synthetic_interactions(n_users, n_items, n_interactions / n_users)
+            path = os.path.join(folder, "synthetic.csv")
+            write_csv(path, user, item, time_)
+            made = time.perf_counter() - start
+            del user, item, time_
+            status, peak_gb, out = run_measured(
+                [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                 f"--data={path}", f"--out_dir={folder}/run", "--preset=cpu", f"--max_steps={steps}",
+                 f"--eval_users={eval_users}", "--report_beam_size=0", "--log_every=50"])
+            if status != 0:
+                raise SystemExit(f"train.py failed on {n_interactions:,} interactions:\n{out[-3000:]}")
+            with open(os.path.join(folder, "run", "results.json")) as f:
+                results = json.load(f)
+        sec, data = results["seconds"], results["dataset"]
+        before = sec["load"] + sec["split"] + sec["embeddings"] + sec["sids"]
+        rows.append((f"{data['interactions']:,}", f"{data['users']:,}", f"{data['items']:,}", f"{peak_gb:.2f}",
+                     *(f"{sec[k]:.1f}" for k in ("load", "split", "embeddings", "sids")), f"{before:.0f}",
+                     f"{sec['train']:.1f}", f"{sec['eval_valid_and_test'] / 2:.1f}", f"{made:.0f}"))
+    print(f"\n## 7 Scale: train.py on synthetic CSVs ({steps} training steps, the cpu preset, evaluation of "
+          f"{eval_users:,} users)\n")
+    print("| interactions | users | items | peak RSS GB | load s | split s | embeddings s | SIDs s | before training s "
+          f"| {steps} steps s | evaluation s (one split) | generate+write s |\n|" + "---|" * 12)
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print("\ntargets at 20M interactions / 1M items: peak RSS at most 8 GB, before training at most 600 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that every section runs")
     parser.add_argument("--only", type=int, default=0, help="run one section (1-6); 0 = all")
+    parser.add_argument("--scale", action="store_true", help="only section 7: train.py on 1M, 5M, 20M synthetic "
+                        "interactions (about 15 minutes)")
     args = parser.parse_args()
+    if args.scale:
+        bench_scale([(1_000_000, 50_000, 50_000), (5_000_000, 250_000, 250_000), (20_000_000, 1_000_000, 1_000_000)],
+                    steps=100, eval_users=10_000)
+        return
     if args.quick:
         c = RPGEDConfig(n_user_buckets=100, max_history=10, encoder_n_layer=1, decoder_n_layer=1, n_head=2,
                         n_embd=32, n_inner=64)
@@ -365,6 +462,8 @@ def main() -> None:
     for number, section in enumerate(sections, 1):
         if args.only in (0, number):
             section()
+    if args.quick and args.only in (0, 7):
+        bench_scale([(20_000, 1_000, 1_000)], steps=5, eval_users=100)
 
 
 def _cpu_name() -> str:

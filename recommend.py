@@ -210,8 +210,8 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     if any(len(h) == 0 for h in histories):
         raise ValueError("histories: every history needs at least one item")
     dist = dist or train.Dist(0, 1, next(run.model.parameters()).device)
-    split = train.Split(history_matrix(histories, mcfg.max_history), np.zeros(len(histories), np.int64),
-                        np.arange(len(histories)))
+    split = train.Split.from_windows(history_matrix(histories, mcfg.max_history), np.zeros(len(histories), np.int64),
+                                     np.arange(len(histories)))
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(run.index.item_codes, mcfg.n_user_buckets)),
                              torch.full((1, mcfg.n_digit), sid.PAD)])
     buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in users], dtype=torch.long)

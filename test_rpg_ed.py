@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -690,8 +691,8 @@ def test_metrics_against_hand_computed_values():
 
 def test_markov_baseline_by_hand():
     # user a: train 0 1 2 0 1 | valid 2 | test 9: transitions 0->1 twice, 1->2 once, 2->0 once
-    data = train.Dataset(sequences=[np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
-                         user_raw=["a", "b"], item_raw=[str(i) for i in range(10)], n_interactions=14)
+    data = train.Dataset.from_sequences([np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
+                                        user_raw=["a", "b"], item_raw=[str(i) for i in range(10)])
     splits = train.leave_one_out(data, 5)
     valid = train.baseline_rankings(data, splits, "valid")
     # a: last train item 1, only transition 1->2, target 2 -> rank 1.
@@ -747,7 +748,7 @@ def test_both_joins_the_embeddings_file_with_cf(tmp_path):
 
 def test_auto_preset_follows_interactions_per_user():
     def dataset(per_user: int) -> train.Dataset:
-        return train.Dataset([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)], 4 * per_user)
+        return train.Dataset.from_sequences([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)])
     assert train.choose_preset(dataset(9))[0] == "sparse"
     assert train.choose_preset(dataset(train.SPARSE_BELOW))[0] == "cpu"
 
@@ -816,7 +817,7 @@ def _load(folder, name: str, content, fmt: str = "auto"):
 
 def _emb(folder, array) -> np.ndarray:
     """item_embeddings() for a 4-item dataset with `array` as --item_emb."""
-    data = train.Dataset([np.arange(4)], ["u"], ["a", "b", "c", "d"], 4)
+    data = train.Dataset.from_sequences([np.arange(4)], ["u"], ["a", "b", "c", "d"])
     path = os.path.join(str(folder), "e.npy")
     np.save(path, array)
     return train.item_embeddings(train.TrainConfig(item_emb=path), data, train.RawData([], [], [], item_emb=path), None)
@@ -852,7 +853,7 @@ def _old_index(folder):
 
 
 def _train_batch_with_unknown_item(folder):
-    split = train.Split(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
+    split = train.Split.from_windows(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
     item_tokens = torch.zeros(4, 4, dtype=torch.long)                    # 3 items + the PAD row
     train.make_batch(split, np.array([0]), item_tokens, torch.zeros(1, dtype=torch.long), torch.device("cpu"))
 
@@ -1098,7 +1099,7 @@ def _step_setup():
     rng = np.random.default_rng(0)
     history = np.where(rng.random((13, 6)) < 0.3, -1, rng.integers(0, 9, (13, 6)))
     history = np.sort(history, axis=1)                                   # padding (-1) on the left
-    split = train.Split(history=history, target=rng.integers(0, 9, 13), user=rng.integers(0, 5, 13))
+    split = train.Split.from_windows(history=history, target=rng.integers(0, 9, 13), user=rng.integers(0, 5, 13))
     codes = np.unique(rng.integers(0, 256, (40, 4)), axis=0)[:9]
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(codes, TINY["n_user_buckets"])),
                              torch.full((1, 4), sid.PAD)])
@@ -1172,7 +1173,8 @@ def test_batch_loss_does_not_depend_on_grouping(seed, batch_size, batch_tokens):
     model.eval()
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 7, 13)
-    split.history = np.where(np.arange(6)[None, :] >= 6 - lengths[:, None], split.history.clip(0), -1)
+    split = train.Split.from_windows(np.where(np.arange(6)[None, :] >= 6 - lengths[:, None], split.history.clip(0), -1),
+                                     split.target, split.user)
     rows = np.arange(13)
     cpu = torch.device("cpu")
     whole = model(train.make_batch(split, rows, item_tokens, buckets, cpu)).item()
@@ -1509,6 +1511,149 @@ def test_cold_start_experiment_adds_the_held_out_items_and_scores_their_users(tm
     assert results["popularity"]["recall@10"] == 0.0          # held-out items have no training interactions
     assert 0 < results["model_top10_cold_share"] <= 1
     assert json.loads((out / "cold_start.json").read_text()) == results
+
+
+# ----------------------------------------------------------------------------------------------
+# The data path at scale: flat sequences, windows cut per batch, sparse PPMI and TF-IDF
+# ----------------------------------------------------------------------------------------------
+
+import bench
+
+
+def dense_cf_embeddings(history: np.ndarray, target: np.ndarray, n_items: int, dim: int, seed: int, window: int = 5):
+    """The dense formula (n_items x n_items counts), as train.py computed it before it went sparse."""
+    hist = history[:, -window:]
+    pairs_a, pairs_b = np.repeat(target, hist.shape[1]), hist.reshape(-1)
+    real = pairs_b >= 0
+    counts = np.zeros((n_items, n_items), np.float32)
+    np.add.at(counts, (pairs_a[real], pairs_b[real]), 1.0)
+    counts += counts.T
+    total, row = counts.sum(), counts.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(counts * total / np.outer(row, row))
+    ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0)
+    u, s = train.truncated_svd(ppmi, dim, seed)
+    return counts, ppmi, (u * np.sqrt(s)).astype(np.float32)
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 6), st.integers(1, 8))
+def test_sparse_ppmi_and_svd_equal_the_dense_ones(seed, max_history, dim):
+    rows = interactions(seed, n_users=15, n_items=12)
+    data = train.prepare(train.RawData(*map(list, zip(*rows))), five_core=False)
+    split = train.leave_one_out(data, max_history)["train"]
+    n_items = len(data.item_raw)
+    counts, ppmi, emb = dense_cf_embeddings(split.history, split.target, n_items, dim, seed)
+    sparse_counts = train.cooccurrence(split, n_items, blocks=3)
+    assert np.array_equal(sparse_counts.toarray(), counts)
+    np.testing.assert_allclose(train.ppmi(sparse_counts).toarray(), ppmi, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(train.cf_embeddings(split, n_items, dim, seed), emb, rtol=1e-4, atol=1e-5)
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 30), st.integers(1, 20), st.integers(1, 5))
+def test_csr_products_equal_dense_ones(seed, n_rows, n_cols, k):
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n_rows, n_cols)) < 0.3, rng.standard_normal((n_rows, n_cols)), 0).astype(np.float32)
+    r, c = np.nonzero(dense)
+    shuffle = rng.permutation(len(r))                                    # any order of triples
+    matrix = train.CSR(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
+    x, y = rng.standard_normal((n_cols, k)), rng.standard_normal((n_rows, k))
+    np.testing.assert_allclose(matrix @ x, dense.astype(np.float64) @ x, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(matrix.T @ y, dense.T.astype(np.float64) @ y, rtol=1e-9, atol=1e-9)
+    assert np.array_equal(matrix.toarray(), dense)
+
+
+def test_sparse_tfidf_embeddings_equal_the_dense_ones():
+    words = ["red", "blue", "green", "film", "noir", "comedy", "drama", "war"]
+    rng = np.random.default_rng(0)
+    item_raw = [str(i) for i in range(30)]
+    text = {i: " ".join(rng.choice(words, rng.integers(0, 6))) for i in item_raw}
+    data = train.Dataset.from_sequences([], [], item_raw)
+    docs = [re.findall(r"[a-z0-9']+", text[i].lower()) for i in item_raw]   # the dense formula
+    df = {w: sum(w in d for d in docs) for w in set(w for d in docs for w in d)}
+    vocab = sorted(w for w, c in df.items() if c >= 2)
+    tfidf = np.array([[d.count(w) for w in vocab] for d in docs], np.float32)
+    tfidf *= np.log(len(docs) / np.array([df[w] for w in vocab])) + 1.0
+    tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12)
+    u, s = train.truncated_svd(tfidf, 4, 0)
+    np.testing.assert_allclose(train.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
+
+
+def loop_markov(data: train.Dataset, last: np.ndarray, k: int = 10) -> np.ndarray:
+    """The first-order Markov ranking one user at a time, as train.py computed it before (the oracle)."""
+    n_items = len(data.item_raw)
+    seqs = [s[:-2] for s in data.sequences]
+    pop = np.bincount(np.concatenate(seqs), minlength=n_items).astype(np.float64)
+    counts = np.zeros((n_items, n_items))
+    for s in seqs:
+        np.add.at(counts, (s[:-1], s[1:]), 1)
+    tiebreak = pop / (pop.max() + 1.0)
+    return np.stack([np.argsort(-(tiebreak + counts[i]), kind="stable")[:k] for i in last])
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 12))
+def test_vectorised_markov_baseline_equals_the_per_user_loop(seed, k):
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.integers(2, 25))
+    rows = [(f"u{u}", str(int(i)), t) for u in range(int(rng.integers(1, 12)))
+            for t, i in enumerate(rng.integers(0, n_items, rng.integers(3, 12)))]   # repeats allowed
+    data = train.prepare(train.RawData(*map(list, zip(*rows))), five_core=False)
+    n_items = len(data.item_raw)
+    splits = train.leave_one_out(data, 5)
+    last = splits["test"].history[:, -1]
+    lengths = data.lengths
+    local = np.arange(data.n_interactions) - np.repeat(data.offsets[:-1], lengths)
+    in_train = local < np.repeat(lengths - 2, lengths)
+    step = np.flatnonzero(in_train[:-1] & in_train[1:] & (local[1:] > 0))
+    pop = np.bincount(data.items[in_train], minlength=n_items).astype(np.float64)
+    fast = train.markov_top(data.items[step], data.items[step + 1], pop, last, k)
+    slow = loop_markov(data, last, k)
+    assert np.array_equal(fast[:, :slow.shape[1]], slow)
+    assert (fast[:, slow.shape[1]:] == -1).all()                          # fewer items than k: padding
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 7))
+def test_windows_cut_per_batch_equal_the_materialised_ones(seed, max_history):
+    data = train.prepare(train.RawData(*map(list, zip(*interactions(seed, n_users=9, n_items=8)))), five_core=False)
+    sequences = data.sequences
+    for split in train.leave_one_out(data, max_history).values():
+        rows = np.random.default_rng(seed).permutation(len(split.pos))[: max(1, len(split.pos) // 2)]
+        for row, window in zip(rows, split.windows(rows)):
+            seq = sequences[split.user[row]]
+            t = split.pos[row] - split.start[row]                           # the target's index in seq
+            expected = seq[max(0, t - max_history):t]
+            assert window.tolist() == [-1] * (max_history - len(expected)) + expected.tolist()
+            assert split.target[row] == seq[t]
+
+
+def test_synthetic_interactions_are_deterministic_and_train_reads_them(tmp_path):
+    a, b = bench.synthetic_interactions(300, 200, 12, seed=3), bench.synthetic_interactions(300, 200, 12, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    user, item, when = a
+    assert item.min() >= 0 and item.max() < 200 and (np.diff(when)[np.diff(user) == 0] == 1).all()
+    bench.write_csv(str(tmp_path / "s.csv"), user, item, when, chunk=1000)
+    raw = train.load_data(train.TrainConfig(data=str(tmp_path / "s.csv")))
+    assert raw.users[:3] == [f"u{u}" for u in user[:3]] and list(raw.times[:3]) == when[:3].tolist()
+    assert len(raw.users) == len(user) and raw.users[0] is raw.users[1]   # one str object per distinct id
+
+
+@pytest.mark.slow
+def test_max_steps_and_eval_users(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    runs = [train.main([f"--data={data_path}", f"--out_dir={tmp_path / str(seed)}", f"--seed={seed}", "--max_steps=3",
+                        "--eval_users=25"] + TINY_RUN) for seed in (0, 1)]
+    for run in runs:
+        state = train.load_checkpoint(str(tmp_path / str(run["config"]["train"]["seed"]) / "last.pt"))
+        assert state["step"] == 3 and state["epoch"] == 1 and len(state["valid_history"]) == 1
+        assert run["dataset"]["eval_users"] == 25 and set(run["seconds"]) >= {"load", "split", "sids", "train"}
+    assert runs[0]["baselines"] == runs[1]["baselines"]                   # the same users whatever the seed
+    every = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'all'}", "--max_steps=1"] + TINY_RUN)
+    assert every["baselines"] != runs[0]["baselines"] and "eval_users" not in every["dataset"]
+    with pytest.raises(ValueError, match="--max_steps: expected 0 .* got -1"):
+        train.parse_args(["--max_steps=-1"])
 
 
 if __name__ == "__main__":

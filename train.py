@@ -34,8 +34,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +90,9 @@ class TrainConfig:
     five_core: bool = True           # 5-core filtering (never for the s3rec format)
     resume: bool = False             # continue from out_dir/last.pt (same config, same SIDs on disk)
     eval_only: bool = False          # evaluate out_dir/checkpoint.pt on valid and test, no training
+    max_steps: int = 0               # stop after this many training steps (0: epochs decide); the
+                                     # learning-rate schedule then ends at max_steps
+    eval_users: int = 0              # score this many users, a fixed random sample (0: all users)
     init_from: str = ""              # a finished run's folder: start from its weights and SIDs, add the
                                      # data's new items to its index, train on this data (recommend.py)
 
@@ -97,6 +103,9 @@ class TrainConfig:
         if self.report_beam_size < 0 or 0 < self.report_beam_size < 10:
             raise ValueError(f"--report_beam_size: expected 0 (off) or at least 10 (10 items are ranked), "
                              f"got {self.report_beam_size}")
+        for name in ("max_steps", "eval_users"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}: expected 0 (off) or a positive int, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "log_every", "emb_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: expected a positive int, got {getattr(self, name)}")
@@ -185,13 +194,15 @@ def parse_args(argv: list, auto_preset: str | None = None) -> tuple[TrainConfig,
 
 @dataclass
 class RawData:
-    users: list                      # raw user id per interaction (str)
+    users: list                      # raw user id per interaction (str; one object per distinct id)
     items: list                      # raw item id per interaction (str)
-    times: list                      # timestamp per interaction (float); file position for s3rec
+    times: Sequence[float]           # timestamp per interaction (array('d') in the loaders: 8 bytes
+                                     # each, not a Python float); file position for s3rec
     time_ordered: bool = False       # s3rec: file order is time order, already 5-core
     item_text: dict = field(default_factory=dict)   # raw item id -> text
     item_emb: str = ""               # item-embedding file: --item_emb, or the one found beside the data
     source: str = ""
+    names: dict = field(default_factory=dict, repr=False)  # id -> the one str object kept for it
 
 
 def _open_text(path: str):
@@ -248,12 +259,14 @@ def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> N
         raise ValueError(f"{where}: expected a numeric timestamp, got {timestamp!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"{where}: expected a finite timestamp, got {timestamp!r}")
-    raw.users.append(user); raw.items.append(item); raw.times.append(value)
+    # one object per distinct id: 20M rows hold 20M pointers, not 40M strings
+    raw.users.append(raw.names.setdefault(user, user)); raw.items.append(raw.names.setdefault(item, item))
+    raw.times.append(value)
 
 
 def load_inter(path: str) -> RawData:
     """RecBole atomic file: a header of name:type fields, tab-separated."""
-    raw = RawData([], [], [])
+    raw = RawData([], [], array("d"))
     with _open_text(path) as f:
         header = f.readline().rstrip("\r\n").split("\t")
         names = [h.split(":")[0] for h in header]
@@ -276,7 +289,7 @@ def load_csv(path: str) -> RawData:
     aliases = {"user": ("user", "user_id", "userid", "reviewerid"),
                "item": ("item", "item_id", "itemid", "movieid", "asin"),
                "time": ("timestamp", "time", "ts", "unixreviewtime")}
-    raw = RawData([], [], [])
+    raw = RawData([], [], array("d"))
     with _open_text(path) as f:
         first = f.readline()
         delimiter = "\t" if "\t" in first else ","
@@ -298,7 +311,7 @@ def load_csv(path: str) -> RawData:
 
 def load_amazon(path: str) -> RawData:
     """Amazon 2014 reviews: one JSON object per line with reviewerID, asin, unixReviewTime."""
-    raw = RawData([], [], [])
+    raw = RawData([], [], array("d"))
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -316,7 +329,7 @@ def load_amazon(path: str) -> RawData:
 
 def load_s3rec(path: str) -> RawData:
     """`user item item ...` per line, oldest first (the S3Rec / ICLRec files): no timestamps."""
-    raw = RawData([], [], [], time_ordered=True)
+    raw = RawData([], [], array("d"), time_ordered=True)
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             parts = line.split()
@@ -439,51 +452,89 @@ def load_data(cfg: TrainConfig) -> RawData:
 
 @dataclass
 class Dataset:
-    sequences: list                  # per user: item ids (int64 array), oldest first
+    """Every user's items, oldest first, in one flat array: user u's are items[offsets[u]:offsets[u + 1]].
+    Memory grows with interactions (4 bytes each), never with users x history."""
+    items: np.ndarray                # (N,) int32 item ids
+    offsets: np.ndarray              # (U + 1,) int64
     user_raw: list                   # raw user id of each user
     item_raw: list                   # raw item id of each item
-    n_interactions: int
+
+    @classmethod
+    def from_sequences(cls, sequences: list, user_raw: list, item_raw: list) -> "Dataset":
+        lengths = np.array([len(s) for s in sequences], np.int64)
+        items = np.concatenate([np.asarray(s, np.int32) for s in sequences]) if sequences else np.zeros(0, np.int32)
+        return cls(items, np.concatenate([[0], np.cumsum(lengths)]), list(user_raw), list(item_raw))
+
+    @property
+    def n_interactions(self) -> int:
+        return len(self.items)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def sequences(self) -> list:
+        """Per user, a view of their items (for small data and tests; the data path uses the flat array)."""
+        return np.split(self.items, self.offsets[1:-1]) if len(self.user_raw) else []
+
+
+def _numeric_key(raw_id: str) -> tuple:
+    return int(raw_id), raw_id           # "7" before "07": equal numbers never tie on hash order
 
 
 def sort_key(raw_ids):
     """The order of item and user ids: numeric when every id is an integer, else by string."""
-    return int if all(re.fullmatch(r"-?\d+", u) for u in raw_ids) else str
+    return _numeric_key if all(re.fullmatch(r"-?\d+", u) for u in raw_ids) else str
 
 
-def _sorted_ids(raw_ids) -> list:
-    """Unique raw ids in sorted order: numeric order when every id is an integer."""
-    uniq = set(raw_ids)
-    return sorted(uniq, key=sort_key(uniq))
+def _codes(raw_ids) -> tuple[np.ndarray, list]:
+    """Raw ids per interaction -> (int64 code per interaction, the distinct ids in sorted order)."""
+    names = set(raw_ids)
+    names = sorted(names, key=sort_key(names))
+    code = {name: k for k, name in enumerate(names)}
+    return np.fromiter(map(code.__getitem__, raw_ids), np.int64, len(raw_ids)), names
+
+
+def _renumber(codes: np.ndarray, names: list) -> tuple[np.ndarray, list]:
+    """Keep the ids that occur in `codes`, numbered 0.. in their own sorted order (numeric only
+    if all of the kept ones are integers, as for a file holding just them)."""
+    kept, codes = np.unique(codes, return_inverse=True)
+    raw = [names[k] for k in kept]
+    key = sort_key(raw)
+    if key is sort_key(names):
+        return codes, raw
+    order = sorted(range(len(raw)), key=lambda k: key(raw[k]))
+    rank = np.empty(len(raw), np.int64)
+    rank[order] = np.arange(len(raw))
+    return rank[codes], [raw[k] for k in order]
 
 
 def prepare(raw: RawData, five_core: bool = True) -> Dataset:
-    """Stable time sort per user, k-core filtering until nothing changes, contiguous ids."""
-    if not raw.users:
+    """Stable time sort per user, k-core filtering until nothing changes, contiguous ids (sorted
+    raw-id order). Works on integer codes: no Python loop over interactions."""
+    if not len(raw.users):
         raise ValueError("dataset: no interactions")
-    users, items = np.array(raw.users, dtype=object), np.array(raw.items, dtype=object)
-    times = np.array(raw.times, dtype=np.float64)
-    keep = np.ones(len(users), bool)
+    uid, user_names = _codes(raw.users)
+    iid, item_names = _codes(raw.items)
+    times = np.asarray(raw.times, dtype=np.float64)
+    keep = np.ones(len(uid), bool)
     if five_core and not raw.time_ordered:
         while True:
-            _, u_inv, u_cnt = np.unique(users[keep], return_inverse=True, return_counts=True)
-            _, i_inv, i_cnt = np.unique(items[keep], return_inverse=True, return_counts=True)
-            ok = (u_cnt[u_inv] >= 5) & (i_cnt[i_inv] >= 5)
+            u_cnt = np.bincount(uid[keep], minlength=len(user_names))
+            i_cnt = np.bincount(iid[keep], minlength=len(item_names))
+            ok = (u_cnt[uid[keep]] >= 5) & (i_cnt[iid[keep]] >= 5)
             if ok.all():
                 break
             keep[np.flatnonzero(keep)[~ok]] = False
-    users, items, times = users[keep], items[keep], times[keep]
-    if len(users) == 0:
+    if not keep.any():
         raise ValueError("dataset: empty after 5-core filtering (every user or item had fewer than 5 interactions)")
-    user_raw, item_raw = _sorted_ids(users), _sorted_ids(items)
-    user_id = {u: k for k, u in enumerate(user_raw)}
-    item_id = {i: k for k, i in enumerate(item_raw)}
-    uid = np.array([user_id[u] for u in users])
-    iid = np.array([item_id[i] for i in items])
+    (uid, user_raw), (iid, item_raw) = _renumber(uid[keep], user_names), _renumber(iid[keep], item_names)
+    times = times[keep]
     # stable: equal timestamps keep file order (PROTOCOL.md), never an item-id tie-break
     order = np.lexsort((np.arange(len(uid)), times, uid))
-    bounds = np.searchsorted(uid[order], np.arange(len(user_raw) + 1))
-    sequences = [iid[order[bounds[u]:bounds[u + 1]]] for u in range(len(user_raw))]
-    return Dataset(sequences, user_raw, item_raw, int(len(uid)))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(uid, minlength=len(user_raw)))])
+    return Dataset(iid[order].astype(np.int32), offsets, user_raw, item_raw)
 
 
 SPARSE_BELOW = 20   # mean interactions per user under which --preset=auto picks "sparse"
@@ -502,92 +553,199 @@ def choose_preset(data: Dataset) -> tuple[str, str]:
 
 @dataclass
 class Split:
-    history: np.ndarray              # (E, max_history) item ids, left-padded with -1
-    target: np.ndarray               # (E,) item ids
+    """Examples as positions in the dataset's flat item array. A window (the last max_history items
+    before the target) is cut only when a batch is made, so memory is 24 bytes per example."""
+    items: np.ndarray                # (N,) the dataset's flat item ids (shared, not copied)
+    start: np.ndarray                # (E,) where the example's user begins in `items`
+    pos: np.ndarray                  # (E,) the target's position in `items`; history = items[start:pos][-H:]
     user: np.ndarray                 # (E,) user index
+    max_history: int
+
+    @classmethod
+    def from_windows(cls, history: np.ndarray, target: np.ndarray, user: np.ndarray) -> "Split":
+        """From explicit (E, H) histories (left-padded with -1) and targets, e.g. a request's."""
+        history, target = np.asarray(history, np.int64), np.asarray(target, np.int64)
+        real = history >= 0
+        lengths = real.sum(1)
+        rows = np.concatenate([history, target[:, None]], 1)
+        keep = np.concatenate([real, np.ones((len(target), 1), bool)], 1)
+        start = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64) if len(target) else np.zeros(0, np.int64)
+        return cls(rows[keep].astype(np.int64), start, start + lengths, np.asarray(user, np.int64), history.shape[1])
+
+    @property
+    def target(self) -> np.ndarray:
+        return self.items[self.pos].astype(np.int64)
+
+    def lengths(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Real (non-padding) history items of each example (of `rows`)."""
+        start, pos = (self.start, self.pos) if rows is None else (self.start[rows], self.pos[rows])
+        return np.minimum(pos - start, self.max_history)
+
+    def windows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), max_history) item ids before each target, oldest first, left-padded with -1."""
+        idx = self.pos[rows, None] - self.max_history + np.arange(self.max_history)[None, :]
+        real = idx >= self.start[rows, None]
+        return np.where(real, self.items[np.maximum(idx, 0)], -1).astype(np.int64)
+
+    @property
+    def history(self) -> np.ndarray:
+        """Every window at once, (E, max_history): for small data and tests only."""
+        return self.windows(np.arange(len(self.pos)))
 
 
-def _windows(sequences: list, user_ids: list, target_pos: list, max_history: int) -> Split:
-    """One example per (user, position): the items before it, the last max_history, oldest first."""
-    n = len(target_pos)
-    history = np.full((n, max_history), -1, dtype=np.int64)
-    for row, (u, t) in enumerate(zip(user_ids, target_pos)):  # data preparation, done once
-        window = sequences[u][max(0, t - max_history):t]
-        if len(window):
-            history[row, max_history - len(window):] = window
-    target = np.array([sequences[u][t] for u, t in zip(user_ids, target_pos)], dtype=np.int64)
-    return Split(history, target, np.array(user_ids, dtype=np.int64))
+EVAL_SAMPLE_SEED = 0   # --eval_users: the sample depends on the data alone, not on --seed
+
+
+def sample_users(splits: dict, n_users: int) -> dict:
+    """--eval_users: validation and test restricted to a fixed random sample of users (in user order)."""
+    users = np.sort(np.random.default_rng(EVAL_SAMPLE_SEED).choice(len(splits["valid"].pos), n_users, replace=False))
+    pick = lambda sp: Split(sp.items, sp.start[users], sp.pos[users], sp.user[users], sp.max_history)
+    return {"train": splits["train"], "valid": pick(splits["valid"]), "test": pick(splits["test"])}
 
 
 def leave_one_out(data: Dataset, max_history: int) -> dict:
     """train: every position 1..n-3; valid: position n-2; test: position n-1 (per user)."""
-    short = [u for u, s in enumerate(data.sequences) if len(s) < 3]
-    if short:
+    lengths = data.lengths
+    short = np.flatnonzero(lengths < 3)
+    if len(short):
         raise ValueError(f"user {data.user_raw[short[0]]!r}: expected at least 3 interactions for "
-                         f"leave-one-out, got {len(data.sequences[short[0]])}")
-    train_u, train_t = [], []
-    for u, s in enumerate(data.sequences):
-        train_u.extend([u] * (len(s) - 3)); train_t.extend(range(1, len(s) - 2))
-    users = list(range(len(data.sequences)))
-    return {"train": _windows(data.sequences, train_u, train_t, max_history),
-            "valid": _windows(data.sequences, users, [len(s) - 2 for s in data.sequences], max_history),
-            "test": _windows(data.sequences, users, [len(s) - 1 for s in data.sequences], max_history)}
+                         f"leave-one-out, got {lengths[short[0]]}")
+    users = np.arange(len(lengths))
+    starts = data.offsets[:-1]
+    n_train = lengths - 3                                             # positions 1 .. n-3 of each user
+    train_user = np.repeat(users, n_train)
+    first = np.cumsum(n_train) - n_train
+    train_pos = starts[train_user] + 1 + (np.arange(n_train.sum()) - first[train_user])
+    split = lambda user, pos: Split(data.items, starts[user], pos, user, max_history)
+    return {"train": split(train_user, train_pos), "valid": split(users, data.offsets[1:] - 2),
+            "test": split(users, data.offsets[1:] - 1)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Item embeddings (numpy only): text TF-IDF + SVD, or co-occurrence PPMI + SVD (train split only)
 # ----------------------------------------------------------------------------------------------
 
-def truncated_svd(matrix: np.ndarray, k: int, seed: int = 0, n_power: int = 4):
-    """Randomised SVD (Halko et al. 2011): U (n, k), S (k,)."""
+class CSR:
+    """A sparse matrix in compressed-row form, just enough for a randomised SVD: `A @ X` for a
+    dense X, and `A.T`. Built and held with numpy; the product runs in torch's sparse CSR kernel
+    (float64, like the dense formula), measured 5-9x faster than numpy's best (gathering rows of
+    X per stored value and np.add.reduceat), which is what keeps a million items within minutes."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple, ordered: bool = False,
+                 symmetric: bool = False):
+        """From (row, col, value) triples; `ordered`: they already come sorted by (row, col);
+        `symmetric`: A.T is A (no transposed copy is made)."""
+        order = slice(None) if ordered else np.lexsort((cols, rows))
+        self.shape, self.symmetric = shape, symmetric
+        self.indices = cols[order].astype(np.int32)                    # (nnz,) column of each value
+        self.data = vals[order].astype(np.float32)                     # (nnz,)
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])  # (n_rows + 1,)
+        self._torch = None
+
+    def rows(self) -> np.ndarray:
+        """(nnz,) the row of each stored value."""
+        return np.repeat(np.arange(self.shape[0], dtype=np.int32), np.diff(self.indptr))
+
+    @property
+    def T(self) -> "CSR":
+        return self if self.symmetric else CSR(self.indices, self.rows(), self.data, self.shape[::-1])
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        """(n_rows, n_cols) @ (n_cols, k) -> (n_rows, k) float64."""
+        if self._torch is None:
+            index = np.int32 if len(self.data) < 2 ** 31 else np.int64
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                        # "sparse CSR support is in beta"
+                self._torch = torch.sparse_csr_tensor(
+                    torch.from_numpy(self.indptr.astype(index)), torch.from_numpy(self.indices.astype(index, copy=False)),
+                    torch.from_numpy(self.data.astype(np.float64)), self.shape, check_invariants=False)
+        if self.shape[0] == 0 or len(self.data) == 0:
+            return np.zeros((self.shape[0], x.shape[1]))
+        return (self._torch @ torch.from_numpy(np.ascontiguousarray(x, np.float64))).numpy()
+
+    def toarray(self) -> np.ndarray:
+        dense = np.zeros(self.shape, np.float32)
+        dense[self.rows(), self.indices] = self.data
+        return dense
+
+
+def truncated_svd(matrix, k: int, seed: int = 0, n_power: int = 4):
+    """Randomised SVD (Halko et al. 2011) of a dense array or a CSR: U (n, k), S (k,)."""
     rng = np.random.default_rng(seed)
     k = min(k, *matrix.shape)
+    transposed = matrix.T
     q = matrix @ rng.standard_normal((matrix.shape[1], k + 10))
     for _ in range(n_power):
-        q, _ = np.linalg.qr(matrix @ (matrix.T @ q))
-    u, s, _ = np.linalg.svd(q.T @ matrix, full_matrices=False)
+        q, _ = np.linalg.qr(matrix @ (transposed @ q))
+    u, s, _ = np.linalg.svd((transposed @ q).T, full_matrices=False)
     return (q @ u)[:, :k], s[:k]
 
 
 def text_embeddings(data: Dataset, item_text: dict, dim: int, seed: int) -> np.ndarray:
-    """TF-IDF over title/genre/attribute words (words in >= 2 items), then a truncated SVD."""
+    """TF-IDF over title/genre/attribute words (words in >= 2 items), then a truncated SVD.
+    The TF-IDF matrix is sparse (items x at most 8192 words)."""
     docs = [re.findall(r"[a-z0-9']+", item_text.get(i, "").lower()) for i in data.item_raw]
     df: dict = {}
-    for doc in docs:
+    for doc in docs:                                   # text: tokenising is per item and per word
         for w in set(doc):
             df[w] = df.get(w, 0) + 1
     vocab = {w: k for k, w in enumerate(sorted(w for w, c in df.items() if c >= 2)[:8192])}
     if not vocab:
         raise ValueError("item text: no word occurs in two items; use --emb_source=cf or --item_emb")
-    tfidf = np.zeros((len(docs), len(vocab)), np.float32)
-    for row, doc in enumerate(docs):
-        for w in doc:
-            if w in vocab:
-                tfidf[row, vocab[w]] += 1.0
-    tfidf *= np.log(len(docs) / np.array([df[w] for w in sorted(vocab, key=vocab.get)])) + 1.0
-    tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12)
-    u, s = truncated_svd(tfidf, dim, seed)
+    word_ids = [[vocab[w] for w in doc if w in vocab] for doc in docs]
+    rows = np.repeat(np.arange(len(docs)), [len(ids) for ids in word_ids])
+    cols = np.fromiter((w for ids in word_ids for w in ids), np.int64, len(rows))
+    keys, tf = np.unique(rows * len(vocab) + cols, return_counts=True)    # term counts per (item, word)
+    rows, cols = keys // len(vocab), keys % len(vocab)
+    idf = np.log(len(docs) / np.array([df[w] for w in sorted(vocab, key=vocab.get)])) + 1.0
+    vals = (tf * idf[cols]).astype(np.float32)
+    norms = np.sqrt(np.bincount(rows, weights=vals.astype(np.float64) ** 2, minlength=len(docs))).astype(np.float32)
+    vals /= np.maximum(norms[rows], 1e-12)
+    u, s = truncated_svd(CSR(rows, cols, vals, (len(docs), len(vocab)), ordered=True), dim, seed)
     return (u * s).astype(np.float32)
+
+
+def cooccurrence(train: Split, n_items: int, window: int = 5, blocks: int = 8) -> CSR:
+    """Symmetric item co-occurrence counts, sparse: each training example's target with each of the
+    last `window` items before it (within its history window); C[a, b] = n(a, b) + n(b, a).
+    Counted in `blocks` ranges of rows so that the sort's memory is a fraction of the pairs'."""
+    a_parts, b_parts = [], []
+    for w in range(1, min(window, train.max_history) + 1):           # <= 5 offsets, vectorised over examples
+        ok = train.pos - w >= train.start
+        a_parts.append(train.items[train.pos[ok]]); b_parts.append(train.items[train.pos[ok] - w])
+    a, b = np.concatenate(a_parts).astype(np.int32), np.concatenate(b_parts).astype(np.int32)
+    del a_parts, b_parts
+    rows, cols, counts = [], [], []
+    bounds = np.linspace(0, n_items, blocks + 1).astype(np.int64)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mine_a, mine_b = (a >= lo) & (a < hi), (b >= lo) & (b < hi)    # both directions of each pair
+        keys = np.concatenate([(a[mine_a] - lo).astype(np.int64) * n_items + b[mine_a],
+                               (b[mine_b] - lo).astype(np.int64) * n_items + a[mine_b]])
+        keys, n = np.unique(keys, return_counts=True)
+        rows.append(keys // n_items + lo); cols.append(keys % n_items); counts.append(n)
+    return CSR(np.concatenate(rows), np.concatenate(cols), np.concatenate(counts).astype(np.float32),
+               (n_items, n_items), ordered=True, symmetric=True)   # blocks in row order, sorted within
+
+
+def ppmi(counts: CSR) -> CSR:
+    """Positive pointwise mutual information of a symmetric count matrix, on its stored entries
+    (an absent pair has PMI -inf, so 0 after clipping). float32, as the dense formula."""
+    rows = counts.rows()
+    row = np.bincount(rows, weights=counts.data, minlength=counts.shape[0]).astype(np.float32)  # exact: integers
+    total = np.float32(row.sum(dtype=np.float64))
+    pmi = np.log(counts.data * total / (row[rows] * row[counts.indices]))
+    keep = pmi > 0
+    return CSR(rows[keep], counts.indices[keep], pmi[keep], counts.shape, ordered=True, symmetric=True)
 
 
 def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int = 5) -> np.ndarray:
     """PPMI of item co-occurrence within `window` steps in TRAIN histories only, then an SVD.
 
     Each training example's last `window` history items co-occur with its target, so every
-    counted pair comes from the train split (validation and test targets never appear).
+    counted pair comes from the train split (validation and test targets never appear). Sparse
+    throughout: memory grows with the pairs, not with n_items squared.
     """
-    hist = train.history[:, -window:]
-    pairs_a = np.repeat(train.target, window)
-    pairs_b = hist.reshape(-1)
-    real = pairs_b >= 0
-    counts = np.zeros((n_items, n_items), np.float32)
-    np.add.at(counts, (pairs_a[real], pairs_b[real]), 1.0)
-    counts += counts.T
-    total, row = counts.sum(), counts.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pmi = np.log(counts * total / np.outer(row, row))
-    ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0)
-    u, s = truncated_svd(ppmi, dim, seed)
+    u, s = truncated_svd(ppmi(cooccurrence(train, n_items, window)), dim, seed)
     return (u * np.sqrt(s)).astype(np.float32)
 
 
@@ -640,12 +798,11 @@ def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool)
     with allow_pickle=False): raw item and user ids in id order, the start of each item's text
     ("" without text), every user's sequence as one flat int32 array with offsets, and whether
     the SIDs came from an embeddings file alone (then new items can be placed by theirs)."""
-    lengths = np.array([len(s) for s in data.sequences], np.int64)
     buf = io.BytesIO()
     np.savez(buf, version=1, item_raw=np.array(data.item_raw, dtype=str), user_raw=np.array(data.user_raw, dtype=str),
              item_title=np.array([" ".join(item_text.get(i, "").split())[:TITLE_CHARS] for i in data.item_raw],
                                  dtype=str),
-             offsets=np.concatenate([[0], np.cumsum(lengths)]), items=np.concatenate(data.sequences).astype(np.int32),
+             offsets=data.offsets, items=data.items,
              content_sids=np.array(content_sids))
     sid._atomic_write(path, buf.getvalue())
 
@@ -661,7 +818,7 @@ def extend_catalogue(data: Dataset, known: list) -> tuple[Dataset, np.ndarray]:
     item_raw = list(known) + new
     new_id = {item: k for k, item in enumerate(item_raw)}
     remap = np.array([new_id[i] for i in data.item_raw], np.int64)
-    return (Dataset([remap[s] for s in data.sequences], data.user_raw, item_raw, data.n_interactions),
+    return (Dataset(remap[data.items].astype(np.int32), data.offsets, data.user_raw, item_raw),
             np.array([row_of[i] for i in new], np.int64))
 
 
@@ -702,7 +859,7 @@ def make_batch(split: Split, rows: np.ndarray, item_tokens: torch.Tensor, user_b
                device: torch.device, with_target: bool = True) -> dict:
     """Rows of a split -> the model's batch. History is trimmed to the longest real one in the batch
     (left padding, right-aligned positions: trimming leading padding changes nothing)."""
-    history = torch.from_numpy(split.history[rows])                            # (b, H), -1 = padding
+    history = torch.from_numpy(split.windows(rows))                            # (b, H), -1 = padding
     real = history >= 0
     width = int(real.sum(1).max()) if len(rows) else 0
     history = history[:, history.shape[1] - width:]
@@ -739,6 +896,31 @@ def rank_metrics(ranked: np.ndarray, target: np.ndarray, ks=(5, 10)) -> dict:
     return metrics_from_ranks(hit_ranks(ranked, target), ks)
 
 
+def markov_top(src: np.ndarray, dst: np.ndarray, pop: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """For each of `items`, the k most frequent successors (transitions src -> dst), popularity
+    then item id breaking ties, filled up from the popularity order: (len(items), k)."""
+    n_items = len(pop)
+    keys, counts = np.unique(src.astype(np.int64) * n_items + dst, return_counts=True)
+    succ_src, succ = keys // n_items, keys % n_items
+    # successors of each source, best first: count desc, popularity desc, item id asc
+    order = np.lexsort((succ, -pop[succ], -counts, succ_src))
+    succ_src, succ = succ_src[order], succ[order]
+    first = np.searchsorted(succ_src, np.arange(n_items + 1))
+    rank = np.arange(len(succ)) - first[succ_src]
+    top = np.full((n_items, k), -1, np.int64)
+    top[succ_src[rank < k], rank[rank < k]] = succ[rank < k]
+    wanted = np.unique(items)
+    table = top[wanted]                                                 # (W, k), -1 = to fill
+    n_succ = np.minimum(first[wanted + 1] - first[wanted], k)
+    by_pop = np.argsort(-pop, kind="stable")[:2 * k]                    # fill from here, skipping successors
+    is_succ = np.isin(wanted[:, None] * n_items + by_pop[None, :], keys)
+    fill_rank = np.cumsum(~is_succ, axis=1) - 1                         # position among the non-successors
+    slot = n_succ[:, None] + fill_rank
+    use = ~is_succ & (slot < k)
+    table[np.nonzero(use)[0], slot[use]] = np.broadcast_to(by_pop, use.shape)[use]
+    return table[np.searchsorted(wanted, items)]
+
+
 def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> dict:
     """Popularity and first-order Markov (last-item transition counts, popularity breaks ties).
 
@@ -746,23 +928,17 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
     each user's validation item, which is the last item of the test history.
     """
     n_items = len(data.item_raw)
-    seqs = [s[:-2] for s in data.sequences]                                     # train parts
-    pop = np.bincount(np.concatenate(seqs), minlength=n_items).astype(np.float64)
+    lengths = data.lengths
+    local = np.arange(data.n_interactions) - np.repeat(data.offsets[:-1], lengths)   # position within the user
+    in_train = local < np.repeat(lengths - 2, lengths)                                 # train parts
+    pop = np.bincount(data.items[in_train], minlength=n_items).astype(np.float64)
     by_pop = np.argsort(-pop, kind="stable")
-    src = np.concatenate([s[:-1] for s in seqs])
-    dst = np.concatenate([s[1:] for s in seqs])
-    keys, counts = np.unique(src * n_items + dst, return_counts=True)
-    last = splits[which].history[:, -1]                                         # item before the target
-    tiebreak = pop / (pop.max() + 1.0)                                          # < 1: only breaks ties
-    markov = np.empty((len(seqs), k), np.int64)
-    starts = np.searchsorted(keys, np.arange(n_items + 1) * n_items)
-    for u, item in enumerate(last):  # baseline, once per user
-        row = tiebreak.copy()
-        lo, hi = starts[item], starts[item + 1]
-        row[keys[lo:hi] % n_items] += counts[lo:hi]
-        markov[u] = np.argsort(-row, kind="stable")[:k]
-    target = splits[which].target
-    return {"popularity": rank_metrics(np.tile(by_pop[:k], (len(seqs), 1)), target),
+    step = np.flatnonzero(in_train[:-1] & in_train[1:] & (local[1:] > 0))             # p -> p+1 in one train part
+    split = splits[which]
+    last = split.items[split.pos - 1]                                   # item before the target
+    markov = markov_top(data.items[step], data.items[step + 1], pop, last, k)
+    target = split.target
+    return {"popularity": rank_metrics(np.tile(by_pop[:k], (len(target), 1)), target),
             "markov": rank_metrics(markov, target)}
 
 
@@ -908,7 +1084,7 @@ def fixed_batches(order: np.ndarray, batch_size: int) -> list:
 
 def history_lengths(split: Split) -> np.ndarray:
     """(E,) number of real (non-padding) history items of each example."""
-    return (split.history >= 0).sum(1)
+    return split.lengths()
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int,
@@ -1069,12 +1245,14 @@ def main(argv: list) -> dict:
 def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     cfg, _ = parse_args(argv)
+    seconds, tick = {}, time.time()            # per stage, into results.json (bench.py --scale reads them)
     if not dist.is_main:
         dist.barrier()                         # rank 0 reads (and if needed fetches) the data first
     raw = load_data(cfg)
     if dist.is_main:
         dist.barrier()
-    log(f"data: {raw.source}")
+    seconds["load"], tick = time.time() - tick, time.time()
+    log(f"data: {raw.source} ({seconds['load']:.1f} s)")
     data = prepare(raw, cfg.five_core)
     base = None
     if cfg.init_from:
@@ -1106,18 +1284,25 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
             sid._atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
     splits = leave_one_out(data, mcfg.max_history)
     stats = {"users": len(data.user_raw), "items": len(data.item_raw), "interactions": data.n_interactions,
-             "train_examples": len(splits["train"].target)}
-    log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
+             "train_examples": len(splits["train"].pos)}
+    if cfg.eval_users and cfg.eval_users < len(data.user_raw):
+        splits, stats["eval_users"] = sample_users(splits, cfg.eval_users), cfg.eval_users
+    seconds["split"], tick = time.time() - tick, time.time()
+    log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()) + f" ({seconds['split']:.1f} s)")
+    if "eval_users" in stats:
+        log(f"evaluation: {cfg.eval_users:,} of {len(data.user_raw):,} users, a random sample fixed by "
+            f"EVAL_SAMPLE_SEED={EVAL_SAMPLE_SEED} (the same for the model and the baselines, whatever --seed)")
 
     # SIDs: rank 0 builds and saves them; the other processes, a resume and --eval_only load them
     if dist.is_main and not (cfg.resume or cfg.eval_only):
         if base is None:
             emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
-            t0 = time.time()
+            seconds["embeddings"], tick = time.time() - tick, time.time()
             index, moved = sid.build_index(emb, seed=cfg.seed)
-            log(f"SIDs: from {emb_name} embeddings {emb.shape}, OPQ error {index.quantizer.errors[0]:.4g} -> "
-                f"{index.quantizer.errors[-1]:.4g}, {moved} items moved by collision resolution, "
-                f"{time.time() - t0:.1f} s, saved to {out_dir}")
+            seconds["sids"] = time.time() - tick
+            log(f"SIDs: from {emb_name} embeddings {emb.shape} ({seconds['embeddings']:.1f} s), OPQ error "
+                f"{index.quantizer.errors[0]:.4g} -> {index.quantizer.errors[-1]:.4g}, {moved} items moved by "
+                f"collision resolution, {seconds['sids']:.1f} s, saved to {out_dir}")
         index.save(out_dir)
         content_sids = base.content_sids if base else bool(raw.item_emb) and cfg.emb_source != "both"
         save_run_data(os.path.join(out_dir, "data.npz"), data, raw.item_text, content_sids)
@@ -1143,10 +1328,13 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
     state = load_checkpoint(run.path("checkpoint.pt"), dist.device)
     check_checkpoint(state, run.path("checkpoint.pt"), resolved, sids_digest(index), to_resume=False)
     model.load_state_dict(state["model"])
+    tick = time.time()
     results = {"config": resolved, "dataset": {**stats, "source": raw.source}, "processes": dist.world,
                "best_epoch": state["best_epoch"], "valid_history": state["valid_history"],
                "valid": evaluate(model, run, "valid"), "test": evaluate(model, run, "test"),
                "train_seconds": round((trained or state)["train_seconds"], 1)}
+    seconds["eval_valid_and_test"] = time.time() - tick
+    results["seconds"] = {k: round(v, 2) for k, v in {**seconds, "train": results["train_seconds"]}.items()}
     if cfg.report_beam_size:
         results[f"beam{cfg.report_beam_size}"] = {split: evaluate(model, run, split, cfg.report_beam_size)
                                                   for split in ("valid", "test")}
@@ -1198,14 +1386,18 @@ def train_model(model: RPG_ED, run: Run) -> dict:
     max_history = run.resolved["model"]["max_history"]
     steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
     total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
     dtype = compute_dtype(cfg, dist.device)
     first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
-        if progress["done"]:
+        if progress["done"] or progress["step"] >= total_steps:
             break
         batches = epoch_batches(lengths, cfg, max_history, epoch)
         seen, tick, loss_sum, loss_rows = 0, time.time(), 0.0, 0
         for b, rows in enumerate(batches):                                     # rows: the global batch
+            if progress["step"] >= total_steps:                                # --max_steps
+                break
             local, weight = shard(rows, dist)
             lr = lr_at(progress["step"], total_steps, cfg)
             loss = train_step(net, optimizer, run.batch("train", local), weight, lr, cfg.grad_clip,
@@ -1213,14 +1405,14 @@ def train_model(model: RPG_ED, run: Run) -> dict:
             progress["step"] += 1
             seen += len(rows)
             loss_sum, loss_rows = loss_sum + loss.item() * len(local), loss_rows + len(local)
-            if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1:
+            if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1 or progress["step"] == total_steps:
                 eta = (time.time() - session_start) / (progress["step"] - first_step) * (total_steps - progress["step"])
                 # the mean since the last line: one length-grouped batch alone is a noisy figure
                 run.log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss_sum / loss_rows:.4f} | "
                         f"lr {lr:.2e} | {seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
                 loss_sum, loss_rows = 0.0, 0
         improved = False
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or progress["step"] >= total_steps:
             eval_start = time.time()
             metrics = evaluate(model, run, "valid")
             progress["valid_history"].append({"epoch": epoch, **metrics})
