@@ -1509,7 +1509,8 @@ def test_cold_start_experiment_adds_the_held_out_items_and_scores_their_users(tm
     assert results["held_out_items"] == 5 and not any(f" {i} " in f" {line} " for i in added for line in warm.splitlines())
     assert results["items"] == N_GROUPS * N_SLOTS and results["users"] > 0
     assert results["popularity"]["recall@10"] == 0.0          # held-out items have no training interactions
-    assert 0 < results["model_top10_cold_share"] <= 1
+    assert results["model, new_share 0.0"]["held_out_slots"] <= results["model, new_share 0.3"]["held_out_slots"] <= 0.3
+    assert results["model, new_share 0.3"]["held_out_slots"] > 0           # the prefix rule reaches them
     assert json.loads((out / "cold_start.json").read_text()) == results
 
 
