@@ -1558,7 +1558,7 @@ def test_csr_products_equal_dense_ones(seed, n_rows, n_cols, k):
     dense = np.where(rng.random((n_rows, n_cols)) < 0.3, rng.standard_normal((n_rows, n_cols)), 0).astype(np.float32)
     r, c = np.nonzero(dense)
     shuffle = rng.permutation(len(r))                                    # any order of triples
-    matrix = train.CSR(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
+    matrix = train.CSR.from_triples(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
     x, y = rng.standard_normal((n_cols, k)), rng.standard_normal((n_rows, k))
     np.testing.assert_allclose(matrix @ x, dense.astype(np.float64) @ x, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(matrix.T @ y, dense.T.astype(np.float64) @ y, rtol=1e-9, atol=1e-9)

@@ -1,6 +1,6 @@
 """Train and evaluate RPG_ED end to end: data -> item embeddings -> SIDs -> model -> Recall/NDCG.
 
-    python train.py                                   # MovieLens-100K, the cpu preset (about 3 min)
+    python train.py                                   # MovieLens-100K, the cpu preset (about 5 min)
     python train.py --data=PATH/Beauty.txt            # Amazon Beauty, the sparse preset (< 80 min)
     python train.py --key=value ...                   # any field of TrainConfig or RPGEDConfig
 
@@ -632,16 +632,21 @@ class CSR:
     (float64, like the dense formula), measured 5-9x faster than numpy's best (gathering rows of
     X per stored value and np.add.reduceat), which is what keeps a million items within minutes."""
 
-    def __init__(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple, ordered: bool = False,
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple,
                  symmetric: bool = False):
-        """From (row, col, value) triples; `ordered`: they already come sorted by (row, col);
-        `symmetric`: A.T is A (no transposed copy is made)."""
-        order = slice(None) if ordered else np.lexsort((cols, rows))
-        self.shape, self.symmetric = shape, symmetric
-        self.indices = cols[order].astype(np.int32)                    # (nnz,) column of each value
-        self.data = vals[order].astype(np.float32)                     # (nnz,)
-        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])  # (n_rows + 1,)
-        self._torch = None
+        """Row r's values are data[indptr[r]:indptr[r + 1]], in columns indices[...] (sorted within
+        the row); `symmetric`: A.T is A (no transposed copy is made)."""
+        self.indptr = np.asarray(indptr, np.int64)                     # (n_rows + 1,)
+        self.indices = np.asarray(indices, np.int32)                   # (nnz,) column of each value
+        self.data = np.asarray(data, np.float32)                       # (nnz,)
+        self.shape, self.symmetric, self._torch = shape, symmetric, None
+
+    @classmethod
+    def from_triples(cls, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple) -> "CSR":
+        """From (row, col, value) triples in any order (no duplicates)."""
+        order = np.lexsort((cols, rows))
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
+        return cls(indptr, cols[order], vals[order], shape)
 
     def rows(self) -> np.ndarray:
         """(nnz,) the row of each stored value."""
@@ -649,7 +654,7 @@ class CSR:
 
     @property
     def T(self) -> "CSR":
-        return self if self.symmetric else CSR(self.indices, self.rows(), self.data, self.shape[::-1])
+        return self if self.symmetric else CSR.from_triples(self.indices, self.rows(), self.data, self.shape[::-1])
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
         """(n_rows, n_cols) @ (n_cols, k) -> (n_rows, k) float64."""
@@ -702,30 +707,38 @@ def text_embeddings(data: Dataset, item_text: dict, dim: int, seed: int) -> np.n
     vals = (tf * idf[cols]).astype(np.float32)
     norms = np.sqrt(np.bincount(rows, weights=vals.astype(np.float64) ** 2, minlength=len(docs))).astype(np.float32)
     vals /= np.maximum(norms[rows], 1e-12)
-    u, s = truncated_svd(CSR(rows, cols, vals, (len(docs), len(vocab)), ordered=True), dim, seed)
+    u, s = truncated_svd(CSR.from_triples(rows, cols, vals, (len(docs), len(vocab))), dim, seed)
     return (u * s).astype(np.float32)
 
 
 def cooccurrence(train: Split, n_items: int, window: int = 5, blocks: int = 8) -> CSR:
     """Symmetric item co-occurrence counts, sparse: each training example's target with each of the
     last `window` items before it (within its history window); C[a, b] = n(a, b) + n(b, a).
-    Counted in `blocks` ranges of rows so that the sort's memory is a fraction of the pairs'."""
-    a_parts, b_parts = [], []
-    for w in range(1, min(window, train.max_history) + 1):           # <= 5 offsets, vectorised over examples
-        ok = train.pos - w >= train.start
-        a_parts.append(train.items[train.pos[ok]]); b_parts.append(train.items[train.pos[ok] - w])
-    a, b = np.concatenate(a_parts).astype(np.int32), np.concatenate(b_parts).astype(np.int32)
-    del a_parts, b_parts
-    rows, cols, counts = [], [], []
+    Counted in `blocks` ranges of rows, so that the sort's memory is a fraction of the pairs', and
+    kept as int32 columns and float32 counts (8 bytes per stored pair)."""
+    offsets = range(1, min(window, train.max_history) + 1)              # <= 5, vectorised over examples
+    has = [train.pos - w >= train.start for w in offsets]
+    a = np.empty(sum(int(h.sum()) for h in has), np.int32)
+    b = np.empty_like(a)
+    at = 0
+    for w, ok in zip(offsets, has):
+        pos = train.pos[ok]
+        a[at:at + len(pos)], b[at:at + len(pos)] = train.items[pos], train.items[pos - w]
+        at += len(pos)
+    del has
+    row_counts, cols, counts = [], [], []
     bounds = np.linspace(0, n_items, blocks + 1).astype(np.int64)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         mine_a, mine_b = (a >= lo) & (a < hi), (b >= lo) & (b < hi)    # both directions of each pair
         keys = np.concatenate([(a[mine_a] - lo).astype(np.int64) * n_items + b[mine_a],
                                (b[mine_b] - lo).astype(np.int64) * n_items + a[mine_b]])
-        keys, n = np.unique(keys, return_counts=True)
-        rows.append(keys // n_items + lo); cols.append(keys % n_items); counts.append(n)
-    return CSR(np.concatenate(rows), np.concatenate(cols), np.concatenate(counts).astype(np.float32),
-               (n_items, n_items), ordered=True, symmetric=True)   # blocks in row order, sorted within
+        del mine_a, mine_b
+        keys, n = np.unique(keys, return_counts=True)                  # sorted: by row, then column
+        row_counts.append(np.bincount(keys // n_items, minlength=hi - lo))
+        cols.append((keys % n_items).astype(np.int32)); counts.append(n.astype(np.float32))
+        del keys, n
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(row_counts))])
+    return CSR(indptr, np.concatenate(cols), np.concatenate(counts), (n_items, n_items), symmetric=True)
 
 
 def ppmi(counts: CSR) -> CSR:
@@ -736,7 +749,8 @@ def ppmi(counts: CSR) -> CSR:
     total = np.float32(row.sum(dtype=np.float64))
     pmi = np.log(counts.data * total / (row[rows] * row[counts.indices]))
     keep = pmi > 0
-    return CSR(rows[keep], counts.indices[keep], pmi[keep], counts.shape, ordered=True, symmetric=True)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=counts.shape[0]))])
+    return CSR(indptr, counts.indices[keep], pmi[keep], counts.shape, symmetric=True)
 
 
 def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int = 5) -> np.ndarray:
@@ -1255,6 +1269,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
     seconds["load"], tick = time.time() - tick, time.time()
     log(f"data: {raw.source} ({seconds['load']:.1f} s)")
     data = prepare(raw, cfg.five_core)
+    raw.users, raw.items, raw.times, raw.names = [], [], array("d"), {}   # now in `data`: free them
     base = None
     if cfg.init_from:
         import recommend                       # here, not at the top: recommend.py imports this module
