@@ -381,20 +381,21 @@ def _text_emb_file(path: str, data: train.Dataset, vectors: dict) -> None:
     sid._atomic_write(path, buf.getvalue())
 
 
-def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), continue_args: list = ()) -> dict:
-    """MovieLens-100K cut at the `cut` quantile of time. base: trained on what came before the cut.
+def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), continue_args: list = (),
+                        data_path: str = "ml-100k") -> dict:
+    """MovieLens-100K (or `data_path`) cut at the `cut` quantile of time. base: trained on what came before the cut.
     continued: --init_from=base on all the data (new items added by their text embeddings).
     scratch: trained on all the data from nothing. All three build SIDs from the same text embeddings
     (TF-IDF of title and genres, fitted on the whole catalogue: content, no interactions), because a
     run must place items it never saw. Scores both final runs on every test user and on the later
     period's (test item after the cut); writes OUT/continue.json."""
-    raw = train.load_data(train.TrainConfig())
+    raw = train.load_data(train.TrainConfig(data=data_path))          # timestamps and item text
     cut_time = float(np.quantile(raw.times, cut))
     rows = list(zip(raw.users, raw.items, raw.times))
     early = [r for r in rows if r[2] < cut_time]
     data = {"early": train.prepare(train.RawData(*map(list, zip(*early)))),
             "all": train.prepare(train.RawData(list(raw.users), list(raw.items), list(raw.times)))}
-    catalogue = train.Dataset([], [], data["all"].item_raw, 0)
+    catalogue = train.Dataset.from_sequences([], [], data["all"].item_raw)
     vectors = dict(zip(catalogue.item_raw, train.text_embeddings(catalogue, raw.item_text, 64, 0)))
     runs = {}
     for name, part in (("early", early), ("all", rows)):

@@ -1657,5 +1657,22 @@ def test_max_steps_and_eval_users(tmp_path):
         train.parse_args(["--max_steps=-1"])
 
 
+@pytest.mark.slow
+def test_continue_experiment_runs_base_continued_and_scratch(tmp_path):
+    rows = interactions(4, n_users=40, n_items=15)
+    rows = [(u, i, t + 10 * (int(u[1:]) % 3)) for u, i, t in rows]          # spread users over time
+    data_path = write_formats(tmp_path, rows)["inter"]
+    (tmp_path / "d.item").write_text("item_id:token\tmovie_title:token_seq\n" +
+                                     "".join(f"{100 + i}\tfilm {'red blue green'.split()[i % 3]} {i % 4}\n" for i in range(15)))
+    out = tmp_path / "continue"
+    args = [a for a in TINY_RUN if not a.startswith("--emb_source")] + ["--epochs=1"]
+    results = recommend.continue_experiment(str(out), cut=0.7, train_args=args, data_path=str(data_path))
+    assert results["interactions"]["early"] < results["interactions"]["all"]
+    for name in ("continued", "scratch"):
+        assert set(results[name]["later"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    base, cont = recommend.load_run(str(out / "base")), recommend.load_run(str(out / "continued"))
+    assert np.array_equal(cont.index.item_codes[:base.index.n_items], base.index.item_codes)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
