@@ -21,7 +21,9 @@ already seen are kept (as in evaluation) and flagged.
 New items (`add_items`): the run's saved OPQ encodes their embeddings, collision resolution gives
 them SIDs no other item has, and the index files are rewritten; old items keep their SIDs, so
 the checkpoint still matches and constrained decoding can generate the new items at once. Only
-a run whose SIDs came from an embeddings file alone can place items with no interactions.
+a run whose SIDs came from an embeddings file alone can place items with no interactions. The
+model has never generated an added item's code tuple, so `--new_share=0.1` (TIGER's rule) opens
+up to a tenth of the list to added items that share a generated SID's first three codes.
 """
 from __future__ import annotations
 
