@@ -563,5 +563,5 @@ def main(argv: list) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:
+    except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
         raise SystemExit(f"error: {e}")

@@ -72,6 +72,8 @@ class RPGEDConfig:
                 raise ValueError(f"config.{f.name}: expected {f.type}, got {value!r}")
             if expected is int and value <= 0:
                 raise ValueError(f"config.{f.name}: expected a positive int, got {value}")
+            if expected is float and not math.isfinite(value):
+                raise ValueError(f"config.{f.name}: expected a finite number, got {value}")
         for name in ("dropout", "embd_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"config.{name}: expected a probability in [0, 1), got {getattr(self, name)}")
@@ -342,6 +344,8 @@ class RPG_ED(nn.Module):
         user_ids = self._check_ids("user_ids", user_ids, "[B]", 1)
         history_sid = self._check_ids("history_sid", history_sid, f"[B, L<={c.max_history}, {c.n_digit}]", 3)
         B, L, D = history_sid.shape
+        if B == 0:
+            raise ValueError("user_ids: expected at least one user in the batch, got 0")
         if L > c.max_history or D != c.n_digit or B != user_ids.shape[0]:
             raise ValueError(f"history_sid: expected shape [{user_ids.shape[0]}, L<={c.max_history}, {c.n_digit}], "
                              f"got {tuple(history_sid.shape)}")

@@ -104,8 +104,8 @@ def _check_embeddings(x, name: str = "embeddings") -> np.ndarray:
         raise ValueError(f"{name}: expected a 2-D array [n_items, dim], got shape {x.shape}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: expected at least one item and one dimension, got shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name}: expected a numeric array, got dtype {x.dtype}")
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a real numeric (float or int) array, got dtype {x.dtype}")
     if not np.isfinite(x).all():
         row = int(np.argwhere(~np.isfinite(x))[0, 0])
         raise ValueError(f"{name}: expected finite values, got NaN or inf in row {row}")
@@ -399,11 +399,18 @@ class _RefuseGlobals(pickle.Unpickler):
                          "{(c0, c1, c2, c3): item_id} dict is allowed")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~_umask())                       # mkstemp's 0600 -> what open() would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -588,16 +595,26 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for item_id2tokens.npy, tokens2item.pkl, opq.npz")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n_iter", type=int, default=10, help="OPQ iterations")
+    parser.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     args = parser.parse_args()
+    if os.path.exists(os.path.join(args.out, "item_id2tokens.npy")) and not args.overwrite:
+        raise ValueError(f"--out: {args.out} already holds an index (a run's SIDs?); choose another folder or "
+                         "pass --overwrite")
     try:
         emb = np.load(args.emb, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{args.emb}: cannot read a numeric .npy array ({e})")
+        raise ValueError(f"--emb: {args.emb} is not a readable .npy array ({e})") from None
+    if not isinstance(emb, np.ndarray):
+        raise ValueError(f"--emb: expected one .npy array, got a .npz archive ({args.emb})")
     start = time.perf_counter()
-    index, _ = build_index(emb.astype(np.float32), seed=args.seed, n_iter=args.n_iter, verbose=True)
+    index, _ = build_index(_check_embeddings(emb, "--emb").astype(np.float32), seed=args.seed, n_iter=args.n_iter,
+                           verbose=True)
     index.save(args.out)
     print(f"{index.n_items} items, {time.perf_counter() - start:.1f} s, saved to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
+        raise SystemExit(f"error: {e}")

@@ -917,7 +917,35 @@ BAD_INPUTS = [
     ("CLI value of the wrong type", lambda d: train.parse_args(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),
     ("CLI zero epochs", lambda d: train.parse_args(["--epochs=0"]), "--epochs: expected a positive int, got 0"),
     ("CLI --resume with --eval_only", lambda d: train.parse_args(["--resume=true", "--eval_only=true"]), "at most one"),
+    # issue 16: every numeric flag finite, null ids, .npz for .npy, empty batches, dtypes, devices
+    ("CLI --lr=inf", lambda d: train.parse_args(["--lr=inf"]), "--lr: expected a finite number, got inf"),
+    ("CLI --weight_decay=nan", lambda d: train.parse_args(["--weight_decay=nan"]), "--weight_decay: expected a finite number"),
+    ("CLI --layer_norm_eps=inf", lambda d: train.parse_args(["--layer_norm_eps=inf"]), "config.layer_norm_eps: expected a finite number"),
+    ("CLI --min_lr_ratio=nan", lambda d: train.parse_args(["--min_lr_ratio=nan"]), "--min_lr_ratio: expected a finite number"),
+    ("Amazon reviewerID null", lambda d: _load(d, "d.json", '{"reviewerID": null, "asin": "a", "unixReviewTime": 1}\n'),
+     "d.json:1: expected reviewerID to be a string or a number, got null"),
+    ("Amazon asin a list", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": ["a"], "unixReviewTime": 1}\n'),
+     "d.json:1: expected asin to be a string or a number"),
+    ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected non-empty user"),
+    ("--item_emb given a .npz", lambda d: train.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
+    ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a real numeric"),
+    ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a real numeric"),
+    ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a real numeric"),
+    ("complex codes (lookup)", lambda d: sid.SIDIndex(np.zeros((1, 4), np.uint8)).lookup(np.zeros((1, 4), complex)),
+     "expected an integer array"),
+    ("batch of 0 users (model)", lambda d: tiny_model()({k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()}),
+     "expected at least one user in the batch, got 0"),
+    ("batch of 0 users (generate)", lambda d: beam.beam_search(tiny_model(), {k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()},
+                                                               2, 1, None), "expected at least one user"),
+    ("--device=mps where there is none", lambda d: train.pick_device("mps") if not torch.backends.mps.is_available()
+     else (_ for _ in ()).throw(ValueError("--device: mps is not available")), "--device: mps is not available"),
 ]
+
+
+def _npz(folder) -> str:
+    path = os.path.join(str(folder), "e.npz")
+    np.savez(path, emb=np.ones((2, 3), np.float32))
+    return path
 
 
 @pytest.mark.parametrize("what, make, fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -1672,6 +1700,94 @@ def test_continue_experiment_runs_base_continued_and_scratch(tmp_path):
         assert set(results[name]["later"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     base, cont = recommend.load_run(str(out / "base")), recommend.load_run(str(out / "continued"))
     assert np.array_equal(cont.index.item_codes[:base.index.n_items], base.index.item_codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness, round two (issue 16): one test per class of defect
+# ----------------------------------------------------------------------------------------------
+
+def test_item_order_does_not_depend_on_pythonhashseed(tmp_path):
+    rows = "".join(f"u{u}\t{i}\t{t}\n" for u in range(6) for t, i in enumerate(["7", "07", "007", "8", "08", "9"]))
+    path = _write(tmp_path, "d.inter", INTER_HEADER + rows)
+    code = ("import sys, train, sid; d = train.prepare(train.load_data(train.TrainConfig(data=sys.argv[1])), False); "
+            "print(d.item_raw, d.items.tolist())")
+    outs = {subprocess.run([sys.executable, "-c", code, path], cwd=HERE, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=120).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and "['007', '07', '7', '08', '8', '9']" in outs.pop()   # by (int, str)
+
+
+def test_ids_are_stripped_in_every_format(tmp_path):
+    spaced = train.load_data(train.TrainConfig(data=_write(tmp_path, "a.csv", "user,item,timestamp\n u0 , i0 ,5\nu0,i1, 6\n")))
+    assert spaced.users == ["u0", "u0"] and spaced.items == ["i0", "i1"] and list(spaced.times) == [5.0, 6.0]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, monkeypatch):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    real_step = train.train_step
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(ValueError, match="training loss is not finite at step 3 \\(epoch 1\\)"):
+        train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'run'}"] + TINY_RUN)
+
+
+@pytest.mark.slow
+def test_a_new_run_into_another_runs_folder_changes_nothing(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    out = tmp_path / "run"
+    train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"])
+    before = _files(out)
+    for other in (["--seed=1"], ["--n_embd=32"], ["--emb_source=cf"]):
+        with pytest.raises(ValueError, match="holds another run .*--overwrite=true"):
+            train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"] + other)
+        assert _files(out) == before
+    (out / ".tmp-checkpoint.ptabc").write_bytes(b"half a checkpoint")          # a killed write's leftover
+    (out / "notes.txt").write_text("mine")                                      # not ours: kept
+    train.main([f"--data={data_path}", f"--out_dir={out}", "--overwrite=true", "--seed=1"] + TINY_RUN + ["--epochs=1"])
+    assert not (out / ".tmp-checkpoint.ptabc").exists() and (out / "notes.txt").read_text() == "mine"
+    assert _files(out)["config.json"] != before["config.json"]
+    mask = sid._umask()
+    for name in ("config.json", "checkpoint.pt", "item_id2tokens.npy", "results.json"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~mask            # the umask's, not mkstemp's 0600
+
+
+def test_clis_print_one_error_line(tmp_path):
+    np.savez(tmp_path / "e.npz", emb=np.ones((5, 4), np.float32))
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
+    sid.build_index(np.load(tmp_path / "e.npy"))[0].save(str(tmp_path / "idx"))   # an index already there
+    cases = [(["sid.py", f"--emb={tmp_path / 'e.npz'}", f"--out={tmp_path / 'x'}"], "expected one .npy array"),
+             (["sid.py", f"--emb={tmp_path / 'none.npy'}", f"--out={tmp_path / 'x'}"], "is not a readable .npy array"),
+             (["train.py", "--lr=nan"], "--lr: expected a finite number"),
+             (["sid.py", f"--emb={tmp_path / 'e.npy'}", f"--out={tmp_path / 'idx'}"], "already holds an index"),
+             (["train.py", f"--data={tmp_path / 'nowhere.csv'}"], "does not exist")]
+    for argv, fragment in cases:
+        run = subprocess.run([sys.executable] + argv, cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and run.stderr.startswith("error: ") and fragment in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_out_dir_that_is_a_file_is_one_error_line(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    (tmp_path / "a_file").write_text("x")
+    run = subprocess.run([sys.executable, "train.py", f"--data={data_path}", f"--out_dir={tmp_path / 'a_file'}"] + TINY_RUN,
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.strip().endswith("exists and is not a folder"), run.stderr[-500:]
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_fewer_than_ten_items_trains_and_evaluates(tmp_path):
+    rows = [(f"u{u}", str(100 + (u + t) % 6), t) for u in range(30) for t in range(6)]   # 6 items
+    data_path = write_formats(tmp_path, rows)["inter"]
+    results = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'run'}"] + TINY_RUN + ["--epochs=1"])
+    assert results["dataset"]["items"] == 6 and 0 <= results["test"]["recall@10"] <= 1
+    assert results["baselines"]["test"]["popularity"]["recall@10"] == 1.0   # all 6 items ranked
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class TrainConfig:
     max_steps: int = 0               # stop after this many training steps (0: epochs decide); the
                                      # learning-rate schedule then ends at max_steps
     eval_users: int = 0              # score this many users, a fixed random sample (0: all users)
+    overwrite: bool = False          # allow a new run into an out_dir that holds another run's files
     init_from: str = ""              # a finished run's folder: start from its weights and SIDs, add the
                                      # data's new items to its index, train on this data (recommend.py)
 
@@ -109,6 +110,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "log_every", "emb_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: expected a positive int, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and not math.isfinite(value):
+                raise ValueError(f"--{f.name}: expected a finite number, got {value}")
         for name, ok, expected in (("lr", self.lr > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
                                    ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
                                    ("weight_decay", self.weight_decay >= 0, ">= 0"),
@@ -251,8 +256,10 @@ def detect_format(path: str) -> str:
 
 
 def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> None:
-    """Add one interaction after checking it: non-empty ids and a finite numeric timestamp."""
-    if not user.strip() or not item.strip():
+    """Add one interaction after checking it. Ids are stripped of surrounding whitespace (so
+    `u0, i0` is `u0`,`i0` in every format) and must not be empty; the timestamp must be a finite number."""
+    user, item = user.strip(), item.strip()
+    if not user or not item:
         raise ValueError(f"{where}: expected non-empty user and item ids, got {user!r} and {item!r}")
     try:
         value = float(timestamp)
@@ -323,6 +330,10 @@ def load_amazon(path: str) -> RawData:
                 raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from None
             if not isinstance(review, dict) or any(k not in review for k in ("reviewerID", "asin", "unixReviewTime")):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object with keys reviewerID, asin, unixReviewTime")
+            for key in ("reviewerID", "asin", "unixReviewTime"):       # null, true, [..] or {..} is no id
+                if isinstance(review[key], bool) or not isinstance(review[key], (str, int, float)):
+                    raise ValueError(f"{path}:{line_no}: expected {key} to be a string or a number, got "
+                                     f"{json.dumps(review[key])[:50]}")
             _append(raw, f"{path}:{line_no}", str(review["reviewerID"]), str(review["asin"]),
                     str(review["unixReviewTime"]))
     return raw
@@ -770,6 +781,8 @@ def read_item_emb(path: str, n_items: int, flag: str = "--item_emb") -> np.ndarr
         emb = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{flag}: {path} is not a readable .npy array ({e})") from None
+    if not isinstance(emb, np.ndarray):                                   # np.load of a .npz: an archive
+        raise ValueError(f"{flag}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
     if emb.ndim != 2 or emb.shape[0] != n_items:
         raise ValueError(f"{flag}: expected shape [{n_items} items, D], got {emb.shape} from {path}")
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
@@ -993,7 +1006,13 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
+    """--device: auto picks cuda, then mps, then cpu; an explicit one must be present here."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
     if name != "auto":
+        if not available.get(name, False):
+            raise ValueError(f"--device: {name} is not available on this machine (available: "
+                             f"{', '.join(k for k, ok in available.items() if ok)})")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -1295,7 +1314,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
     log("config:", json.dumps(resolved))
     log(f"processes: {dist.world}, device {dist.device}, compute dtype {str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
     if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
+        prepare_out_dir(out_dir, cfg)
         if not (cfg.resume or cfg.eval_only):
             sid._atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
     splits = leave_one_out(data, mcfg.max_history)
@@ -1364,6 +1383,28 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
     return results
 
 
+RUN_FILES = ("config.json", "checkpoint.pt", "last.pt", "item_id2tokens.npy", "tokens2item.pkl", "opq.npz",
+             "data.npz", "results.json")
+
+
+def prepare_out_dir(out_dir: str, cfg: TrainConfig) -> None:
+    """Make out_dir, refuse to start a new run over another run's files (unless --overwrite=true;
+    --resume and --eval_only use them), and remove temporary files a killed write left behind."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir: {out_dir} exists and is not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if found and not (cfg.resume or cfg.eval_only or cfg.overwrite):
+        raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found)}); continue it with "
+                         "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
+                         "or choose another --out_dir")
+    for name in os.listdir(out_dir):                    # ours: sid._atomic_write names them .tmp-<file>...
+        if name.startswith(".tmp-") and name[5:].startswith(RUN_FILES + ("eval.json",)):
+            os.remove(os.path.join(out_dir, name))
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out_dir: {out_dir} is not writable")
+
+
 def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict) -> dict:
     """Load last.pt into the model and optimizer, restore this process's RNG; return the progress record."""
     path = run.path("last.pt")
@@ -1419,6 +1460,10 @@ def train_model(model: RPG_ED, run: Run) -> dict:
             loss = train_step(net, optimizer, run.batch("train", local), weight, lr, cfg.grad_clip,
                               dist.device, dtype)
             progress["step"] += 1
+            finite = torch.tensor([float(math.isfinite(loss.item()))])
+            if dist.sum(finite).item() < dist.world:                           # every process stops together
+                raise ValueError(f"training loss is not finite at step {progress['step']} (epoch {epoch}): "
+                                 f"{loss.item()} on this process; lower --lr (now {cfg.lr}) or check the data")
             seen += len(rows)
             loss_sum, loss_rows = loss_sum + loss.item() * len(local), loss_rows + len(local)
             if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1 or progress["step"] == total_steps:
@@ -1470,5 +1515,5 @@ def print_table(results: dict) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:
+    except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
         raise SystemExit(f"error: {e}")
