@@ -67,7 +67,12 @@ def beam_search(model, batch: dict, beam_size: int, n_return: int, constraint,
             logits = model.step_uncached(prefix, memory, memory_mask)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         if constrained:
-            log_probs = log_probs.masked_fill(~constraint.prefix_mask(prefix), float("-inf"))
+            allowed = constraint.prefix_mask(prefix)                              # (B*beam, K)
+            if allowed.shape != log_probs.shape:
+                raise ValueError(f"constraint: its prefix_mask gives {tuple(allowed.shape)} for the model's "
+                                 f"{tuple(log_probs.shape)} logits; the index and the model disagree on "
+                                 f"codebook_size ({n_codes}) or n_digit ({n_digit})")
+            log_probs = log_probs.masked_fill(~allowed, float("-inf"))
         candidates = (scores.reshape(-1, 1) + log_probs).view(B, beam_size * n_codes)
         # A stable sort, not topk: equal scores keep (parent, code) order, so results are deterministic.
         scores, flat = torch.sort(candidates, dim=1, descending=True, stable=True)

@@ -558,16 +558,18 @@ class SIDIndex:
                 raise ValueError(f"{opq_path}: not a readable OPQ file ({type(e).__name__}: {e})") from e
         index = cls(codes, quantizer)
         inv = os.path.join(folder, "tokens2item.pkl")
-        if os.path.exists(inv):
-            with open(inv, "rb") as f:
-                try:
-                    table = _RefuseGlobals(f).load()
-                except ValueError:
-                    raise
-                except Exception as e:
-                    raise ValueError(f"{inv}: not a valid pickle ({e})") from e
-            if table != index.inverted_dict():
-                raise ValueError(f"{inv}: does not match {fwd}; rebuild the index")
+        if not os.path.exists(inv):
+            raise ValueError(f"{inv}: missing; an index folder holds item_id2tokens.npy and tokens2item.pkl "
+                             "(and opq.npz); rebuild the index")
+        with open(inv, "rb") as f:
+            try:
+                table = _RefuseGlobals(f).load()
+            except ValueError:
+                raise
+            except Exception as e:
+                raise ValueError(f"{inv}: not a valid pickle ({e})") from e
+        if table != index.inverted_dict():
+            raise ValueError(f"{inv}: does not match {fwd}; rebuild the index")
         return index
 
 

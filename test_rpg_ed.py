@@ -937,6 +937,17 @@ BAD_INPUTS = [
      "expected at least one user in the batch, got 0"),
     ("batch of 0 users (generate)", lambda d: beam.beam_search(tiny_model(), {k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()},
                                                                2, 1, None), "expected at least one user"),
+    ("index folder without tokens2item.pkl", lambda d: (sid.SIDIndex(np.eye(2, 4, dtype=np.uint8)).save(str(d)),
+                                                        os.remove(os.path.join(str(d), "tokens2item.pkl")),
+                                                        sid.SIDIndex.load(str(d))), "tokens2item.pkl: missing"),
+    ("model codebook_size != the index's (beam search)",
+     lambda d: beam.beam_search(tiny_model(codebook_size=16), make_batch(tiny_model(codebook_size=16), [2]), 2, 1,
+                                sid.SIDIndex(np.eye(2, 4, dtype=np.uint8))),
+     "the index and the model disagree on codebook_size"),
+    ("header-only data file names the file", lambda d: train.prepare(_load(d, "empty.csv", "user,item,timestamp\n")),
+     "empty.csv: no interactions"),
+    ("timestamp beyond 64 bits", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t99999999999999999999\n"),
+     "expected a timestamp that fits in 64 bits"),
     ("--device=mps where there is none", lambda d: train.pick_device("mps") if not torch.backends.mps.is_available()
      else (_ for _ in ()).throw(ValueError("--device: mps is not available")), "--device: mps is not available"),
 ]
@@ -1788,6 +1799,15 @@ def test_fewer_than_ten_items_trains_and_evaluates(tmp_path):
     results = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'run'}"] + TINY_RUN + ["--epochs=1"])
     assert results["dataset"]["items"] == 6 and 0 <= results["test"]["recall@10"] <= 1
     assert results["baselines"]["test"]["popularity"]["recall@10"] == 1.0   # all 6 items ranked
+
+
+def test_timestamps_are_exact_integers(tmp_path):
+    base = 1_700_000_000_000_000_000                                       # nanoseconds: beyond float64's 2**53
+    rows = "".join(f"u\ti{k}\t{base + (3 - k)}\n" for k in range(4)) + "u\ti9\t" + str(base + 9) + "\n"
+    data = train.prepare(train.load_data(train.TrainConfig(data=_write(tmp_path, "d.inter", INTER_HEADER + rows))), False)
+    assert [data.item_raw[i] for i in data.items] == ["i3", "i2", "i1", "i0", "i9"]     # 1 ns apart, in time order
+    mixed = train.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
+    assert mixed.times.typecode == "d" and list(mixed.times) == [5.0, 5.5]   # a fraction: the file is float64
 
 
 if __name__ == "__main__":

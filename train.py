@@ -202,12 +202,13 @@ def parse_args(argv: list, auto_preset: str | None = None) -> tuple[TrainConfig,
 class RawData:
     users: list                      # raw user id per interaction (str; one object per distinct id)
     items: list                      # raw item id per interaction (str)
-    times: Sequence[float]           # timestamp per interaction (array('d') in the loaders: 8 bytes
-                                     # each, not a Python float); file position for s3rec
+    times: Sequence[float]           # timestamp per interaction: array('q') of exact integers, or
+                                     # array('d') once any is fractional (8 bytes each); file position for s3rec
     time_ordered: bool = False       # s3rec: file order is time order, already 5-core
     item_text: dict = field(default_factory=dict)   # raw item id -> text
     item_emb: str = ""               # item-embedding file: --item_emb, or the one found beside the data
     source: str = ""
+    path: str = ""                   # the data file, for messages
     names: dict = field(default_factory=dict, repr=False)  # id -> the one str object kept for it
 
 
@@ -261,12 +262,19 @@ def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> N
     user, item = user.strip(), item.strip()
     if not user or not item:
         raise ValueError(f"{where}: expected non-empty user and item ids, got {user!r} and {item!r}")
-    try:
-        value = float(timestamp)
+    try:                                        # integers exactly (nanoseconds 1 apart stay apart)
+        value = int(timestamp)
     except ValueError:
-        raise ValueError(f"{where}: expected a numeric timestamp, got {timestamp!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite timestamp, got {timestamp!r}")
+        try:
+            value = float(timestamp)
+        except ValueError:
+            raise ValueError(f"{where}: expected a numeric timestamp, got {timestamp!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite timestamp, got {timestamp!r}")
+        if raw.times.typecode == "q":           # a fractional timestamp: the file is compared as float64
+            raw.times = array("d", raw.times)
+    if raw.times.typecode == "q" and not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{where}: expected a timestamp that fits in 64 bits, got {timestamp!r}")
     # one object per distinct id: 20M rows hold 20M pointers, not 40M strings
     raw.users.append(raw.names.setdefault(user, user)); raw.items.append(raw.names.setdefault(item, item))
     raw.times.append(value)
@@ -274,7 +282,7 @@ def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> N
 
 def load_inter(path: str) -> RawData:
     """RecBole atomic file: a header of name:type fields, tab-separated."""
-    raw = RawData([], [], array("d"))
+    raw = RawData([], [], array("q"))
     with _open_text(path) as f:
         header = f.readline().rstrip("\r\n").split("\t")
         names = [h.split(":")[0] for h in header]
@@ -297,7 +305,7 @@ def load_csv(path: str) -> RawData:
     aliases = {"user": ("user", "user_id", "userid", "reviewerid"),
                "item": ("item", "item_id", "itemid", "movieid", "asin"),
                "time": ("timestamp", "time", "ts", "unixreviewtime")}
-    raw = RawData([], [], array("d"))
+    raw = RawData([], [], array("q"))
     with _open_text(path) as f:
         first = f.readline()
         delimiter = "\t" if "\t" in first else ","
@@ -319,7 +327,7 @@ def load_csv(path: str) -> RawData:
 
 def load_amazon(path: str) -> RawData:
     """Amazon 2014 reviews: one JSON object per line with reviewerID, asin, unixReviewTime."""
-    raw = RawData([], [], array("d"))
+    raw = RawData([], [], array("q"))
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -341,7 +349,7 @@ def load_amazon(path: str) -> RawData:
 
 def load_s3rec(path: str) -> RawData:
     """`user item item ...` per line, oldest first (the S3Rec / ICLRec files): no timestamps."""
-    raw = RawData([], [], array("d"), time_ordered=True)
+    raw = RawData([], [], array("q"), time_ordered=True)
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             parts = line.split()
@@ -429,6 +437,7 @@ def load_data(cfg: TrainConfig) -> RawData:
     if cfg.data == "ml-100k":
         path, source = fetch_ml100k()
         raw = load_inter(path)
+        raw.path = path
         raw.item_text = load_item_text(path.replace(".inter", ".item"))
         raw.item_emb = _item_emb_file(cfg, path)
         raw.source = source + (f", item embeddings from {raw.item_emb}" if raw.item_emb else "")
@@ -443,6 +452,7 @@ def load_data(cfg: TrainConfig) -> RawData:
         raise ValueError(f"--data: {path} does not exist")
     fmt = read_file(path, detect_format) if cfg.format == "auto" else cfg.format
     raw = read_file(path, LOADERS[fmt])
+    raw.path = path
     item_text = cfg.item_text
     if not item_text:  # look beside the data file: name.item, or *_items.jsonl
         folder = os.path.dirname(path)
@@ -526,10 +536,10 @@ def prepare(raw: RawData, five_core: bool = True) -> Dataset:
     """Stable time sort per user, k-core filtering until nothing changes, contiguous ids (sorted
     raw-id order). Works on integer codes: no Python loop over interactions."""
     if not len(raw.users):
-        raise ValueError("dataset: no interactions")
+        raise ValueError(f"{raw.path or 'dataset'}: no interactions")
     uid, user_names = _codes(raw.users)
     iid, item_names = _codes(raw.items)
-    times = np.asarray(raw.times, dtype=np.float64)
+    times = np.asarray(raw.times)                      # int64 (exact) or float64
     keep = np.ones(len(uid), bool)
     if five_core and not raw.time_ordered:
         while True:
@@ -540,7 +550,8 @@ def prepare(raw: RawData, five_core: bool = True) -> Dataset:
                 break
             keep[np.flatnonzero(keep)[~ok]] = False
     if not keep.any():
-        raise ValueError("dataset: empty after 5-core filtering (every user or item had fewer than 5 interactions)")
+        raise ValueError(f"{raw.path or 'dataset'}: empty after 5-core filtering (every user or item had fewer "
+                         "than 5 interactions)")
     (uid, user_raw), (iid, item_raw) = _renumber(uid[keep], user_names), _renumber(iid[keep], item_names)
     times = times[keep]
     # stable: equal timestamps keep file order (PROTOCOL.md), never an item-id tie-break
