@@ -227,6 +227,7 @@ class OPQ:
     rotation: np.ndarray             # [D', D'] orthogonal, D' = D rounded up to n_digit
     codebooks: list                  # n_digit arrays [k_d, dsub]
     errors: list = field(default_factory=list)  # mean squared error after each OPQ iteration
+    placed: tuple = (0, "")          # (n, sha256 of the codes it gave items 0..n-1): which index it belongs to
 
     @property
     def n_digit(self) -> int:
@@ -528,7 +529,8 @@ class SIDIndex:
             for d, book in enumerate(q.codebooks):
                 books[d, : len(book)] = book
             np.savez(buf, version=INDEX_VERSION, mean=q.mean, rotation=q.rotation, codebooks=books,
-                     n_centroids=np.array([len(b) for b in q.codebooks]), errors=np.array(q.errors))
+                     n_centroids=np.array([len(b) for b in q.codebooks]), errors=np.array(q.errors),
+                     placed_items=np.array(q.placed[0]), placed_sha256=np.array(q.placed[1]))
             _atomic_write(os.path.join(folder, "opq.npz"), buf.getvalue())
 
     @classmethod
@@ -551,11 +553,17 @@ class SIDIndex:
                         raise ValueError(f"{opq_path}: index version {version}, this code reads "
                                          f"{INDEX_VERSION}; rebuild the index")
                     quantizer = OPQ(mean=z["mean"], rotation=z["rotation"], errors=list(z["errors"]),
-                                    codebooks=[z["codebooks"][d, :k] for d, k in enumerate(z["n_centroids"])])
+                                    codebooks=[z["codebooks"][d, :k] for d, k in enumerate(z["n_centroids"])],
+                                    placed=(int(z["placed_items"]), str(z["placed_sha256"]))
+                                    if "placed_sha256" in z.files else (0, ""))
             except ValueError:
                 raise
             except Exception as e:  # a truncated or corrupt zip: BadZipFile, EOFError, KeyError, OSError
                 raise ValueError(f"{opq_path}: not a readable OPQ file ({type(e).__name__}: {e})") from e
+        n, digest = quantizer.placed if quantizer is not None else (0, "")
+        if digest and (len(codes) < n or hashlib.sha256(codes[:n].tobytes()).hexdigest() != digest):
+            raise ValueError(f"{opq_path}: belongs to another index (it placed {n} items whose SIDs differ from "
+                             f"the first {min(n, len(codes))} of {fwd}); keep an index's files together")
         index = cls(codes, quantizer)
         inv = os.path.join(folder, "tokens2item.pkl")
         if not os.path.exists(inv):
@@ -585,6 +593,7 @@ def build_index(embeddings, seed: int = 0, n_iter: int = 10, kmeans_iter: int = 
     opq = train_opq(embeddings, N_DIGIT, codebook_size, n_iter, kmeans_iter, seed)
     embeddings = _check_embeddings(embeddings)
     codes, moved = resolve_collisions(opq.encode(embeddings), lambda rows: opq.distances(embeddings[rows]))
+    opq.placed = (len(codes), hashlib.sha256(codes.astype(np.uint8).tobytes()).hexdigest())
     if verbose:
         print(f"OPQ error per iteration: {' '.join(f'{e:.4g}' for e in opq.errors)}")
         print(f"collisions resolved: {moved} of {len(codes)} items moved to their nearest free SID")

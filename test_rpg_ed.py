@@ -926,6 +926,10 @@ BAD_INPUTS = [
      "d.json:1: expected reviewerID to be a string or a number, got null"),
     ("Amazon asin a list", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": ["a"], "unixReviewTime": 1}\n'),
      "d.json:1: expected asin to be a string or a number"),
+    ("csv line number after a quoted newline", lambda d: _load(d, "d.csv", 'user,item,timestamp\n"u\n0",i0,1\nu1,i1\n'),
+     "d.csv:4: expected 3 fields, got 2"),
+    ("csv field over the size limit", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i,1\nu," + "x" * 200_000 + ",2\n"),
+     "d.csv:3: not a readable CSV row (field larger than field limit"),
     ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected non-empty user"),
     ("--item_emb given a .npz", lambda d: train.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
     ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a real numeric"),
@@ -940,6 +944,7 @@ BAD_INPUTS = [
     ("index folder without tokens2item.pkl", lambda d: (sid.SIDIndex(np.eye(2, 4, dtype=np.uint8)).save(str(d)),
                                                         os.remove(os.path.join(str(d), "tokens2item.pkl")),
                                                         sid.SIDIndex.load(str(d))), "tokens2item.pkl: missing"),
+    ("opq.npz of another index", lambda d: _opq_of_another_index(d), "opq.npz: belongs to another index"),
     ("model codebook_size != the index's (beam search)",
      lambda d: beam.beam_search(tiny_model(codebook_size=16), make_batch(tiny_model(codebook_size=16), [2]), 2, 1,
                                 sid.SIDIndex(np.eye(2, 4, dtype=np.uint8))),
@@ -951,6 +956,14 @@ BAD_INPUTS = [
     ("--device=mps where there is none", lambda d: train.pick_device("mps") if not torch.backends.mps.is_available()
      else (_ for _ in ()).throw(ValueError("--device: mps is not available")), "--device: mps is not available"),
 ]
+
+
+def _opq_of_another_index(folder):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        sid.build_index(rng.normal(size=(30, 4)).astype(np.float32))[0].save(os.path.join(str(folder), name))
+    os.replace(os.path.join(str(folder), "b", "opq.npz"), os.path.join(str(folder), "a", "opq.npz"))
+    return sid.SIDIndex.load(os.path.join(str(folder), "a"))
 
 
 def _npz(folder) -> str:
@@ -1434,6 +1447,9 @@ def test_load_run_refuses_missing_or_mismatched_files(group_run, tmp_path):
     out = _copy_run(group_run, tmp_path / "other_sids")                      # SIDs the model was not trained on
     codes = np.load(os.path.join(good, "item_id2tokens.npy"))
     sid.SIDIndex(codes[::-1].copy()).save(out)
+    with pytest.raises(ValueError, match="opq.npz: belongs to another index"):
+        recommend.load_run(out)
+    os.remove(os.path.join(out, "opq.npz"))                                 # then the checkpoint's digest says it
     with pytest.raises(ValueError, match="other SIDs"):
         recommend.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_model")                     # config.json of another model

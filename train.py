@@ -316,12 +316,17 @@ def load_csv(path: str) -> RawData:
             if not found:
                 raise ValueError(f"{path}:1: expected the {key} column (one of {names}), got {header}")
             cols[key] = found[0]
-        for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")
-            _append(raw, f"{path}:{line_no}", row[cols["user"]], row[cols["item"]], row[cols["time"]])
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            for row in reader:
+                line_no = reader.line_num + 1       # the file's line where the row ends (quoted newlines count)
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")
+                _append(raw, f"{path}:{line_no}", row[cols["user"]], row[cols["item"]], row[cols["time"]])
+        except csv.Error as e:                      # e.g. a field over the csv module's size limit
+            raise ValueError(f"{path}:{reader.line_num + 1}: not a readable CSV row ({e})") from None
     return raw
 
 
