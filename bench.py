@@ -290,8 +290,7 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     history = np.where(np.arange(c.max_history)[None, :] >= c.max_history - lengths[:, None],
                        rng.integers(0, index.n_items, (len(lengths), c.max_history)), -1)
     split = train.Split.from_windows(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
-    item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, c.n_user_buckets)),
-                             torch.full((1, c.n_digit), sid.PAD)])
+    item_tokens = train.item_token_table(index, c)
     user_buckets = torch.zeros(1, dtype=torch.long)
     cpu = torch.device("cpu")
     cfg = train.TrainConfig(batch_size=B)

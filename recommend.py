@@ -136,15 +136,13 @@ def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
 # Recommending: histories -> top items, in length-grouped batches
 # ----------------------------------------------------------------------------------------------
 
-def history_matrix(histories: list, max_history: int) -> np.ndarray:
-    """Item-id sequences -> (U, max_history) of their last max_history items, left-padded with -1."""
-    out = np.full((len(histories), max_history), -1, np.int64)
-    lengths = np.array([min(len(h), max_history) for h in histories], np.int64)
-    if lengths.sum():
-        rows = np.repeat(np.arange(len(histories)), lengths)
-        cols = max_history - lengths[rows] + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        out[rows, cols] = np.concatenate([np.asarray(h[len(h) - n:], np.int64) for h, n in zip(histories, lengths)])
-    return out
+def request_split(histories: list, max_history: int) -> train.Split:
+    """Item-id sequences of any length -> a Split whose windows (cut per batch) are their last
+    max_history items; each history is followed by a placeholder target that nothing reads."""
+    lengths = np.array([len(h) for h in histories], np.int64)
+    pos = np.cumsum(lengths + 1) - 1
+    flat = np.concatenate([np.append(np.asarray(h, np.int64), 0) for h in histories]) if histories else np.zeros(0, np.int64)
+    return train.Split(flat, pos - lengths, pos, np.arange(len(histories)), max_history)
 
 
 def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, first_new: int, n_new: int) -> np.ndarray:
@@ -167,7 +165,7 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
     lo, hi = np.searchsorted(added_keys, keys, "left"), np.searchsorted(added_keys, keys, "right")
     count = np.where(items >= 0, hi - lo, 0).reshape(-1)
     slot = np.repeat(np.arange(U * k), count)                              # candidates, in (user, rank) order
-    cand = added[np.repeat(lo.reshape(-1), count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)]
+    cand = added[np.repeat(lo.reshape(-1), count) + train.ragged_arange(count)]
     user, after = slot // k, slot % k
     fresh = ~(items[user] == cand[:, None]).any(1)                         # not generated already
     _, first = np.unique(user * index.n_items + cand, return_index=True)   # once, after its first match
@@ -212,16 +210,14 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     if any(len(h) == 0 for h in histories):
         raise ValueError("histories: every history needs at least one item")
     dist = dist or train.Dist(0, 1, next(run.model.parameters()).device)
-    split = train.Split.from_windows(history_matrix(histories, mcfg.max_history), np.zeros(len(histories), np.int64),
-                                     np.arange(len(histories)))
-    item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(run.index.item_codes, mcfg.n_user_buckets)),
-                             torch.full((1, mcfg.n_digit), sid.PAD)])
+    split = request_split(histories, mcfg.max_history)
+    item_tokens = train.item_token_table(run.index, mcfg)
     buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in users], dtype=torch.long)
     items = torch.zeros(len(histories), n_return, dtype=torch.long)
     scores = torch.zeros(len(histories), n_return)
     codes = torch.zeros(len(histories), n_return, mcfg.n_digit, dtype=torch.long)
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-    batches = train.length_batches(train.history_lengths(split), batch_size, batch_tokens or batch_size * mcfg.max_history)
+    batches = train.length_batches(split.lengths(), batch_size, batch_tokens or batch_size * mcfg.max_history)
     for j, rows in enumerate(batches):
         if j % dist.world != dist.rank:
             continue

@@ -105,11 +105,23 @@ def _check_embeddings(x, name: str = "embeddings") -> np.ndarray:
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: expected at least one item and one dimension, got shape {x.shape}")
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name}: expected a real numeric (float or int) array, got dtype {x.dtype}")
+        raise ValueError(f"{name}: expected a numeric array, got dtype {x.dtype} (floats or ints; not bool, "
+                         "complex or strings)")
     if not np.isfinite(x).all():
         row = int(np.argwhere(~np.isfinite(x))[0, 0])
         raise ValueError(f"{name}: expected finite values, got NaN or inf in row {row}")
     return x
+
+
+def load_embeddings(path: str, name: str = "embeddings") -> np.ndarray:
+    """An [N, D] numeric .npy file, checked: never a pickle, never a .npz archive."""
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: {path} is not a readable .npy array ({e})") from None
+    if not isinstance(emb, np.ndarray):                                   # np.load of a .npz: an archive
+        raise ValueError(f"{name}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
+    return _check_embeddings(emb, f"{name} ({path})")
 
 
 def _partial_distance_blocks(x: np.ndarray, centroids: np.ndarray, chunk_rows: int = 8192):
@@ -611,15 +623,9 @@ def main() -> None:
     if os.path.exists(os.path.join(args.out, "item_id2tokens.npy")) and not args.overwrite:
         raise ValueError(f"--out: {args.out} already holds an index (a run's SIDs?); choose another folder or "
                          "pass --overwrite")
-    try:
-        emb = np.load(args.emb, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--emb: {args.emb} is not a readable .npy array ({e})") from None
-    if not isinstance(emb, np.ndarray):
-        raise ValueError(f"--emb: expected one .npy array, got a .npz archive ({args.emb})")
+    emb = load_embeddings(args.emb, "--emb")
     start = time.perf_counter()
-    index, _ = build_index(_check_embeddings(emb, "--emb").astype(np.float32), seed=args.seed, n_iter=args.n_iter,
-                           verbose=True)
+    index, _ = build_index(emb.astype(np.float32), seed=args.seed, n_iter=args.n_iter, verbose=True)
     index.save(args.out)
     print(f"{index.n_items} items, {time.perf_counter() - start:.1f} s, saved to {args.out}")
 

@@ -932,9 +932,9 @@ BAD_INPUTS = [
      "d.csv:3: not a readable CSV row (field larger than field limit"),
     ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected non-empty user"),
     ("--item_emb given a .npz", lambda d: train.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
-    ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a real numeric"),
-    ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a real numeric"),
-    ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a real numeric"),
+    ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a numeric array, got dtype"),
+    ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a numeric array, got dtype"),
+    ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a numeric array, got dtype"),
     ("complex codes (lookup)", lambda d: sid.SIDIndex(np.zeros((1, 4), np.uint8)).lookup(np.zeros((1, 4), complex)),
      "expected an integer array"),
     ("batch of 0 users (model)", lambda d: tiny_model()({k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()}),
@@ -1423,9 +1423,9 @@ def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
 
 @given(st.lists(st.lists(st.integers(0, 50), min_size=0, max_size=12), min_size=0, max_size=6), st.integers(1, 7))
 @FAST
-def test_history_matrix_keeps_the_last_items_left_padded(histories, width):
-    fast = recommend.history_matrix([np.array(h, np.int64) for h in histories], width)
-    for row, h in zip(fast, histories):
+def test_request_windows_keep_the_last_items_left_padded(histories, width):
+    split = recommend.request_split([np.array(h, np.int64) for h in histories], width)
+    for row, h in zip(split.history, histories):
         tail = h[-width:] if h else []
         assert row.tolist() == [-1] * (width - len(tail)) + list(tail)
 

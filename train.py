@@ -604,10 +604,9 @@ class Split:
     def target(self) -> np.ndarray:
         return self.items[self.pos].astype(np.int64)
 
-    def lengths(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """Real (non-padding) history items of each example (of `rows`)."""
-        start, pos = (self.start, self.pos) if rows is None else (self.start[rows], self.pos[rows])
-        return np.minimum(pos - start, self.max_history)
+    def lengths(self) -> np.ndarray:
+        """(E,) real (non-padding) history items of each example."""
+        return np.minimum(self.pos - self.start, self.max_history)
 
     def windows(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), max_history) item ids before each target, oldest first, left-padded with -1."""
@@ -619,6 +618,11 @@ class Split:
     def history(self) -> np.ndarray:
         """Every window at once, (E, max_history): for small data and tests only."""
         return self.windows(np.arange(len(self.pos)))
+
+
+def ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count c, concatenated: ragged_arange([2, 0, 3]) = [0, 1, 0, 1, 2]."""
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 EVAL_SAMPLE_SEED = 0   # --eval_users: the sample depends on the data alone, not on --seed
@@ -642,8 +646,7 @@ def leave_one_out(data: Dataset, max_history: int) -> dict:
     starts = data.offsets[:-1]
     n_train = lengths - 3                                             # positions 1 .. n-3 of each user
     train_user = np.repeat(users, n_train)
-    first = np.cumsum(n_train) - n_train
-    train_pos = starts[train_user] + 1 + (np.arange(n_train.sum()) - first[train_user])
+    train_pos = starts[train_user] + 1 + ragged_arange(n_train)
     split = lambda user, pos: Split(data.items, starts[user], pos, user, max_history)
     return {"train": split(train_user, train_pos), "valid": split(users, data.offsets[1:] - 2),
             "test": split(users, data.offsets[1:] - 1)}
@@ -792,20 +795,10 @@ def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int =
 
 
 def read_item_emb(path: str, n_items: int, flag: str = "--item_emb") -> np.ndarray:
-    """An [n_items, D] numeric .npy file (no pickles) -> float32, or a ValueError naming the file."""
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{flag}: {path} is not a readable .npy array ({e})") from None
-    if not isinstance(emb, np.ndarray):                                   # np.load of a .npz: an archive
-        raise ValueError(f"{flag}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
-    if emb.ndim != 2 or emb.shape[0] != n_items:
+    """An [n_items, D] numeric .npy file -> float32 (sid.load_embeddings checks file and dtype)."""
+    emb = sid.load_embeddings(path, flag)
+    if emb.shape[0] != n_items:
         raise ValueError(f"{flag}: expected shape [{n_items} items, D], got {emb.shape} from {path}")
-    if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
-        raise ValueError(f"{flag}: expected a numeric array, got dtype {emb.dtype} from {path}")
-    if not np.isfinite(emb).all():
-        row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
-        raise ValueError(f"{flag}: expected finite values, got NaN or inf in row {row} of {path}")
     return emb.astype(np.float32)
 
 
@@ -899,6 +892,12 @@ def continue_config(argv: list, base_config: dict) -> tuple[TrainConfig, RPGEDCo
 # Batches, metrics, baselines
 # ----------------------------------------------------------------------------------------------
 
+def item_token_table(index: sid.SIDIndex, mcfg: RPGEDConfig) -> torch.Tensor:
+    """(n_items + 1, n_digit) SID tokens of each item; the last row is PAD (make_batch's padding)."""
+    return torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, mcfg.n_user_buckets)),
+                      torch.full((1, mcfg.n_digit), sid.PAD)])
+
+
 def make_batch(split: Split, rows: np.ndarray, item_tokens: torch.Tensor, user_buckets: torch.Tensor,
                device: torch.device, with_target: bool = True) -> dict:
     """Rows of a split -> the model's batch. History is trimmed to the longest real one in the batch
@@ -973,7 +972,7 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
     """
     n_items = len(data.item_raw)
     lengths = data.lengths
-    local = np.arange(data.n_interactions) - np.repeat(data.offsets[:-1], lengths)   # position within the user
+    local = ragged_arange(lengths)                                                    # position within the user
     in_train = local < np.repeat(lengths - 2, lengths)                                 # train parts
     pop = np.bincount(data.items[in_train], minlength=n_items).astype(np.float64)
     by_pop = np.argsort(-pop, kind="stable")
@@ -1001,7 +1000,7 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
     rank = np.zeros(len(target), np.int64)                                      # 0 = not in the top 10
     if cfg.dynamic_batches:                                                     # users grouped by history length
         tokens = cfg.batch_tokens or cfg.eval_batch_size * model.config.max_history
-        batches = length_batches(history_lengths(split), cfg.eval_batch_size, tokens)
+        batches = length_batches(split.lengths(), cfg.eval_batch_size, tokens)
     else:
         batches = fixed_batches(np.arange(len(target)), cfg.eval_batch_size)
     dtype = compute_dtype(cfg, run.dist.device)
@@ -1130,11 +1129,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 def fixed_batches(order: np.ndarray, batch_size: int) -> list:
     """Consecutive slices of `order`, batch_size rows each (the last one may be shorter)."""
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def history_lengths(split: Split) -> np.ndarray:
-    """(E,) number of real (non-padding) history items of each example."""
-    return split.lengths()
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int,
@@ -1363,8 +1357,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
         if index.n_items != len(data.item_raw):
             raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {len(data.item_raw)}")
         log(f"SIDs: loaded from {out_dir}")
-    item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, mcfg.n_user_buckets)),
-                             torch.full((1, mcfg.n_digit), sid.PAD)])
+    item_tokens = item_token_table(index, mcfg)
     user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
     run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
 
@@ -1455,7 +1448,7 @@ def train_model(model: RPG_ED, run: Run) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    lengths = history_lengths(run.splits["train"])
+    lengths = run.splits["train"].lengths()
     max_history = run.resolved["model"]["max_history"]
     steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
     total_steps = cfg.epochs * steps_per_epoch
