@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import heapq
 import io
 import os
 import pickle
@@ -331,51 +330,181 @@ def pack_codes(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0] << 24) | (codes[..., 1] << 16) | (codes[..., 2] << 8) | codes[..., 3]
 
 
-def _pack_tuple(codes: tuple) -> int:
-    """pack_codes for one tuple of Python ints."""
-    key = 0
-    for c in codes:
-        key = (key << 8) | c
-    return key
+class _TakenSIDs:
+    """The SIDs in use, with O(1) updates and vectorised questions about them.
 
-
-def _nearest_free_tuple(dist: np.ndarray, taken: set) -> tuple:
-    """Cheapest code tuple not in `taken`, by best-first search over sorted per-digit distances.
-
-    dist [n_digit, 256] is one item's squared distance to every code. Ties go to the smaller
-    tuple of sorted ranks, so the result is deterministic.
+    count1 [256] and count2 [65536] count used SIDs per 1- and 2-code prefix; a 3-code prefix gets a
+    row of `used` [rows, 256] (which last codes are taken) the first time one of its SIDs is used,
+    found through `slot` [2**24] (-1: none used). Fixed memory: 64 MB for `slot`, then 256 bytes per
+    3-code prefix in use. `has_centroid` [4, 256] says which codes are real centroids: a SID made of
+    those only is "finite", and `finite_free` counts the finite SIDs still free.
     """
-    order = np.argsort(dist, axis=1, kind="stable")                  # [n_digit, 256]
-    sorted_dist = np.take_along_axis(dist, order, 1).astype(np.float64)
-    start = (0,) * dist.shape[0]
-    heap = [(float(sorted_dist[np.arange(dist.shape[0]), start].sum()), start)]
-    seen = {start}
-    while heap:
-        cost, ranks = heapq.heappop(heap)
-        codes = tuple(int(order[d, r]) for d, r in enumerate(ranks))
-        if _pack_tuple(codes) not in taken:
-            return codes
-        for d in range(dist.shape[0]):
-            if ranks[d] + 1 < dist.shape[1]:
-                nxt = ranks[:d] + (ranks[d] + 1,) + ranks[d + 1:]
-                if nxt not in seen:
-                    seen.add(nxt)
-                    # cost of the neighbour; +inf once a digit uses a code with no centroid
-                    nxt_cost = np.inf if np.isinf(sorted_dist[d, ranks[d] + 1]) else \
-                        cost + sorted_dist[d, ranks[d] + 1] - sorted_dist[d, ranks[d]]
-                    heapq.heappush(heap, (nxt_cost, nxt))
-    raise ValueError("no free SID left: more items than code tuples")
+
+    def __init__(self, has_centroid: np.ndarray):
+        self.has_centroid = has_centroid
+        self.count1 = np.zeros(1 << 8, np.int64)
+        self.count2 = np.zeros(1 << 16, np.int64)
+        self.slot = np.full(1 << 24, -1, np.int32)
+        self.used = np.zeros((1024, CODEBOOK_SIZE), bool)
+        self.row_count = np.zeros(1024, np.int64)
+        self.n_rows = 0
+        self.finite_free = int(np.prod(has_centroid.sum(1), dtype=np.int64))
+        self.free = None                 # sorted [F] free finite SIDs, listed once they are few
+        self.alive = None                # [F] bool, False once taken
+
+    def free_finite(self):
+        """The free finite SIDs as packed keys, or None while there are too many to list."""
+        if self.free is None and self.finite_free <= _FREE_LIST and \
+                np.prod(self.has_centroid.sum(1), dtype=np.int64) <= 1 << 24:
+            codes = [np.flatnonzero(h) for h in self.has_centroid]
+            grid = np.stack(np.meshgrid(*codes, indexing="ij"), -1).reshape(-1, 4)  # every finite SID
+            keys = pack_codes(grid).astype(np.int64)
+            self.free = np.sort(keys[~self.is_used(keys)])
+            self.alive = np.ones(len(self.free), bool)
+        return None if self.free is None else self.free[self.alive]
+
+    def _rows(self, prefix3: np.ndarray) -> np.ndarray:
+        """Rows of `used` for these distinct 3-code prefixes, made where missing."""
+        new = prefix3[self.slot[prefix3] < 0]
+        if new.size:
+            while self.n_rows + new.size > len(self.used):           # grow by doubling
+                self.used = np.concatenate([self.used, np.zeros_like(self.used)])
+                self.row_count = np.concatenate([self.row_count, np.zeros_like(self.row_count)])
+            self.slot[new] = np.arange(self.n_rows, self.n_rows + new.size)
+            self.n_rows += new.size
+        return self.slot[prefix3]
+
+    def add(self, keys: np.ndarray) -> None:
+        """Mark distinct packed SIDs [n] as used (none of them may be used already)."""
+        keys = keys.astype(np.int64)
+        np.add.at(self.count1, keys >> 24, 1)
+        np.add.at(self.count2, keys >> 16, 1)
+        prefix3, inverse = np.unique(keys >> 8, return_inverse=True)
+        rows = self._rows(prefix3)[inverse]
+        self.used[rows, keys & 255] = True
+        np.add.at(self.row_count, rows, 1)
+        codes = (keys[:, None] >> np.array([24, 16, 8, 0])) & 255     # [n, 4]
+        self.finite_free -= int(self.has_centroid[np.arange(4), codes].all(1).sum())
+        if self.free is not None:
+            at = np.minimum(np.searchsorted(self.free, keys), len(self.free) - 1)
+            self.alive[at[self.free[at] == keys]] = False
+
+    def is_used(self, keys: np.ndarray) -> np.ndarray:
+        """[n] packed SIDs -> [n] bool."""
+        rows = self.slot[keys >> 8]
+        return (rows >= 0) & self.used[np.maximum(rows, 0), keys & 255]
+
+    def prefix_full(self, prefixes: np.ndarray, length: int) -> np.ndarray:
+        """[n] packed prefixes of `length` codes -> [n] bool: every SID below it is used."""
+        if length == 1:
+            return self.count1[prefixes] == 1 << 24
+        if length == 2:
+            return self.count2[prefixes] == 1 << 16
+        rows = self.slot[prefixes]
+        return (rows >= 0) & (self.row_count[np.maximum(rows, 0)] == CODEBOOK_SIZE)
+
+
+def _first_free_in_rank_order(order: np.ndarray, taken: _TakenSIDs) -> np.ndarray:
+    """The free SID whose tuple of ranks is smallest (lexicographically); order [4, 256] lists one
+    item's codes per digit, nearest first. Used once every finite SID is taken: all costs are
+    then +inf and the ranks alone decide. A prefix that is not full has a free SID below it, so
+    one pass down the digits finds it, skipping full prefixes 256 at a time."""
+    prefix = 0
+    for length in range(1, 5):
+        keys = (prefix << 8) | order[length - 1]                          # [256], in rank order
+        blocked = taken.is_used(keys) if length == 4 else taken.prefix_full(keys, length)
+        prefix = int(keys[np.argmin(blocked)])                            # first one not blocked
+    return (prefix >> np.array([24, 16, 8, 0])) & 255
+
+
+def _cheapest_free(dist: np.ndarray, order: np.ndarray, sorted_dist: np.ndarray, taken: _TakenSIDs,
+                   lo: float = -np.inf, width: float | None = None):
+    """The free finite SID of least total distance, ties to the smallest tuple of ranks.
+
+    dist [4, 256] is one item's float64 distance to every code (+inf: no centroid), order [4, 256]
+    its codes nearest first and sorted_dist [4, 256] = dist in that order. The caller may know that
+    every SID costing <= lo is used. Returns (codes [4], their cost, the band width that found it).
+
+    When few finite SIDs are free, each is priced. Otherwise tuples are listed in bands of cost
+    (lo, hi], cheapest band first, each built digit by digit in numpy (a prefix is extended only by
+    ranks that can still fit under hi); the first band holding a free SID holds the answer. So the
+    work is about the number of used SIDs that cost between lo and the answer, vectorised.
+    """
+    free = taken.free_finite()
+    if free is not None:                                                 # few left: price each of them
+        codes = (free[:, None] >> np.array([24, 16, 8, 0])) & 255        # [F, 4]
+        cost = dist[0, codes[:, 0]] + dist[1, codes[:, 1]] + dist[2, codes[:, 2]] + dist[3, codes[:, 3]]
+        cheapest = np.flatnonzero(cost == cost.min())
+        ranks = np.argsort(order, axis=1)[np.arange(4), codes[cheapest]]  # [c, 4] rank of each code
+        best = cheapest[np.lexsort(ranks.T[::-1])[0]]
+        return codes[best], cost[best], width
+    finite = [d[np.isfinite(d)] for d in sorted_dist]                    # 4 sorted arrays
+    least, most = sum(f[0] for f in finite), sum(f[-1] for f in finite)  # cheapest and dearest finite SID
+    floor = (most - least) * 2.0 ** -40 or 1.0                           # bands never get thinner
+    if width is None:
+        width = min([f[1] - f[0] for f in finite if len(f) > 1 and f[1] > f[0]], default=1.0)
+    width = max(width, floor)
+    hi, narrowed = (least if lo < least else lo + width), 0
+    while True:
+        # A band too big to list at once is narrowed. One that cannot be (the first, which holds the
+        # ties of the cheapest cost, or one still too big after 30 tries) holds equal costs: it is
+        # listed whole. Only an item equidistant from millions of code tuples makes that large.
+        band = _tuples_in_band(finite, lo, hi, _BAND_LIMIT if narrowed < 30 and lo >= least else np.inf)
+        if band is None:
+            width, narrowed = max(width / 8, floor), narrowed + 1
+            hi = lo + width
+            continue
+        cost, ranks = band
+        codes = order[np.arange(4), ranks]                                # [m, 4]
+        free = ~taken.is_used(pack_codes(codes).astype(np.int64))
+        if free.any():
+            cheapest = np.flatnonzero(free & (cost == cost[free].min()))
+            best = cheapest[np.lexsort(ranks[cheapest].T[::-1])[0]]
+            return codes[best], cost[best], width / 4 if len(cost) > 4096 else width  # next time: narrower
+        if hi >= most:
+            raise RuntimeError("no free finite SID found although one is counted free (a bug)")
+        lo, hi, width, narrowed = hi, hi + width, width * 4, 0
+
+
+_BAND_LIMIT = 1 << 16
+_FREE_LIST = 1 << 16
+
+
+def _tuples_in_band(finite: list, lo: float, hi: float, limit: float):
+    """All rank tuples whose cost is in (lo, hi]: (cost [m], ranks [m, 4]), or None if a step would
+    list more than `limit`. A prefix is extended only by the ranks that leave it some completion
+    inside the band: its cheapest completion must be <= hi and its dearest > lo."""
+    least = np.concatenate([np.cumsum([f[0] for f in finite][::-1])[::-1], [0.0]])   # [5] digits d..3
+    most = np.concatenate([np.cumsum([f[-1] for f in finite][::-1])[::-1], [0.0]])
+    slack = 1e-9 * (abs(lo) if np.isfinite(lo) else 0.0) + 1e-9 * abs(hi)  # rounding: never drop one that fits
+    cost, ranks = np.zeros(1), np.zeros((1, 0), np.int64)                 # [m], [m, digits so far]
+    for d, f in enumerate(finite):
+        first = np.searchsorted(f, lo - cost - most[d + 1] - slack, side="right")
+        stop = np.searchsorted(f, hi - cost - least[d + 1] + slack, side="right")
+        n_fit = np.maximum(stop - first, 0)                               # ranks first..stop-1, per prefix
+        if n_fit.sum() > limit:
+            return None
+        parent = np.repeat(np.arange(len(cost)), n_fit)
+        rank = np.arange(len(parent)) - np.repeat(np.cumsum(n_fit) - n_fit - first, n_fit)
+        cost, ranks = cost[parent] + f[rank], np.concatenate([ranks[parent], rank[:, None]], 1)
+    keep = (cost > lo) & (cost <= hi)
+    return cost[keep], ranks[keep]
 
 
 def resolve_collisions(codes: np.ndarray, distances_of, taken_keys: np.ndarray | None = None):
     """Give every item a SID of its own. Returns (codes [N, 4] int64, number of moved items).
 
     codes [N, 4] are the nearest codes; distances_of(item_ids [M]) returns those items' squared
-    distances to every code, [M, 4, 256] (asked only for the items that must move, so memory
-    stays small); `taken_keys` are packed SIDs already in use (when adding items). Within a collision group the item with
-    the lowest id keeps its SID; the others, in id order, move to the free tuple with the least
-    added quantisation error. The loop runs over colliding items only: each choice changes
-    which tuples are free for the next, so the order matters and is fixed.
+    distances to every code, [M, 4, 256], +inf for a code without a centroid (asked in blocks of
+    the items that must move, so memory stays small); `taken_keys` are packed SIDs already in use
+    (when adding items). Within a collision group the item with the lowest id keeps its SID; the
+    others, in id order, move to the free SID with the least added distance, ties to the
+    smallest tuple of ranks (rank r = the r-th nearest code of a digit). Each choice changes which
+    SIDs are free for the next, so the order matters and is fixed.
+
+    Time: one pass over the movers; each search costs about the number of used SIDs cheaper than
+    its answer (vectorised), and once every SID made of real centroids is used, a pass down the
+    four digits that skips full prefixes (`_first_free_in_rank_order`).
     """
     codes = codes.astype(np.int64).copy()
     keys = pack_codes(codes)
@@ -388,14 +517,36 @@ def resolve_collisions(codes: np.ndarray, distances_of, taken_keys: np.ndarray |
     if len(taken_keys) + len(keys) > CODEBOOK_SIZE ** codes.shape[1]:
         raise ValueError(f"too many items: {len(taken_keys) + len(keys)} for "
                          f"{CODEBOOK_SIZE ** codes.shape[1]} SIDs")
-    taken = set(taken_keys.tolist()) | set(keys[keeps].tolist())
     if movers.size == 0:
         return codes, 0
-    dist = distances_of(movers)                                        # [M, 4, 256]
-    for item, item_dist in zip(movers, dist):
-        new = _nearest_free_tuple(item_dist, taken)
-        codes[item] = new
-        taken.add(_pack_tuple(new))
+    taken, last = None, {}            # last: nearest SID -> (dist, cost, band width) of its last mover
+    for block in np.array_split(movers, -(-len(movers) // 4096)):
+        dist = distances_of(block).astype(np.float64)                    # [m, 4, 256]
+        has_centroid = np.isfinite(dist[0])
+        if not (np.isfinite(dist) == has_centroid).all():
+            raise ValueError("distances: every item must have +inf for the same codes (those without a centroid)")
+        if taken is None:
+            taken = _TakenSIDs(has_centroid)
+            taken.add(np.concatenate([taken_keys, keys[keeps]]))
+        order = np.argsort(dist, axis=2, kind="stable")                 # [m, 4, 256] codes, nearest first
+        sorted_dist = np.take_along_axis(dist, order, 2)
+        for item, item_dist, item_order, item_sorted in zip(block, dist, order, sorted_dist):  # id order
+            if taken.finite_free == 0:
+                codes[item] = _first_free_in_rank_order(item_order, taken)
+            else:
+                # Near-duplicates search the same region one after another. If the last mover from
+                # this item's nearest SID found every SID cheaper than `cost` used, then for this
+                # item every SID cheaper than cost - eps is used (eps bounds how much any SID's cost
+                # differs between the two), so its search may start there.
+                lo, width = -np.inf, None
+                if keys[item] in last:
+                    prev_dist, prev_cost, width = last[keys[item]]
+                    change = np.subtract(item_dist, prev_dist, where=has_centroid, out=np.zeros_like(item_dist))
+                    eps = np.abs(change).max(1).sum()
+                    lo = np.nextafter(prev_cost - eps - 1e-9 * (abs(prev_cost) + eps), -np.inf)  # < cost: ties stay in
+                codes[item], cost, width = _cheapest_free(item_dist, item_order, item_sorted, taken, lo, width)
+                last[keys[item]] = (item_dist, cost, width)
+            taken.add(pack_codes(codes[item][None]))
     return codes, len(movers)
 
 

@@ -93,6 +93,80 @@ def test_collision_moves_to_cheapest_free_tuple():
         taken.add(tuple(resolved[item]))
 
 
+def best_first_resolve(codes: np.ndarray, dist: np.ndarray, taken_keys: np.ndarray) -> np.ndarray:
+    """The slow oracle (sid.py's earlier algorithm). The first item at each nearest SID keeps it
+    (unless already used); then per mover, in id order, a best-first search over (cost, tuple of
+    ranks) from its nearest tuple, stepping past used SIDs one at a time."""
+    import heapq
+    codes = codes.astype(np.int64).copy()
+    keys = sid.pack_codes(codes).tolist()
+    taken = set(taken_keys.tolist())
+    keepers = {key: item for item, key in reversed(list(enumerate(keys))) if key not in taken}
+    taken |= set(keepers)
+    for item in range(len(codes)):
+        if keepers.get(keys[item]) == item:
+            continue
+        order = np.argsort(dist[item], axis=1, kind="stable")
+        sorted_dist = np.take_along_axis(dist[item], order, 1).astype(np.float64)
+        start = (0, 0, 0, 0)
+        heap, seen = [(float(sorted_dist[:, 0].sum()), start)], {start}
+        while True:
+            cost, ranks = heapq.heappop(heap)
+            tup = [int(order[d, r]) for d, r in enumerate(ranks)]
+            key = (tup[0] << 24) | (tup[1] << 16) | (tup[2] << 8) | tup[3]
+            if key not in taken:
+                break
+            for d in range(4):
+                if ranks[d] + 1 < 256:
+                    nxt = ranks[:d] + (ranks[d] + 1,) + ranks[d + 1:]
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        step = sorted_dist[d, ranks[d] + 1]
+                        heapq.heappush(heap, (np.inf if np.isinf(step) else cost + step - sorted_dist[d, ranks[d]], nxt))
+        codes[item] = tup
+        taken.add(key)
+    return codes
+
+
+@st.composite
+def collision_problems(draw):
+    """Distances [n, 4, 256] of items to codes: few or all codes with a centroid (the rest +inf),
+    integer values (many ties) or floats, rows copied from a few prototypes with or without noise
+    (near-duplicates), and some SIDs already in use."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = draw(st.integers(1, 40))
+    n_centroids = draw(st.sampled_from([(256,) * 4, tuple(draw(st.lists(st.integers(1, 4), min_size=4, max_size=4)))]))
+    # values 0..2 tie a lot; with 256 real codes they would tie millions of tuples at the cheapest cost
+    high = draw(st.sampled_from([100] if n_centroids[0] == 256 else [3, 100]))
+    prototypes = rng.integers(0, high, (draw(st.integers(1, n)), 4, 256)).astype(np.float32)
+    dist = prototypes[rng.integers(0, len(prototypes), n)]
+    dist = dist + np.float32(draw(st.sampled_from([0.0, 1e-3, 0.5]))) * rng.random(dist.shape, dtype=np.float32)
+    for d, k in enumerate(n_centroids):
+        dist[:, d, k:] = np.inf
+    codes = dist.argmin(2)
+    taken = np.unique(sid.pack_codes(rng.integers(0, 4, (draw(st.integers(0, 12)), 4))))
+    return codes, dist, taken
+
+
+@FAST
+@given(collision_problems(), st.booleans())
+def test_collision_resolution_equals_best_first_search(problem, price_free_list):
+    """The fast resolution (bands of cost, free-list pricing, near-duplicate hints, the rank pass once
+    real-centroid SIDs run out) places every mover where the one-at-a-time search does."""
+    codes, dist, taken = problem
+    expected = best_first_resolve(codes, dist, taken)
+    old = sid._FREE_LIST
+    sid._FREE_LIST = old if price_free_list else -1                     # -1: always list bands
+    try:
+        got, moved = sid.resolve_collisions(codes, lambda rows: dist[rows], taken)
+    finally:
+        sid._FREE_LIST = old
+    assert np.array_equal(got, expected)
+    assert moved == int((got != codes).any(1).sum())                     # a mover never keeps its SID
+    all_keys = np.concatenate([taken, sid.pack_codes(got)])
+    assert len(np.unique(all_keys)) == len(all_keys)                     # a bijection, clear of used SIDs
+
+
 @FAST
 @given(catalogues(), st.data())
 def test_prefix_mask_equals_brute_force(x, data):
