@@ -109,6 +109,10 @@ def _check_embeddings(x, name: str = "embeddings") -> np.ndarray:
     if not np.isfinite(x).all():
         row = int(np.argwhere(~np.isfinite(x))[0, 0])
         raise ValueError(f"{name}: expected finite values, got NaN or inf in row {row}")
+    scale = float(np.abs(x).max())
+    if scale > 1e15 or 0 < scale < 1e-15:      # squared distances would overflow or underflow float32
+        raise ValueError(f"{name}: expected values of a usable scale (largest |value| between 1e-15 and 1e15), "
+                         f"got {scale:.3g}; rescale the embeddings")
     return x
 
 

@@ -1009,6 +1009,8 @@ BAD_INPUTS = [
     ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a numeric array, got dtype"),
     ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a numeric array, got dtype"),
     ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a numeric array, got dtype"),
+    ("huge embeddings (sid)", lambda d: sid.build_index(np.full((4, 2), 1e25, np.float32)), "expected values of a usable scale"),
+    ("tiny embeddings (sid)", lambda d: sid.build_index(np.full((4, 2), 1e-30)), "expected values of a usable scale"),
     ("complex codes (lookup)", lambda d: sid.SIDIndex(np.zeros((1, 4), np.uint8)).lookup(np.zeros((1, 4), complex)),
      "expected an integer array"),
     ("batch of 0 users (model)", lambda d: tiny_model()({k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()}),
