@@ -5,15 +5,19 @@ is beam j of user b. Each digit costs one decoder step over all beams, one log-s
 digit's codes, one mask of the codes that lead to no real item, one sort per user over
 beam_size * codebook_size candidates, and one cache reorder. No Python loop over beams or users.
 
-The model and the constraint are duck-typed, so this file imports nothing from the project:
+The model and the constraint are duck-typed, so this file imports nothing from the project.
+What it uses of them, and nothing else:
 
-    model.config.n_digit, model.config.codebook_size
-    memory, memory_mask = model.encode(user_ids, history_sid)
-    cache = model.new_cache(memory, memory_mask, beam_size);  logits = model.step(prev_codes, cache, pos)
-    logits = model.step_uncached(prefix_codes, memory, memory_mask)        # (N, codebook_size)
-    cache.reorder(rows)
-    constraint.prefix_mask(prefix_codes (N, l)) -> bool (N, codebook_size)  # codes leading to an item
-    constraint.lookup(codes (N, n_digit)) -> item ids (N,), -1 for a SID of no item
+    batch: dict with "user_ids" (B,) long and "history_sid" (B, L, n_digit) long (the model's input)
+    model.config.n_digit, model.config.codebook_size                     # K = codebook_size
+    memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])  # passed back as is
+    cache = model.new_cache(memory, memory_mask, beam_size)              # use_cache=True only
+    logits = model.step(prev_codes (N,) or None, cache, digit)           # (N, K), N = B * beam_size
+    cache.reorder(rows (N,))                                             # beams follow their parents
+    logits = model.step_uncached(prefix_codes (N, digit), memory, memory_mask)  # use_cache=False only
+    constraint.prefix_mask(prefix_codes (N, l) long tensor) -> (N, K) bool tensor, same device:
+        the codes that extend each prefix towards a real item           # constrained=True only
+    constraint.lookup(codes (N, n_digit) long tensor) -> (N,) long tensor of item ids, -1 for none
 
 Padding: when fewer than n_return items are reachable (a small catalogue), the missing results
 are item -1 with score -inf and SID -1, after all real items.
@@ -47,22 +51,22 @@ def beam_search(model, batch: dict, beam_size: int, n_return: int, constraint,
     if not isinstance(n_return, int) or not 1 <= n_return <= beam_size:
         raise ValueError(f"n_return: expected an int in [1, beam_size={beam_size}], got {n_return!r}")
     n_digit, n_codes = model.config.n_digit, model.config.codebook_size
-    memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])   # (B, S, d), (B, S)
+    memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])   # (B, S, E), (B, S)
     B, device = memory.shape[0], memory.device
     if use_cache:
         cache = model.new_cache(memory, memory_mask, beam_size)
     else:
-        memory = memory.repeat_interleave(beam_size, 0)                          # (B*beam, S, d)
+        memory = memory.repeat_interleave(beam_size, 0)                          # (B*beam, S, E)
         memory_mask = memory_mask.repeat_interleave(beam_size, 0)
 
     # Only beam 0 is live at the start, so the first step cannot pick one code twice.
     scores = torch.full((B, beam_size), float("-inf"), device=device)
     scores[:, 0] = 0.0
-    prefix = torch.zeros(B * beam_size, 0, dtype=torch.long, device=device)     # (B*beam, pos)
+    prefix = torch.zeros(B * beam_size, 0, dtype=torch.long, device=device)     # (B*beam, digits so far)
     user_base = torch.arange(B, device=device)[:, None] * beam_size             # (B, 1)
-    for pos in range(n_digit):
+    for digit in range(n_digit):
         if use_cache:
-            logits = model.step(prefix[:, -1] if pos else None, cache, pos)      # (B*beam, K)
+            logits = model.step(prefix[:, -1] if digit else None, cache, digit)      # (B*beam, K)
         else:
             logits = model.step_uncached(prefix, memory, memory_mask)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -79,7 +83,7 @@ def beam_search(model, batch: dict, beam_size: int, n_return: int, constraint,
         scores, flat = scores[:, :beam_size], flat[:, :beam_size]               # (B, beam)
         rows = (user_base + flat // n_codes).reshape(-1)                        # parent row of each new beam
         prefix = torch.cat([prefix[rows], (flat % n_codes).reshape(-1, 1)], dim=1)
-        if use_cache and pos < n_digit - 1:                                     # no step follows the last
+        if use_cache and digit < n_digit - 1:                                     # no step follows the last
             cache.reorder(rows)
 
     items = constraint.lookup(prefix).view(B, beam_size)                        # -1: no such item

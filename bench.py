@@ -134,7 +134,7 @@ class BuiltinSeq2Seq(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         m, c = self.model, self.model.config
-        items = m.history(m.token_emb(batch["history_sid"]))                    # (B, L, d)
+        items = m.history_compressor(m.token_emb(batch["history_sid"]))                    # (B, L, d)
         user = m.token_emb(3 + batch["user_ids"])[:, None]
         src = torch.cat([user, items], 1) + m.encoder_pos.weight[: items.shape[1] + 1]
         tgt = m.token_emb(batch["decoder_input_ids"]) + m.decoder_pos.weight

@@ -280,7 +280,7 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
         seen.add(raw)
     new_index, moved = index.add_items(embeddings)
     new_index.save(folder)
-    sid._atomic_write(os.path.join(folder, "data.npz"), _npz_bytes(
+    sid.atomic_write(os.path.join(folder, "data.npz"), _npz_bytes(
         **{**run_data, "item_raw": np.concatenate([run_data["item_raw"].astype(str), np.array(item_ids, dtype=str)]),
            "item_title": np.concatenate([run_data["item_title"].astype(str), np.array(titles, dtype=str)])}))
     return moved
@@ -319,13 +319,13 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
         kept = seq[~cold[seq]]
         if len(kept) >= 3:
             lines.append(" ".join([user] + [data.item_raw[i] for i in kept]))
-    sid._atomic_write(os.path.join(warm_dir, stem + ".txt"), ("\n".join(lines) + "\n").encode())
+    sid.atomic_write(os.path.join(warm_dir, stem + ".txt"), ("\n".join(lines) + "\n").encode())
     warm_items = {i for line in lines for i in line.split()[1:]}
     warm_items = sorted(warm_items, key=train.sort_key(warm_items))       # the warm run's item order
     row = {raw_id: k for k, raw_id in enumerate(data.item_raw)}
     buf = io.BytesIO()
     np.save(buf, emb[[row[i] for i in warm_items]])
-    sid._atomic_write(os.path.join(warm_dir, stem + "_content.npy"), buf.getvalue())
+    sid.atomic_write(os.path.join(warm_dir, stem + "_content.npy"), buf.getvalue())
     run_dir = os.path.join(out, "run")
     train.main([f"--data={os.path.join(warm_dir, stem + '.txt')}", "--format=s3rec", "--emb_source=text",
                 f"--out_dir={run_dir}", f"--seed={seed}"] + list(train_args))
@@ -354,7 +354,7 @@ def score_cold_start(out: str, data: train.Dataset, new: list, seed: int = 0) ->
         items, _ = recommend(run, histories, [data.user_raw[u] for u in users], new_share=share)
         results[f"model, new_share {share}"] = {**train.rank_metrics(items, target),
                                                 "held_out_slots": float(np.isin(items, is_new).mean())}
-    sid._atomic_write(os.path.join(out, "cold_start.json"), json.dumps(results, indent=2).encode())
+    sid.atomic_write(os.path.join(out, "cold_start.json"), json.dumps(results, indent=2).encode())
     print(f"\ncold start: {len(new)} held-out items added to {run_dir}; {len(users)} users whose last item is one")
     print("| ranking | R@5 | N@5 | R@10 | N@10 | top-10 slots given to held-out items |\n|---|---|---|---|---|---|")
     for name in [f"model, new_share {share}" for share in NEW_SHARES] + ["random", "popularity"]:
@@ -370,13 +370,13 @@ def score_cold_start(out: str, data: train.Dataset, new: list, seed: int = 0) ->
 
 def _write_inter(path: str, rows: list) -> None:
     text = "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"{u}\t{i}\t{t!r}\n" for u, i, t in rows)
-    sid._atomic_write(path, text.encode())
+    sid.atomic_write(path, text.encode())
 
 
 def _text_emb_file(path: str, data: train.Dataset, vectors: dict) -> None:
     buf = io.BytesIO()
     np.save(buf, np.stack([vectors[i] for i in data.item_raw]))
-    sid._atomic_write(path, buf.getvalue())
+    sid.atomic_write(path, buf.getvalue())
 
 
 def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), continue_args: list = (),
@@ -418,7 +418,7 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
         results[name] = {"minutes": runs[name]["minutes"], "test": runs[name]["results"]["test"],
                          "later_users": int(later.sum()), "later": train.rank_metrics(items[later], target[later])}
     results["base_minutes"] = runs["base"]["minutes"]
-    sid._atomic_write(os.path.join(out, "continue.json"), json.dumps(results, indent=2).encode())
+    sid.atomic_write(os.path.join(out, "continue.json"), json.dumps(results, indent=2).encode())
     print(f"\ncut at {cut:.0%} of interactions by time; later-period test users: {results['scratch']['later_users']}")
     print("| run | minutes | test R@10 | test N@10 | later R@10 | later N@10 |\n|---|---|---|---|---|---|")
     for name in ("continued", "scratch"):
@@ -513,7 +513,7 @@ def write_all(run: TrainedRun, opts: dict, dist: train.Dist) -> None:
         lines = [json.dumps({"user": u, "items": run.item_raw[row[row >= 0]].tolist(),
                              "scores": [None if np.isnan(x) else round(float(x), 5) for x in sc[row >= 0]]})
                  for u, row, sc in zip(users, items, scores)]
-        sid._atomic_write(opts["out"], ("\n".join(lines) + "\n").encode())
+        sid.atomic_write(opts["out"], ("\n".join(lines) + "\n").encode())
         print(f"{len(users)} users in {seconds:.1f} s ({len(users) / seconds:.0f} users/s, {dist.world} process(es), "
               f"{opts['dtype']}); wrote {opts['out']}")
 

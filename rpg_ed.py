@@ -20,11 +20,17 @@ Batch (all token ids except `user_ids`, which are bucket indices in [0, U)):
 
 Inference interface used by beam.py (duck-typed; codes in, codes out, no token arithmetic there):
 
-    memory, memory_mask = model.encode(user_ids, history_sid)      # [B, S, d], [B, S]
+    memory, memory_mask = model.encode(user_ids, history_sid)      # [B, S, E], [B, S]
     cache = model.new_cache(memory, memory_mask, n_beams)          # cross K/V once per user
-    logits = model.step(prev_codes, cache, pos)                    # [B*n_beams, 256], digit pos
+    logits = model.step(prev_codes, cache, digit)                  # [B*n_beams, 256] for that digit
     cache.reorder(index)                                           # beams follow their parents
     logits = model.step_uncached(prefix_codes, memory, memory_mask)  # the same, no cache (oracle)
+
+generate(batch, index) runs beam.beam_search (imported there, so this file alone still trains and
+scores) with `index` as the constraint: index.prefix_mask and index.lookup (sid.SIDIndex or any
+object with the two methods, see beam.py); it also looks up every history SID, to refuse one
+that is no item. Shapes use B users, L history items, S encoder positions, E = n_embd, H heads,
+hd = E / H, N decoder rows; d is a digit index.
 """
 from __future__ import annotations
 
@@ -35,7 +41,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import beam
 
 PAD, BOS, EOS = 0, 1, 2
 N_SPECIAL = 3
@@ -50,18 +55,17 @@ class RPGEDConfig:
     encoder_n_layer: int = 4         # encoder blocks
     decoder_n_layer: int = 4         # decoder blocks
     n_head: int = 8                  # attention heads
-    n_embd: int = 448                # model width d
+    n_embd: int = 448                # model width E (d is kept for a digit index)
     n_inner: int = 1024              # hidden width of every MLP
-    dropout: float = 0.1             # dropout inside the history-compression MLP
+    history_pdrop: float = 0.1       # dropout inside the history-compression MLP (the seed's "dropout")
     embd_pdrop: float = 0.1          # dropout on embeddings + positions
     attn_pdrop: float = 0.1          # dropout on attention weights
     resid_pdrop: float = 0.1         # dropout on each residual branch
     share_embeddings: bool = True    # output projection tied to the token embedding
     beam_size: int = 10              # beams in generate()
-    max_generation_len: int = 4      # tokens generated per item (= n_digit)
     digit_logits: bool = True        # logits over the current digit's codes only (else whole vocab)
     use_user_token: bool = True      # prepend the user-bucket token to the encoder input
-    history_reduce: str = "mean"     # (L, 4, d) -> (L, d): "mean" of the 4 digits or "concat"+linear
+    history_reduce: str = "mean"     # (L, 4, E) -> (L, E): "mean" of the 4 digits or "concat"+linear
     layer_norm_eps: float = 1e-5     # LayerNorm epsilon
 
     def __post_init__(self):
@@ -74,16 +78,13 @@ class RPGEDConfig:
                 raise ValueError(f"config.{f.name}: expected a positive int, got {value}")
             if expected is float and not math.isfinite(value):
                 raise ValueError(f"config.{f.name}: expected a finite number, got {value}")
-        for name in ("dropout", "embd_pdrop", "attn_pdrop", "resid_pdrop"):
+        for name in ("history_pdrop", "embd_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"config.{name}: expected a probability in [0, 1), got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.codebook_size > 256:
             raise ValueError(f"config.codebook_size: expected at most 256 (uint8 codes), got {self.codebook_size}")
-        if self.max_generation_len != self.n_digit:
-            raise ValueError(f"config.max_generation_len: expected n_digit ({self.n_digit}), "
-                             f"got {self.max_generation_len}")
         if self.history_reduce not in ("mean", "concat"):
             raise ValueError(f"config.history_reduce: expected 'mean' or 'concat', got {self.history_reduce!r}")
         if self.layer_norm_eps <= 0:
@@ -138,11 +139,12 @@ class DecoderCache:
     def __init__(self, self_kv: torch.Tensor, cross_kv: list, memory: torch.Tensor, memory_mask: torch.Tensor):
         self.self_kv = self_kv
         self.cross_kv = cross_kv
-        self.memory = memory            # (B, S, d), kept only to select cross-attention
+        self.memory = memory            # (B, S, E), kept only to select cross-attention
         self.memory_mask = memory_mask
 
-    def write(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (N, H, T, hd) at positions start_pos.. and return all keys/values so far."""
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (N, H, T, hd) at positions start_pos.., then return all keys and values so far
+        (N, H, start_pos+T, hd) each: what the new queries attend to."""
         end = start_pos + k.shape[2]
         self.self_kv[layer, 0, :, :, start_pos:end] = k
         self.self_kv[layer, 1, :, :, start_pos:end] = v
@@ -165,30 +167,30 @@ class MultiHeadAttention(nn.Module):
         self.attn_drop = nn.Dropout(config.attn_pdrop)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)      # (B, H, T, hd)
+        B, T, E = x.shape
+        return x.view(B, T, self.n_head, E // self.n_head).transpose(1, 2)      # (B, H, T, hd)
 
     def project_kv(self, source: torch.Tensor):
-        """source (B, S, d) -> K, V each (B, H, S, hd). The one projection used with and without cache."""
+        """source (B, S, E) -> K, V each (B, H, S, hd). The one projection used with and without cache."""
         k, v = self.key_value(source).chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor | None = None,
                 cache: DecoderCache | None = None, layer: int = 0, start_pos: int = 0) -> torch.Tensor:
-        """x (N, T, d) -> (N, T, d).
+        """x (N, T, E) -> (N, T, E).
 
         Self-attention (memory is None): mask broadcasts to (N, H, T, Tk), Tk = start_pos + T;
         with a cache, this step's K/V are written at start_pos and all earlier ones are read.
-        Cross-attention: memory (B, S, d) with N = B * g rows (g beams per user, user-major);
+        Cross-attention: memory (B, S, E) with N = B * g rows (g beams per user, user-major);
         mask is the memory mask (B, S). With a cache, the K/V projected once from this memory
         are read from it instead of being projected again.
         """
-        N, T, C = x.shape
+        N, T, E = x.shape
         q = self.split_heads(self.query(x))                                     # (N, H, T, hd)
         if memory is None:                                                      # self-attention
             k, v = self.project_kv(x)                                           # (N, H, T, hd)
             if cache is not None:
-                k, v = cache.write(layer, start_pos, k, v)                      # (N, H, start_pos+T, hd)
+                k, v = cache.update(layer, start_pos, k, v)                      # (N, H, start_pos+T, hd)
             y = attention(q, k, v, mask, self.attn_drop)
         else:                                                                   # cross-attention
             k, v = cache.cross_kv[layer] if cache is not None else self.project_kv(memory)
@@ -198,7 +200,7 @@ class MultiHeadAttention(nn.Module):
             q = q.view(B, group, self.n_head, T, -1).transpose(1, 2).reshape(B, self.n_head, group * T, -1)
             y = attention(q, k, v, mask[:, None, None, :], self.attn_drop)      # (B, H, group*T, hd)
             y = y.view(B, self.n_head, group, T, -1).transpose(1, 2).reshape(N, self.n_head, T, -1)
-        y = y.transpose(1, 2).reshape(N, T, C)                                  # (N, T, d)
+        y = y.transpose(1, 2).reshape(N, T, E)                                  # (N, T, E)
         return self.out(y)
 
 
@@ -256,11 +258,11 @@ class DecoderBlock(nn.Module):
 
 
 class HistoryCompressor(nn.Module):
-    """(B, L, 4, d) SID-token embeddings -> (B, L, d): one encoder position per history item.
+    """(B, L, 4, E) SID-token embeddings -> (B, L, E): one encoder position per history item.
 
     "mean": the average of the 4 digit embeddings. Each digit has its own token range, so the
-    average still tells the digits apart, costs nothing, and keeps the width at d.
-    "concat": the 4 embeddings side by side (4d), projected back to d (an ablation).
+    average still tells the digits apart, costs nothing, and keeps the width at E.
+    "concat": the 4 embeddings side by side (4E), projected back to E (an ablation).
     Either way a residual MLP follows (seed section 4).
     """
 
@@ -270,14 +272,14 @@ class HistoryCompressor(nn.Module):
         if self.reduce == "concat":
             self.project = nn.Linear(config.n_digit * config.n_embd, config.n_embd)
         self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.mlp = MLP(config.n_embd, config.n_inner, config.dropout)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.history_pdrop)
 
     def forward(self, item_token_emb: torch.Tensor) -> torch.Tensor:
-        B, L, D, C = item_token_emb.shape
+        B, L, n_digit, E = item_token_emb.shape
         if self.reduce == "mean":
-            items = item_token_emb.mean(dim=2)                                  # (B, L, d)
+            items = item_token_emb.mean(dim=2)                                  # (B, L, E)
         else:
-            items = self.project(item_token_emb.reshape(B, L, D * C))           # (B, L, d)
+            items = self.project(item_token_emb.reshape(B, L, n_digit * E))    # (B, L, E)
         return items + self.mlp(self.ln(items))
 
 
@@ -293,7 +295,7 @@ class RPG_ED(nn.Module):
         self.token_emb = nn.Embedding(c.vocab_size, c.n_embd)                   # shared by all inputs
         self.encoder_pos = nn.Embedding(1 + c.max_history, c.n_embd)            # user token + items
         self.decoder_pos = nn.Embedding(1 + c.n_digit, c.n_embd)                # BOS + digits
-        self.history = HistoryCompressor(c)
+        self.history_compressor = HistoryCompressor(c)
         self.drop = nn.Dropout(c.embd_pdrop)
         self.encoder = nn.ModuleList(EncoderBlock(c) for _ in range(c.encoder_n_layer))
         self.ln_encoder = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
@@ -326,7 +328,7 @@ class RPG_ED(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """(V, d): the output projection (the token embedding itself when shared)."""
+        """(V, E): the output projection (the token embedding itself when shared)."""
         return self.token_emb.weight if self.config.share_embeddings else self.lm_head.weight
 
     # -- input checks ---------------------------------------------------------------------------
@@ -381,7 +383,7 @@ class RPG_ED(nn.Module):
 
     # -- encoder --------------------------------------------------------------------------------
     def encode(self, user_ids: torch.Tensor, history_sid: torch.Tensor):
-        """user_ids (B,), history_sid (B, L, 4) -> memory (B, S, d), memory_mask (B, S) bool.
+        """user_ids (B,), history_sid (B, L, 4) -> memory (B, S, E), memory_mask (B, S) bool.
 
         S = 1 + L with the user token, else L. History is left-padded: position embeddings are
         indexed so that the most recent item always sits at position max_history, whatever L.
@@ -389,14 +391,14 @@ class RPG_ED(nn.Module):
         user_ids, history_sid = self._check_history(user_ids, history_sid)
         c = self.config
         B, L, _ = history_sid.shape
-        items = self.history(self.token_emb(history_sid))                      # (B, L, d)
+        items = self.history_compressor(self.token_emb(history_sid))           # (B, L, E)
         item_mask = history_sid[:, :, 0] != PAD                                 # (B, L)
         positions = torch.arange(c.max_history - L + 1, c.max_history + 1, device=items.device)
         x = items + self.encoder_pos(positions)
         mask = item_mask
         if c.use_user_token:
-            user = self.token_emb(N_SPECIAL + user_ids)[:, None] + self.encoder_pos.weight[0]  # (B, 1, d)
-            x = torch.cat([user, x], dim=1)                                     # (B, 1+L, d)
+            user = self.token_emb(N_SPECIAL + user_ids)[:, None] + self.encoder_pos.weight[0]  # (B, 1, E)
+            x = torch.cat([user, x], dim=1)                                     # (B, 1+L, E)
             mask = torch.cat([item_mask.new_ones(B, 1), item_mask], dim=1)         # (B, 1+L)
         x = self.drop(x)
         attn_mask = mask[:, None, None, :]                                      # (B, 1, 1, S)
@@ -407,7 +409,7 @@ class RPG_ED(nn.Module):
     # -- decoder --------------------------------------------------------------------------------
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
                cache: DecoderCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Decoder hidden states (N, T, d) for tokens at positions start_pos..start_pos+T-1.
+        """Decoder hidden states (N, T, E) for tokens at positions start_pos..start_pos+T-1.
 
         decoder_input_ids (N, T) with N = B * g (g beams per user). Without a cache, start_pos
         must be 0 and the whole prefix is processed; with one, only the new tokens are.
@@ -421,7 +423,7 @@ class RPG_ED(nn.Module):
         return self.ln_decoder(x)
 
     def code_logits(self, hidden: torch.Tensor, digit: int) -> torch.Tensor:
-        """hidden (N, d) -> (N, codebook_size) logits over digit `digit`'s codes."""
+        """hidden (N, E) -> (N, codebook_size) logits over digit `digit`'s codes."""
         start = self.config.sid_offset + digit * self.config.codebook_size
         return hidden @ self.output_weight[start:start + self.config.codebook_size].T
 
@@ -429,7 +431,7 @@ class RPG_ED(nn.Module):
         """Teacher-forced logits: (B, 5, V) over the vocabulary, or (B, 4, 256) per digit."""
         memory, memory_mask = self.encode(batch["user_ids"], batch["history_sid"])
         ids = self._check_decoder_ids("decoder_input_ids", batch["decoder_input_ids"], BOS, True)
-        hidden = self.decode(ids, memory, memory_mask)                          # (B, 5, d)
+        hidden = self.decode(ids, memory, memory_mask)                          # (B, 5, E)
         if not self.config.digit_logits:
             return hidden @ self.output_weight.T                                # (B, 5, V)
         c = self.config
@@ -459,31 +461,31 @@ class RPG_ED(nn.Module):
         """codes (N, T) of digits first_digit.. -> token ids (N, T)."""
         return codes + self.digit_offsets[first_digit:first_digit + codes.shape[1]]
 
-    def step(self, prev_codes: torch.Tensor | None, cache: DecoderCache, pos: int) -> torch.Tensor:
-        """One cached decoder step: logits (N, 256) over digit `pos`'s codes.
+    def step(self, prev_codes: torch.Tensor | None, cache: DecoderCache, digit: int) -> torch.Tensor:
+        """One cached decoder step: logits (N, 256) over digit `digit`'s codes.
 
-        prev_codes (N,) is the code chosen for digit pos-1 (None at pos 0, where BOS is fed).
+        prev_codes (N,) is the code chosen for digit-1 (None for digit 0, where BOS is fed).
         """
         N = cache.self_kv.shape[2]
-        if pos == 0:
+        if digit == 0:
             tokens = torch.full((N, 1), BOS, dtype=torch.long, device=cache.self_kv.device)
         else:
-            tokens = self._prefix_tokens(prev_codes[:, None], pos - 1)
-        hidden = self.decode(tokens, cache.memory, cache.memory_mask, cache, start_pos=pos)
-        return self.code_logits(hidden[:, -1], pos)
+            tokens = self._prefix_tokens(prev_codes[:, None], digit - 1)
+        hidden = self.decode(tokens, cache.memory, cache.memory_mask, cache, start_pos=digit)
+        return self.code_logits(hidden[:, -1], digit)
 
     def step_uncached(self, prefix_codes: torch.Tensor, memory: torch.Tensor,
                       memory_mask: torch.Tensor) -> torch.Tensor:
         """The same logits without a cache: run the decoder over [BOS] + prefix from scratch.
 
-        prefix_codes (N, pos) -> logits (N, 256) over digit `pos`. memory is (B, S, d) with
+        prefix_codes (N, digit) -> logits (N, 256) over digit `digit`. memory is (B, S, E) with
         N a multiple of B; beam.py passes it already expanded per beam, as Hugging Face does.
         """
-        N, pos = prefix_codes.shape
+        N, digit = prefix_codes.shape
         bos = torch.full((N, 1), BOS, dtype=torch.long, device=memory.device)
-        tokens = torch.cat([bos, self._prefix_tokens(prefix_codes, 0)], dim=1)  # (N, pos+1)
+        tokens = torch.cat([bos, self._prefix_tokens(prefix_codes, 0)], dim=1)  # (N, digit+1)
         hidden = self.decode(tokens, memory, memory_mask)
-        return self.code_logits(hidden[:, -1], pos)
+        return self.code_logits(hidden[:, -1], digit)
 
     @torch.no_grad()
     def generate(self, batch: dict, index, beam_size: int | None = None, n_return: int | None = None,
@@ -504,6 +506,7 @@ class RPG_ED(nn.Module):
             row, slot = real.nonzero()[(items < 0).nonzero()[0, 0]].tolist()
             raise ValueError(f"history_sid[{row}, {slot}] = {history_sid[row, slot].tolist()}: "
                              "expected the SID of an item in the index, got one that no item has")
+        import beam  # needed here only: the model itself does not depend on beam.py
         result = beam.beam_search(self, batch, beam_size, n_return, index, use_cache=use_cache)
         return result.items[..., None]
 

@@ -15,6 +15,10 @@ The token-id layout shared with the model (one vocabulary, no overlapping ranges
 
     0 PAD | 1 BOS | 2 EOS | 3 .. 3+U-1 user buckets | 3+U + d*256 + c for digit d, code c
 
+Files (named as in the seed spec, though both hold codes 0..255, not token ids):
+item_id2tokens.npy is the forward index [n_items, 4] uint8, tokens2item.pkl the inverted index
+{(c0, c1, c2, c3): item_id}, opq.npz the quantiser (to encode new items).
+
 Only numpy is needed; torch tensors are accepted (and returned) by `SIDIndex.prefix_mask` and
 `SIDIndex.lookup` so the beam search can hand its tensors over directly.
 
@@ -209,6 +213,11 @@ def lloyd(x: np.ndarray, centroids: np.ndarray, n_iter: int):
     return centroids, codes, float((residual * residual).sum(1).mean())
 
 
+def training_sample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """At most n rows of x, a seeded subsample in the original order (as faiss trains k-means)."""
+    return x if x.shape[0] <= n else x[np.sort(rng.choice(x.shape[0], n, replace=False))]
+
+
 def kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, max_points_per_centroid: int = 256):
     """k-means++ then Lloyd. Returns (centroids [k', D], codes [N]) with k' = min(k, distinct rows).
 
@@ -219,9 +228,7 @@ def kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, max_points_pe
     if k <= 0:
         raise ValueError(f"k: expected a positive int, got {k}")
     rng = np.random.default_rng(seed)
-    train = x
-    if x.shape[0] > max_points_per_centroid * k:
-        train = x[np.sort(rng.choice(x.shape[0], max_points_per_centroid * k, replace=False))]
+    train = training_sample(x, max_points_per_centroid * k, rng)
     k = min(k, np.unique(train, axis=0).shape[0])
     centroids, _, _ = lloyd(train, kmeans_plusplus(train, k, rng), n_iter)
     codes, _ = _assign(x, centroids)
@@ -297,10 +304,7 @@ def train_opq(x, n_digit: int = N_DIGIT, codebook_size: int = CODEBOOK_SIZE, n_i
         raise ValueError(f"codebook_size: expected 1..256 (codes are uint8), got {codebook_size}")
     rng = np.random.default_rng(seed)
     mean = x.mean(0, dtype=np.float64)
-    train = x
-    if x.shape[0] > max_points_per_centroid * codebook_size:
-        keep = np.sort(rng.choice(x.shape[0], max_points_per_centroid * codebook_size, replace=False))
-        train = x[keep]
+    train = training_sample(x, max_points_per_centroid * codebook_size, rng)
     dim = -(-x.shape[1] // n_digit) * n_digit
     centered = _pad_to(train.astype(np.float64) - mean, dim)          # [n, D']
     rotation = np.eye(dim)
@@ -573,7 +577,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
@@ -687,8 +691,8 @@ class SIDIndex:
         os.makedirs(folder, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, self.item_codes, allow_pickle=False)
-        _atomic_write(os.path.join(folder, "item_id2tokens.npy"), buf.getvalue())
-        _atomic_write(os.path.join(folder, "tokens2item.pkl"), pickle.dumps(self.inverted_dict(), protocol=4))
+        atomic_write(os.path.join(folder, "item_id2tokens.npy"), buf.getvalue())
+        atomic_write(os.path.join(folder, "tokens2item.pkl"), pickle.dumps(self.inverted_dict(), protocol=4))
         if self.quantizer is not None:
             q = self.quantizer
             buf = io.BytesIO()
@@ -698,7 +702,7 @@ class SIDIndex:
             np.savez(buf, version=INDEX_VERSION, mean=q.mean, rotation=q.rotation, codebooks=books,
                      n_centroids=np.array([len(b) for b in q.codebooks]), errors=np.array(q.errors),
                      placed_items=np.array(q.placed[0]), placed_sha256=np.array(q.placed[1]))
-            _atomic_write(os.path.join(folder, "opq.npz"), buf.getvalue())
+            atomic_write(os.path.join(folder, "opq.npz"), buf.getvalue())
 
     @classmethod
     def load(cls, folder: str) -> "SIDIndex":

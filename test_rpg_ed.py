@@ -168,6 +168,22 @@ def test_collision_resolution_equals_best_first_search(problem, price_free_list)
 
 
 @FAST
+@given(st.integers(1, 50), st.integers(1, 256), st.integers(1, 6), st.integers(0, 2**16))
+def test_token_layout_is_the_same_in_sid_and_the_model(n_user_buckets, codebook_size, n_digit, seed):
+    """sid.py and rpg_ed.py each define the vocabulary (so each can be copied alone); they must agree."""
+    import rpg_ed
+    config = rpg_ed.RPGEDConfig(n_user_buckets=n_user_buckets, codebook_size=codebook_size, n_digit=n_digit,
+                                n_embd=8, n_head=2, n_inner=8, encoder_n_layer=1, decoder_n_layer=1)
+    assert (sid.PAD, sid.BOS, sid.EOS, sid.N_SPECIAL) == (rpg_ed.PAD, rpg_ed.BOS, rpg_ed.EOS, rpg_ed.N_SPECIAL)
+    codes = np.random.default_rng(seed).integers(0, codebook_size, (5, n_digit))
+    tokens = sid.codes_to_tokens(codes, n_user_buckets, codebook_size)
+    model_tokens = rpg_ed.RPG_ED(config).digit_offsets.numpy() + codes   # the model's own layout
+    assert np.array_equal(tokens, model_tokens)
+    assert np.array_equal(sid.tokens_to_codes(tokens, n_user_buckets, codebook_size), codes)
+    assert tokens.max() < config.vocab_size
+
+
+@FAST
 @given(catalogues(), st.data())
 def test_prefix_mask_equals_brute_force(x, data):
     index, _ = small_index(x)
@@ -466,7 +482,7 @@ def test_cache_reorder_equals_permuted_inputs(B, n_beams, pos, seed):
 def test_tiny_model_memorises_a_batch(digit_logits):
     torch.manual_seed(0)
     model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "n_embd": 32, "n_inner": 64}, digit_logits=digit_logits,
-                                             dropout=0.0, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
+                                             history_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
     batch = make_batch(model, [6, 3, 0, 5, 6, 1, 2, 4], seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = model(batch).item()
@@ -1221,7 +1237,7 @@ def _free_port() -> int:
 def _step_setup():
     """A tiny model without dropout, its optimiser and a small training split (the same in every process)."""
     torch.manual_seed(0)
-    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "dropout": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "history_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                                                 "resid_pdrop": 0.0}))
     optimizer = train.make_optimizer(model, train.TrainConfig())
     rng = np.random.default_rng(0)

@@ -229,7 +229,7 @@ def fetch_ml100k(folder: str = "data/ml-100k") -> tuple[str, str]:
             wheel = os.path.join(tmp, next(f for f in os.listdir(tmp) if f.endswith(".whl")))
             with zipfile.ZipFile(wheel) as z:
                 for name, path in paths.items():
-                    sid._atomic_write(path, z.read(f"recbole/dataset_example/ml-100k/{name}"))
+                    sid.atomic_write(path, z.read(f"recbole/dataset_example/ml-100k/{name}"))
         source = f"extracted from the PyPI wheel recbole==1.2.1 into {folder}/"
     for name, path in paths.items():
         with open(path, "rb") as f:
@@ -841,7 +841,7 @@ def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool)
                                  dtype=str),
              offsets=data.offsets, items=data.items,
              content_sids=np.array(content_sids))
-    sid._atomic_write(path, buf.getvalue())
+    sid.atomic_write(path, buf.getvalue())
 
 
 def extend_catalogue(data: Dataset, known: list) -> tuple[Dataset, np.ndarray]:
@@ -1219,7 +1219,7 @@ def save_checkpoint(path: str, state: dict) -> None:
     """Atomic: a temporary file in the same folder, fsync, rename. A kill leaves the old or the new file."""
     buf = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
-    sid._atomic_write(path, buf.getvalue())
+    sid.atomic_write(path, buf.getvalue())
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -1326,7 +1326,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
     if dist.is_main:
         prepare_out_dir(out_dir, cfg)
         if not (cfg.resume or cfg.eval_only):
-            sid._atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
+            sid.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
     splits = leave_one_out(data, mcfg.max_history)
     stats = {"users": len(data.user_raw), "items": len(data.item_raw), "interactions": data.n_interactions,
              "train_examples": len(splits["train"].pos)}
@@ -1386,7 +1386,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
         results["baselines"] = {split: baseline_rankings(data, splits, split) for split in ("valid", "test")}
         results["total_seconds"] = round(time.time() - start_time, 1)
         out_name = "eval.json" if cfg.eval_only else "results.json"
-        sid._atomic_write(run.path(out_name), json.dumps(results, indent=2).encode())
+        sid.atomic_write(run.path(out_name), json.dumps(results, indent=2).encode())
         print_table(results)
         log(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
     return results
