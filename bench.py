@@ -281,7 +281,8 @@ def beauty_shaped_lengths(n_users: int, max_history: int, seed: int = 0) -> np.n
 def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B: int, repeats: int):
     """Examples/s of training on Beauty-shaped histories: fixed random batches vs length-grouped
     dynamic batches; then each of the training step and beam search in bf16 vs fp32 autocast."""
-    import train                                                                 # only this section needs it
+    import data as data_py                                                      # only this section needs them
+    import train
     torch.manual_seed(0)
     lengths = beauty_shaped_lengths(n_users, c.max_history)
     rng = np.random.default_rng(0)
@@ -289,7 +290,7 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     index = sid.SIDIndex(codes)
     history = np.where(np.arange(c.max_history)[None, :] >= c.max_history - lengths[:, None],
                        rng.integers(0, index.n_items, (len(lengths), c.max_history)), -1)
-    split = train.Split.from_windows(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
+    split = data_py.Split.from_windows(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
     item_tokens = train.item_token_table(index, c)
     user_buckets = torch.zeros(1, dtype=torch.long)
     cpu = torch.device("cpu")

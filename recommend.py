@@ -39,6 +39,7 @@ import torch
 
 import beam
 import sid
+import data as data_py  # data.py (the name `data` is taken by datasets here)
 import train
 from rpg_ed import RPG_ED, RPGEDConfig
 
@@ -136,13 +137,13 @@ def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
 # Recommending: histories -> top items, in length-grouped batches
 # ----------------------------------------------------------------------------------------------
 
-def request_split(histories: list, max_history: int) -> train.Split:
+def request_split(histories: list, max_history: int) -> data_py.Split:
     """Item-id sequences of any length -> a Split whose windows (cut per batch) are their last
     max_history items; each history is followed by a placeholder target that nothing reads."""
     lengths = np.array([len(h) for h in histories], np.int64)
     pos = np.cumsum(lengths + 1) - 1
     flat = np.concatenate([np.append(np.asarray(h, np.int64), 0) for h in histories]) if histories else np.zeros(0, np.int64)
-    return train.Split(flat, pos - lengths, pos, np.arange(len(histories)), max_history)
+    return data_py.Split(flat, pos - lengths, pos, np.arange(len(histories)), max_history)
 
 
 def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, first_new: int, n_new: int) -> np.ndarray:
@@ -165,7 +166,7 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
     lo, hi = np.searchsorted(added_keys, keys, "left"), np.searchsorted(added_keys, keys, "right")
     count = np.where(items >= 0, hi - lo, 0).reshape(-1)
     slot = np.repeat(np.arange(U * k), count)                              # candidates, in (user, rank) order
-    cand = added[np.repeat(lo.reshape(-1), count) + train.ragged_arange(count)]
+    cand = added[np.repeat(lo.reshape(-1), count) + data_py.ragged_arange(count)]
     user, after = slot // k, slot % k
     fresh = ~(items[user] == cand[:, None]).any(1)                         # not generated already
     _, first = np.unique(user * index.n_items + cand, return_index=True)   # once, after its first match
@@ -302,11 +303,11 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
     at least 3), OUT/warm/NAME_content.npy (their items' rows), OUT/run, and OUT/cold_start.json.
     """
     cfg = train.TrainConfig(data=data_path)
-    raw = train.load_data(cfg)
+    raw = data_py.load_data(cfg)
     if not raw.item_emb:
         raise ValueError(f"--cold_start: expected content embeddings beside {data_path} (NAME_*.npy), found none")
-    data = train.prepare(raw, not raw.time_ordered)
-    emb = train.read_item_emb(raw.item_emb, len(data.item_raw))
+    data = data_py.prepare(raw, not raw.time_ordered)
+    emb = data_py.read_item_emb(raw.item_emb, len(data.item_raw))
     rng = np.random.default_rng(seed)
     n_items = len(data.item_raw)
     cold = np.zeros(n_items, bool)
@@ -321,7 +322,7 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
             lines.append(" ".join([user] + [data.item_raw[i] for i in kept]))
     sid.atomic_write(os.path.join(warm_dir, stem + ".txt"), ("\n".join(lines) + "\n").encode())
     warm_items = {i for line in lines for i in line.split()[1:]}
-    warm_items = sorted(warm_items, key=train.sort_key(warm_items))       # the warm run's item order
+    warm_items = sorted(warm_items, key=data_py.sort_key(warm_items))       # the warm run's item order
     row = {raw_id: k for k, raw_id in enumerate(data.item_raw)}
     buf = io.BytesIO()
     np.save(buf, emb[[row[i] for i in warm_items]])
@@ -336,7 +337,7 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
     return score_cold_start(out, data, new, seed)
 
 
-def score_cold_start(out: str, data: train.Dataset, new: list, seed: int = 0) -> dict:
+def score_cold_start(out: str, data: data_py.Dataset, new: list, seed: int = 0) -> dict:
     """The users of `data` whose last item is one of `new` (added to OUT/run after training):
     the model with 0, 1 or 3 of the top 10 open to added items, random and popularity rankings."""
     run_dir, rng = os.path.join(out, "run"), np.random.default_rng(seed + 1)
@@ -373,7 +374,7 @@ def _write_inter(path: str, rows: list) -> None:
     sid.atomic_write(path, text.encode())
 
 
-def _text_emb_file(path: str, data: train.Dataset, vectors: dict) -> None:
+def _text_emb_file(path: str, data: data_py.Dataset, vectors: dict) -> None:
     buf = io.BytesIO()
     np.save(buf, np.stack([vectors[i] for i in data.item_raw]))
     sid.atomic_write(path, buf.getvalue())
@@ -387,14 +388,14 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
     (TF-IDF of title and genres, fitted on the whole catalogue: content, no interactions), because a
     run must place items it never saw. Scores both final runs on every test user and on the later
     period's (test item after the cut); writes OUT/continue.json."""
-    raw = train.load_data(train.TrainConfig(data=data_path))          # timestamps and item text
+    raw = data_py.load_data(train.TrainConfig(data=data_path))          # timestamps and item text
     cut_time = float(np.quantile(raw.times, cut))
     rows = list(zip(raw.users, raw.items, raw.times))
     early = [r for r in rows if r[2] < cut_time]
-    data = {"early": train.prepare(train.RawData(*map(list, zip(*early)))),
-            "all": train.prepare(train.RawData(list(raw.users), list(raw.items), list(raw.times)))}
-    catalogue = train.Dataset.from_sequences([], [], data["all"].item_raw)
-    vectors = dict(zip(catalogue.item_raw, train.text_embeddings(catalogue, raw.item_text, 64, 0)))
+    data = {"early": data_py.prepare(data_py.RawData(*map(list, zip(*early)))),
+            "all": data_py.prepare(data_py.RawData(list(raw.users), list(raw.items), list(raw.times)))}
+    catalogue = data_py.Dataset.from_sequences([], [], data["all"].item_raw)
+    vectors = dict(zip(catalogue.item_raw, data_py.text_embeddings(catalogue, raw.item_text, 64, 0)))
     runs = {}
     for name, part in (("early", early), ("all", rows)):
         os.makedirs(os.path.join(out, name), exist_ok=True)
@@ -490,7 +491,7 @@ def read_item_ids(path: str) -> tuple[list, list]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--item_ids: cannot read {path} ({e})") from None
     parts = [line.split("\t", 1) + [""] for line in lines]
-    return [p[0] for p in parts], [" ".join(p[1].split())[:train.TITLE_CHARS] for p in parts]
+    return [p[0] for p in parts], [" ".join(p[1].split())[:data_py.TITLE_CHARS] for p in parts]
 
 
 def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> None:
@@ -529,7 +530,7 @@ def main(argv: list) -> None:
         return
     if opts["add_items"]:
         ids, titles = read_item_ids(opts["item_ids"])
-        emb = train.read_item_emb(opts["add_items"], len(ids), "--add_items")
+        emb = data_py.read_item_emb(opts["add_items"], len(ids), "--add_items")
         moved = add_items(opts["run"], emb, ids, titles)
         print(f"added {len(ids)} items to {opts['run']} ({moved} moved by collision resolution)")
         return

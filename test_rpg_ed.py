@@ -673,6 +673,7 @@ def test_unconstrained_reports_invalid_rate_and_generate_shape():
 import gzip
 import json
 
+import data as data_py  # data.py (the name `data` is taken by datasets here)
 import train
 
 
@@ -713,29 +714,29 @@ def test_every_loader_reads_the_same_data(tmp_path):
     prepared = []
     for name, path in paths.items():
         cfg = train.TrainConfig(data=str(path))
-        raw = train.load_data(cfg)
-        prepared.append(train.prepare(raw, five_core=False))
+        raw = data_py.load_data(cfg)
+        prepared.append(data_py.prepare(raw, five_core=False))
     # S3Rec: the time-ordered sequences written out, one user per line
     ref = prepared[0]
     s3 = tmp_path / "seq.txt"
     s3.write_text("".join(f"{u} " + " ".join(ref.item_raw[i] for i in seq) + "\n"
                           for u, seq in zip(ref.user_raw, ref.sequences)))
-    prepared.append(train.prepare(train.load_data(train.TrainConfig(data=str(s3))), five_core=False))
+    prepared.append(data_py.prepare(data_py.load_data(train.TrainConfig(data=str(s3))), five_core=False))
     for other in prepared[1:]:
         assert other.user_raw == ref.user_raw and other.item_raw == ref.item_raw
         assert all(np.array_equal(a, b) for a, b in zip(other.sequences, ref.sequences))
 
 
 def test_stable_time_sort_keeps_file_order_on_ties():
-    raw = train.RawData(users=["a"] * 4, items=["3", "1", "2", "0"], times=[5.0, 1.0, 5.0, 1.0])
-    data = train.prepare(raw, five_core=False)
+    raw = data_py.RawData(users=["a"] * 4, items=["3", "1", "2", "0"], times=[5.0, 1.0, 5.0, 1.0])
+    data = data_py.prepare(raw, five_core=False)
     assert [data.item_raw[i] for i in data.sequences[0]] == ["1", "0", "3", "2"]   # not sorted by id
 
 
 def test_five_core_matches_slow_filter():
     rng = np.random.default_rng(0)
     rows = [(f"u{rng.integers(30)}", f"i{rng.integers(25)}", float(t)) for t in range(400)]
-    data = train.prepare(train.RawData(*map(list, zip(*rows))), five_core=True)
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=True)
     kept = list(rows)
     while True:  # the obvious loop
         users = {u: sum(r[0] == u for r in kept) for u, _, _ in kept}
@@ -752,8 +753,8 @@ def test_five_core_matches_slow_filter():
 @FAST
 @given(st.integers(0, 2**16), st.integers(1, 6))
 def test_no_target_leaks_into_its_history(seed, max_history):
-    data = train.prepare(train.RawData(*map(list, zip(*interactions(seed)))), five_core=False)
-    splits = train.leave_one_out(data, max_history)
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed)))), five_core=False)
+    splits = data_py.leave_one_out(data, max_history)
     for name, split in splits.items():
         for history, target, user in zip(split.history, split.target, split.user):
             assert target not in history                                      # items are unique per user
@@ -781,9 +782,9 @@ def test_metrics_against_hand_computed_values():
 
 def test_markov_baseline_by_hand():
     # user a: train 0 1 2 0 1 | valid 2 | test 9: transitions 0->1 twice, 1->2 once, 2->0 once
-    data = train.Dataset.from_sequences([np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
+    data = data_py.Dataset.from_sequences([np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
                                         user_raw=["a", "b"], item_raw=[str(i) for i in range(10)])
-    splits = train.leave_one_out(data, 5)
+    splits = data_py.leave_one_out(data, 5)
     valid = train.baseline_rankings(data, splits, "valid")
     # a: last train item 1, only transition 1->2, target 2 -> rank 1.
     # b: last train item 7 has no transitions -> popularity order 0 1 (twice) 2 3 4 5 6 7, then 8 -> rank 9.
@@ -820,25 +821,25 @@ def test_cli_overrides_and_presets():
 
 
 def test_both_joins_the_embeddings_file_with_cf(tmp_path):
-    data = train.prepare(train.RawData(*map(list, zip(*interactions(2, n_users=20, n_items=9)))), five_core=False)
-    split = train.leave_one_out(data, 5)["train"]
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(2, n_users=20, n_items=9)))), five_core=False)
+    split = data_py.leave_one_out(data, 5)["train"]
     content = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
     np.save(tmp_path / "e.npy", content)
-    raw = train.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
+    raw = data_py.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
     cfg = train.TrainConfig(emb_source="both", emb_dim=4)
-    joined, name = train.item_embeddings(cfg, data, raw, split)
-    cf = train.cf_embeddings(split, 9, 4, cfg.seed)
+    joined, name = data_py.item_embeddings(cfg, data, raw, split)
+    cf = data_py.cf_embeddings(split, 9, 4, cfg.seed)
     norm = lambda x: x / np.linalg.norm(x, axis=1).mean()                    # equal weight for each part
     assert name.endswith("+ cf") and np.allclose(joined, np.concatenate([norm(content), norm(cf)], 1), atol=1e-6)
-    alone, name = train.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
+    alone, name = data_py.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
     assert np.array_equal(alone, content) and name.startswith("file")
-    fallback, name = train.item_embeddings(cfg, data, train.RawData([], [], []), split)   # no text, no file
+    fallback, name = data_py.item_embeddings(cfg, data, data_py.RawData([], [], []), split)   # no text, no file
     assert np.allclose(fallback, cf) and name.startswith("cf")
 
 
 def test_auto_preset_follows_interactions_per_user():
-    def dataset(per_user: int) -> train.Dataset:
-        return train.Dataset.from_sequences([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)])
+    def dataset(per_user: int) -> data_py.Dataset:
+        return data_py.Dataset.from_sequences([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)])
     assert train.choose_preset(dataset(9))[0] == "sparse"
     assert train.choose_preset(dataset(train.SPARSE_BELOW))[0] == "cpu"
 
@@ -848,13 +849,13 @@ def test_item_embeddings_file_beside_the_data_is_found(tmp_path):
     (tmp_path / "shop.txt").write_text("".join(f"u{u} " + " ".join(str(i) for i in range(1, 6)) + "\n" for u in range(3)))
     np.save(tmp_path / "shop_text.npy", np.ones((5, 3), np.float32))
     cfg = train.TrainConfig(data=str(tmp_path / "shop.txt"))
-    assert train.load_data(cfg).item_emb == str(tmp_path / "shop_text.npy")
-    assert train.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
+    assert data_py.load_data(cfg).item_emb == str(tmp_path / "shop_text.npy")
+    assert data_py.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
     np.save(tmp_path / "shop_image.npy", np.ones((5, 3), np.float32))
     with pytest.raises(ValueError, match="found several item-embedding files"):
-        train.load_data(cfg)
+        data_py.load_data(cfg)
     chosen = str(tmp_path / "shop_image.npy")                                   # an explicit file wins
-    assert train.load_data(dataclasses.replace(cfg, item_emb=chosen)).item_emb == chosen
+    assert data_py.load_data(dataclasses.replace(cfg, item_emb=chosen)).item_emb == chosen
 
 
 TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
@@ -879,6 +880,16 @@ def test_end_to_end_run_is_deterministic(tmp_path, dtype):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert set(saved["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     assert set(saved["baselines"]["test"]) == {"popularity", "markov"}
+    # the curves: one loss point per log line and one NDCG point per evaluation, against examples seen
+    losses, valids = saved["loss_history"], saved["valid_history"]
+    assert len(losses) >= 1 and len(valids) >= 1
+    assert all(a["examples"] < b["examples"] and a["step"] < b["step"] for a, b in zip(losses, losses[1:]))
+    assert losses[-1]["examples"] == valids[-1]["examples"]                 # the last epoch is evaluated
+    svg = (tmp_path / "a" / "curves.svg").read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg.count("<polyline") == 2 and svg.count("<circle") == len(valids)
+    import xml.dom.minidom
+    xml.dom.minidom.parseString(svg)                                           # well-formed XML
 
 
 
@@ -902,15 +913,15 @@ def _write(folder, name: str, content) -> str:
 
 
 def _load(folder, name: str, content, fmt: str = "auto"):
-    return train.load_data(train.TrainConfig(data=_write(folder, name, content), format=fmt))
+    return data_py.load_data(train.TrainConfig(data=_write(folder, name, content), format=fmt))
 
 
 def _emb(folder, array) -> np.ndarray:
     """item_embeddings() for a 4-item dataset with `array` as --item_emb."""
-    data = train.Dataset.from_sequences([np.arange(4)], ["u"], ["a", "b", "c", "d"])
+    data = data_py.Dataset.from_sequences([np.arange(4)], ["u"], ["a", "b", "c", "d"])
     path = os.path.join(str(folder), "e.npy")
     np.save(path, array)
-    return train.item_embeddings(train.TrainConfig(item_emb=path), data, train.RawData([], [], [], item_emb=path), None)
+    return data_py.item_embeddings(train.TrainConfig(item_emb=path), data, data_py.RawData([], [], [], item_emb=path), None)
 
 
 def _tiny_checkpoint(folder, **changes) -> tuple[str, dict]:
@@ -943,7 +954,7 @@ def _old_index(folder):
 
 
 def _train_batch_with_unknown_item(folder):
-    split = train.Split.from_windows(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
+    split = data_py.Split.from_windows(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
     item_tokens = torch.zeros(4, 4, dtype=torch.long)                    # 3 items + the PAD row
     train.make_batch(split, np.array([0]), item_tokens, torch.zeros(1, dtype=torch.long), torch.device("cpu"))
 
@@ -956,8 +967,8 @@ def _generate_with_unknown_sid(folder):
 
 # (what is wrong, how to trigger it in a temporary folder, a fragment of the expected message)
 BAD_INPUTS = [
-    ("empty data file", lambda d: train.prepare(_load(d, "d.inter", INTER_HEADER)), "no interactions"),
-    ("nothing left after 5-core", lambda d: train.prepare(_load(d, "d.inter", INTER_HEADER + "u1\ti1\t1\n")),
+    ("empty data file", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER)), "no interactions"),
+    ("nothing left after 5-core", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER + "u1\ti1\t1\n")),
      "empty after 5-core"),
     (".inter without a timestamp column", lambda d: _load(d, "d.inter", "user_id:token\titem_id:token\nu\ti\n"),
      "expected a timestamp column"),
@@ -978,9 +989,9 @@ BAD_INPUTS = [
      "d.txt:2: expected `user item item ...`"),
     (".json.gz that is not gzip", lambda d: _load(d, "d.json.gz", b"not gzip at all"), "d.json.gz: cannot read it (BadGzipFile"),
     ("bytes that are not UTF-8", lambda d: _load(d, "d.csv", b"user,item,timestamp\n\xff\xfe,i,1\n"), "d.csv: not UTF-8 text"),
-    ("item text line that is not a dict", lambda d: train.load_item_text(_write(d, "m.jsonl", "[1, 2]\n")),
+    ("item text line that is not a dict", lambda d: data_py.load_item_text(_write(d, "m.jsonl", "[1, 2]\n")),
      "m.jsonl:1: expected a JSON object or Python dict"),
-    ("item text with an item twice", lambda d: train.load_item_text(_write(d, "m.jsonl", '{"asin": "a"}\n{"asin": "a"}\n')),
+    ("item text with an item twice", lambda d: data_py.load_item_text(_write(d, "m.jsonl", '{"asin": "a"}\n{"asin": "a"}\n')),
      "m.jsonl:2: item 'a' appears a second time"),
     ("--item_emb with NaN", lambda d: _emb(d, np.array([[0.0], [np.nan], [1.0], [2.0]])), "got NaN or inf in row 1"),
     ("--item_emb with 3 rows for 4 items", lambda d: _emb(d, np.zeros((3, 8))), "expected shape [4 items, D], got (3, 8)"),
@@ -998,7 +1009,7 @@ BAD_INPUTS = [
     ("checkpoint config != this run's", _check_other_config, "model.n_embd is 16 there, 32 here"),
     ("checkpoint SIDs != the index on disk", _check_other_sids, "made with other SIDs than the index on disk"),
     ("checkpoint of another version", lambda d: train.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
-     "checkpoint version 0, this code reads version 1"),
+     "checkpoint version 0, this code reads version 2"),
     ("truncated checkpoint", lambda d: train.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
      "not a readable checkpoint, truncated or corrupt"),
     ("missing checkpoint", lambda d: train.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
@@ -1021,7 +1032,7 @@ BAD_INPUTS = [
     ("csv field over the size limit", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i,1\nu," + "x" * 200_000 + ",2\n"),
      "d.csv:3: not a readable CSV row (field larger than field limit"),
     ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected non-empty user"),
-    ("--item_emb given a .npz", lambda d: train.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
+    ("--item_emb given a .npz", lambda d: data_py.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
     ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a numeric array, got dtype"),
     ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a numeric array, got dtype"),
     ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a numeric array, got dtype"),
@@ -1041,7 +1052,7 @@ BAD_INPUTS = [
      lambda d: beam.beam_search(tiny_model(codebook_size=16), make_batch(tiny_model(codebook_size=16), [2]), 2, 1,
                                 sid.SIDIndex(np.eye(2, 4, dtype=np.uint8))),
      "the index and the model disagree on codebook_size"),
-    ("header-only data file names the file", lambda d: train.prepare(_load(d, "empty.csv", "user,item,timestamp\n")),
+    ("header-only data file names the file", lambda d: data_py.prepare(_load(d, "empty.csv", "user,item,timestamp\n")),
      "empty.csv: no interactions"),
     ("timestamp beyond 64 bits", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t99999999999999999999\n"),
      "expected a timestamp that fits in 64 bits"),
@@ -1092,9 +1103,9 @@ def _parse(folder, name: str, fmt: str, content):
     """Rows (or the item-text dict) of a file; prepare() runs too, so it is fuzzed as well."""
     path = _write(folder, name, content)
     if fmt == "text":
-        return sorted(train.read_file(path, train.load_item_text).items())
-    raw = train.load_data(train.TrainConfig(data=path, format=fmt))
-    train.prepare(raw, five_core=True)
+        return sorted(data_py.read_file(path, data_py.load_item_text).items())
+    raw = data_py.load_data(train.TrainConfig(data=path, format=fmt))
+    data_py.prepare(raw, five_core=True)
     if raw.time_ordered:                                 # s3rec times are file positions
         return sorted(zip(raw.users, raw.items))
     return sorted(zip(raw.users, raw.items, raw.times))
@@ -1243,7 +1254,7 @@ def _step_setup():
     rng = np.random.default_rng(0)
     history = np.where(rng.random((13, 6)) < 0.3, -1, rng.integers(0, 9, (13, 6)))
     history = np.sort(history, axis=1)                                   # padding (-1) on the left
-    split = train.Split.from_windows(history=history, target=rng.integers(0, 9, 13), user=rng.integers(0, 5, 13))
+    split = data_py.Split.from_windows(history=history, target=rng.integers(0, 9, 13), user=rng.integers(0, 5, 13))
     codes = np.unique(rng.integers(0, 256, (40, 4)), axis=0)[:9]
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(codes, TINY["n_user_buckets"])),
                              torch.full((1, 4), sid.PAD)])
@@ -1317,7 +1328,7 @@ def test_batch_loss_does_not_depend_on_grouping(seed, batch_size, batch_tokens):
     model.eval()
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 7, 13)
-    split = train.Split.from_windows(np.where(np.arange(6)[None, :] >= 6 - lengths[:, None], split.history.clip(0), -1),
+    split = data_py.Split.from_windows(np.where(np.arange(6)[None, :] >= 6 - lengths[:, None], split.history.clip(0), -1),
                                      split.target, split.user)
     rows = np.arange(13)
     cpu = torch.device("cpu")
@@ -1329,8 +1340,8 @@ def test_batch_loss_does_not_depend_on_grouping(seed, batch_size, batch_tokens):
 
 def test_evaluation_does_not_depend_on_grouping():
     """Beam-search metrics with users grouped by history length equal those of plain batches."""
-    data = train.prepare(train.RawData(*map(list, zip(*interactions(3, n_users=30, n_items=12)))), five_core=False)
-    splits = train.leave_one_out(data, 6)
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(3, n_users=30, n_items=12)))), five_core=False)
+    splits = data_py.leave_one_out(data, 6)
     index, _ = sid.build_index(np.random.default_rng(0).normal(size=(len(data.item_raw), 8)), seed=0)
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, TINY["n_user_buckets"])),
                              torch.full((1, 4), sid.PAD)])
@@ -1680,7 +1691,7 @@ def dense_cf_embeddings(history: np.ndarray, target: np.ndarray, n_items: int, d
     with np.errstate(divide="ignore", invalid="ignore"):
         pmi = np.log(counts * total / np.outer(row, row))
     ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0)
-    u, s = train.truncated_svd(ppmi, dim, seed)
+    u, s = data_py.truncated_svd(ppmi, dim, seed)
     return counts, ppmi, (u * np.sqrt(s)).astype(np.float32)
 
 
@@ -1688,14 +1699,14 @@ def dense_cf_embeddings(history: np.ndarray, target: np.ndarray, n_items: int, d
 @given(st.integers(0, 2**16), st.integers(1, 6), st.integers(1, 8))
 def test_sparse_ppmi_and_svd_equal_the_dense_ones(seed, max_history, dim):
     rows = interactions(seed, n_users=15, n_items=12)
-    data = train.prepare(train.RawData(*map(list, zip(*rows))), five_core=False)
-    split = train.leave_one_out(data, max_history)["train"]
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
+    split = data_py.leave_one_out(data, max_history)["train"]
     n_items = len(data.item_raw)
     counts, ppmi, emb = dense_cf_embeddings(split.history, split.target, n_items, dim, seed)
-    sparse_counts = train.cooccurrence(split, n_items, blocks=3)
+    sparse_counts = data_py.cooccurrence(split, n_items, blocks=3)
     assert np.array_equal(sparse_counts.toarray(), counts)
-    np.testing.assert_allclose(train.ppmi(sparse_counts).toarray(), ppmi, rtol=1e-6, atol=0)
-    np.testing.assert_allclose(train.cf_embeddings(split, n_items, dim, seed), emb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(data_py.ppmi(sparse_counts).toarray(), ppmi, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(data_py.cf_embeddings(split, n_items, dim, seed), emb, rtol=1e-4, atol=1e-5)
 
 
 @FAST
@@ -1705,7 +1716,7 @@ def test_csr_products_equal_dense_ones(seed, n_rows, n_cols, k):
     dense = np.where(rng.random((n_rows, n_cols)) < 0.3, rng.standard_normal((n_rows, n_cols)), 0).astype(np.float32)
     r, c = np.nonzero(dense)
     shuffle = rng.permutation(len(r))                                    # any order of triples
-    matrix = train.CSR.from_triples(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
+    matrix = data_py.CSR.from_triples(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
     x, y = rng.standard_normal((n_cols, k)), rng.standard_normal((n_rows, k))
     np.testing.assert_allclose(matrix @ x, dense.astype(np.float64) @ x, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(matrix.T @ y, dense.T.astype(np.float64) @ y, rtol=1e-9, atol=1e-9)
@@ -1717,18 +1728,18 @@ def test_sparse_tfidf_embeddings_equal_the_dense_ones():
     rng = np.random.default_rng(0)
     item_raw = [str(i) for i in range(30)]
     text = {i: " ".join(rng.choice(words, rng.integers(0, 6))) for i in item_raw}
-    data = train.Dataset.from_sequences([], [], item_raw)
+    data = data_py.Dataset.from_sequences([], [], item_raw)
     docs = [re.findall(r"[a-z0-9']+", text[i].lower()) for i in item_raw]   # the dense formula
     df = {w: sum(w in d for d in docs) for w in set(w for d in docs for w in d)}
     vocab = sorted(w for w, c in df.items() if c >= 2)
     tfidf = np.array([[d.count(w) for w in vocab] for d in docs], np.float32)
     tfidf *= np.log(len(docs) / np.array([df[w] for w in vocab])) + 1.0
     tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12)
-    u, s = train.truncated_svd(tfidf, 4, 0)
-    np.testing.assert_allclose(train.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
+    u, s = data_py.truncated_svd(tfidf, 4, 0)
+    np.testing.assert_allclose(data_py.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
 
 
-def loop_markov(data: train.Dataset, last: np.ndarray, k: int = 10) -> np.ndarray:
+def loop_markov(data: data_py.Dataset, last: np.ndarray, k: int = 10) -> np.ndarray:
     """The first-order Markov ranking one user at a time, as train.py computed it before (the oracle)."""
     n_items = len(data.item_raw)
     seqs = [s[:-2] for s in data.sequences]
@@ -1747,9 +1758,9 @@ def test_vectorised_markov_baseline_equals_the_per_user_loop(seed, k):
     n_items = int(rng.integers(2, 25))
     rows = [(f"u{u}", str(int(i)), t) for u in range(int(rng.integers(1, 12)))
             for t, i in enumerate(rng.integers(0, n_items, rng.integers(3, 12)))]   # repeats allowed
-    data = train.prepare(train.RawData(*map(list, zip(*rows))), five_core=False)
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
     n_items = len(data.item_raw)
-    splits = train.leave_one_out(data, 5)
+    splits = data_py.leave_one_out(data, 5)
     last = splits["test"].history[:, -1]
     lengths = data.lengths
     local = np.arange(data.n_interactions) - np.repeat(data.offsets[:-1], lengths)
@@ -1765,9 +1776,9 @@ def test_vectorised_markov_baseline_equals_the_per_user_loop(seed, k):
 @FAST
 @given(st.integers(0, 2**16), st.integers(1, 7))
 def test_windows_cut_per_batch_equal_the_materialised_ones(seed, max_history):
-    data = train.prepare(train.RawData(*map(list, zip(*interactions(seed, n_users=9, n_items=8)))), five_core=False)
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed, n_users=9, n_items=8)))), five_core=False)
     sequences = data.sequences
-    for split in train.leave_one_out(data, max_history).values():
+    for split in data_py.leave_one_out(data, max_history).values():
         rows = np.random.default_rng(seed).permutation(len(split.pos))[: max(1, len(split.pos) // 2)]
         for row, window in zip(rows, split.windows(rows)):
             seq = sequences[split.user[row]]
@@ -1783,7 +1794,7 @@ def test_synthetic_interactions_are_deterministic_and_train_reads_them(tmp_path)
     user, item, when = a
     assert item.min() >= 0 and item.max() < 200 and (np.diff(when)[np.diff(user) == 0] == 1).all()
     bench.write_csv(str(tmp_path / "s.csv"), user, item, when, chunk=1000)
-    raw = train.load_data(train.TrainConfig(data=str(tmp_path / "s.csv")))
+    raw = data_py.load_data(train.TrainConfig(data=str(tmp_path / "s.csv")))
     assert raw.users[:3] == [f"u{u}" for u in user[:3]] and list(raw.times[:3]) == when[:3].tolist()
     assert len(raw.users) == len(user) and raw.users[0] is raw.users[1]   # one str object per distinct id
 
@@ -1828,7 +1839,7 @@ def test_continue_experiment_runs_base_continued_and_scratch(tmp_path):
 def test_item_order_does_not_depend_on_pythonhashseed(tmp_path):
     rows = "".join(f"u{u}\t{i}\t{t}\n" for u in range(6) for t, i in enumerate(["7", "07", "007", "8", "08", "9"]))
     path = _write(tmp_path, "d.inter", INTER_HEADER + rows)
-    code = ("import sys, train, sid; d = train.prepare(train.load_data(train.TrainConfig(data=sys.argv[1])), False); "
+    code = ("import sys, train, sid, data as data_py; d = data_py.prepare(data_py.load_data(train.TrainConfig(data=sys.argv[1])), False); "
             "print(d.item_raw, d.items.tolist())")
     outs = {subprocess.run([sys.executable, "-c", code, path], cwd=HERE, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}, timeout=120).stdout for seed in ("1", "2", "3")}
@@ -1836,7 +1847,7 @@ def test_item_order_does_not_depend_on_pythonhashseed(tmp_path):
 
 
 def test_ids_are_stripped_in_every_format(tmp_path):
-    spaced = train.load_data(train.TrainConfig(data=_write(tmp_path, "a.csv", "user,item,timestamp\n u0 , i0 ,5\nu0,i1, 6\n")))
+    spaced = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "a.csv", "user,item,timestamp\n u0 , i0 ,5\nu0,i1, 6\n")))
     assert spaced.users == ["u0", "u0"] and spaced.items == ["i0", "i1"] and list(spaced.times) == [5.0, 6.0]
 
 
@@ -1912,9 +1923,9 @@ def test_fewer_than_ten_items_trains_and_evaluates(tmp_path):
 def test_timestamps_are_exact_integers(tmp_path):
     base = 1_700_000_000_000_000_000                                       # nanoseconds: beyond float64's 2**53
     rows = "".join(f"u\ti{k}\t{base + (3 - k)}\n" for k in range(4)) + "u\ti9\t" + str(base + 9) + "\n"
-    data = train.prepare(train.load_data(train.TrainConfig(data=_write(tmp_path, "d.inter", INTER_HEADER + rows))), False)
+    data = data_py.prepare(data_py.load_data(train.TrainConfig(data=_write(tmp_path, "d.inter", INTER_HEADER + rows))), False)
     assert [data.item_raw[i] for i in data.items] == ["i3", "i2", "i1", "i0", "i9"]     # 1 ns apart, in time order
-    mixed = train.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
+    mixed = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
     assert mixed.times.typecode == "d" and list(mixed.times) == [5.0, 5.5]   # a fraction: the file is float64
 
 

@@ -6,7 +6,7 @@
 
 --preset=auto (the default) picks the preset from the data and says why in the log.
 
-Evaluation follows PROTOCOL.md: stable time sort, 5-core, leave-one-out (last item test,
+Files are read, filtered and split by data.py. Evaluation (README, "The evaluation protocol"): stable time sort, 5-core, leave-one-out (last item test,
 second-to-last validation), every earlier train position a training example, history = the
 last `max_history` items before the target, full ranking with beam search over real SIDs,
 Recall/NDCG@5/10, model selection on validation NDCG@10. Writes into out_dir: config.json,
@@ -19,43 +19,34 @@ recommend.py needs), checkpoint.pt (best), last.pt (to --resume), results.json.
 """
 from __future__ import annotations
 
-import ast
-import csv
 import dataclasses
-import gzip
 import hashlib
+import html
 import io
 import json
 import math
 import os
 import pickle
-import re
-import subprocess
 import sys
-import tempfile
 import time
-import warnings
 import zipfile
-import zlib
 from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import beam
 import sid
+from data import (EVAL_SAMPLE_SEED, Dataset, Split, extend_catalogue, item_embeddings, leave_one_out, load_data,
+                  prepare, ragged_arange, read_item_emb, sample_users, save_run_data)
 from rpg_ed import RPG_ED, RPGEDConfig
-
-ML100K_SHA256 = {
-    "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
-    "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
-}
 
 
 @dataclass
 class TrainConfig:
+    """Training settings. The defaults are what plain `python train.py` runs on MovieLens-100K (the
+    cpu preset); a preset changes some of them, and --key=value any of them."""
     data: str = "ml-100k"            # "ml-100k" or a path (file, or folder with one data file)
     format: str = "auto"             # auto | inter | csv | amazon | s3rec
     item_text: str = ""              # optional item-text file (.item, .jsonl, Amazon metadata)
@@ -69,15 +60,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"             # auto (cuda, mps, cpu) | cpu | cuda | mps
     compile: bool = False            # torch.compile the model
-    epochs: int = 6                  # maximum epochs
-    batch_size: int = 256            # most rows (examples) in a training batch
+    epochs: int = 7                  # maximum epochs
+    batch_size: int = 512            # most rows (examples) in a training batch
     dynamic_batches: bool = True     # group rows by history length (little padding); false: random batches
     batch_tokens: int = 0            # most history positions in a batch (rows x its longest history);
                                      # 0 = batch_size * max_history, so only batch_size binds
     dtype: str = "auto"              # auto (bf16 on cuda, fp32 elsewhere) | bf16 | fp32: autocast compute
                                      # dtype; weights and optimizer state stay fp32
-    lr: float = 3e-3                 # peak learning rate
-    warmup_steps: int = 200
+    lr: float = 4e-3                 # peak learning rate
+    warmup_steps: int = 100
     min_lr_ratio: float = 0.05       # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.05
     grad_clip: float = 1.0
@@ -129,8 +120,9 @@ PRESETS = {
     # no user token (validation NDCG@10 0.0710 without, 0.0653 with); 7 epochs of batch 512 at
     # lr 4e-3 (0.0744) instead of 6 of 256 at 3e-3 (0.0646); history 20, not 50 (2.4x faster);
     # width 96, MLP 384 (3-seed mean 0.0761) over 64/256 (0.0694), 128/512 and 10 epochs.
+    # (TrainConfig's defaults are this preset's training settings)
     "cpu": dict(n_embd=96, n_head=4, n_inner=384, encoder_n_layer=2, decoder_n_layer=1, max_history=20,
-                attn_pdrop=0.0, use_user_token=False, epochs=7, batch_size=512, lr=4e-3, warmup_steps=100),
+                attn_pdrop=0.0, use_user_token=False),
     # short histories (Amazon-like, under 20 items a user on average) cost little with dynamic
     # batches, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP and depth)
     # trained for longer (README, the recipe table)
@@ -138,758 +130,463 @@ PRESETS = {
                    attn_pdrop=0.1, use_user_token=False, epochs=32, eval_every=4, patience=3, batch_size=512,
                    lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both"),
     # the seed's architecture (RPGEDConfig's defaults), for a GPU
-    "seed": dict(epochs=200, eval_every=5, patience=4, lr=1e-3, warmup_steps=2000),
+    "seed": dict(epochs=200, eval_every=5, patience=4, batch_size=256, lr=1e-3, warmup_steps=2000),
 }
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: --key=value for every field of TrainConfig and RPGEDConfig
+# The run: data -> SIDs -> model -> training loop -> evaluation
 # ----------------------------------------------------------------------------------------------
 
-def _parse_value(name: str, text: str, kind: str):
+def main(argv: list) -> dict:
+    start_time = time.time()
+    cfg, _ = parse_args(argv)                  # checks every flag before anything is read or written
+    dist = init_distributed(cfg.device)
     try:
-        if kind == "bool":
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        return {"int": int, "float": float, "str": str}[kind](text)
-    except ValueError:
-        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
+        results = train_and_evaluate(argv, dist, start_time)
+        dist.barrier()   # no process tears gloo/nccl down while another still talks to it
+        return results
+    finally:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
 
 
-def parse_args(argv: list, auto_preset: str | None = None) -> tuple[TrainConfig, RPGEDConfig]:
-    """--key=value pairs -> (TrainConfig, RPGEDConfig). Preset first, then explicit values.
-    `--preset=auto` (the default) stands for `auto_preset`, which the run picks from the data
-    (choose_preset), and the config records the preset used; before the data is read
-    (auto_preset None) it keeps the name "auto" with the cpu preset's values."""
-    kinds = {f.name: f.type for cls in (TrainConfig, RPGEDConfig) for f in dataclasses.fields(cls)}
-    given = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(kinds))})")
-        key, text = arg[2:].split("=", 1)
-        if key not in kinds:
-            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(kinds))}")
-        given[key] = _parse_value(key, text, kinds[key])
-    preset = given.get("preset", TrainConfig.preset)
-    if preset == "auto":
-        preset = "cpu" if auto_preset is None else auto_preset
-        given["preset"] = "auto" if auto_preset is None else auto_preset
-    if preset not in PRESETS:
-        raise ValueError(f"--preset: expected one of {['auto'] + sorted(PRESETS)}, got {preset!r}")
-    values = {**PRESETS[preset], **given}
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
-    mcfg = RPGEDConfig(**{k: v for k, v in values.items() if k not in train_keys})
-    for name, allowed in (("format", ("auto", "inter", "csv", "amazon", "s3rec")),
-                          ("emb_source", ("text", "cf", "both")), ("device", ("auto", "cpu", "cuda", "mps")),
-                          ("dtype", ("auto", "bf16", "fp32"))):
-        if getattr(tcfg, name) not in allowed:
-            raise ValueError(f"--{name}: expected one of {allowed}, got {getattr(tcfg, name)!r}")
-    if mcfg.beam_size < 10:
-        raise ValueError(f"--beam_size: expected at least 10 (evaluation ranks 10 items), got {mcfg.beam_size}")
-    if tcfg.batch_tokens and tcfg.batch_tokens < mcfg.max_history:
-        raise ValueError(f"--batch_tokens: expected 0 or at least max_history ({mcfg.max_history}) so that a "
-                         f"batch holds one row of the longest history, got {tcfg.batch_tokens}")
-    return tcfg, mcfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: loaders for each format -> (user, item, timestamp) rows in file order
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class RawData:
-    users: list                      # raw user id per interaction (str; one object per distinct id)
-    items: list                      # raw item id per interaction (str)
-    times: Sequence[float]           # timestamp per interaction: array('q') of exact integers, or
-                                     # array('d') once any is fractional (8 bytes each); file position for s3rec
-    time_ordered: bool = False       # s3rec: file order is time order, already 5-core
-    item_text: dict = field(default_factory=dict)   # raw item id -> text
-    item_emb: str = ""               # item-embedding file: --item_emb, or the one found beside the data
-    source: str = ""
-    path: str = ""                   # the data file, for messages
-    names: dict = field(default_factory=dict, repr=False)  # id -> the one str object kept for it
-
-
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def fetch_ml100k(folder: str = "data/ml-100k") -> tuple[str, str]:
-    """data/ml-100k/ if present, else extract it from the recbole==1.2.1 wheel on PyPI (no import)."""
-    paths = {name: os.path.join(folder, name) for name in ML100K_SHA256}
-    if all(os.path.exists(p) for p in paths.values()):
-        source = f"read from {folder}/"
+def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
+    log = print if dist.is_main else (lambda *args, **kwargs: None)
+    cfg, _ = parse_args(argv)
+    seconds, tick = {}, time.time()            # per stage, into results.json (bench.py --scale reads them)
+    if not dist.is_main:
+        dist.barrier()                         # rank 0 reads (and if needed fetches) the data first
+    raw = load_data(cfg)
+    if dist.is_main:
+        dist.barrier()
+    seconds["load"], tick = time.time() - tick, time.time()
+    log(f"data: {raw.source} ({seconds['load']:.1f} s)")
+    data = prepare(raw, cfg.five_core)
+    raw.users, raw.items, raw.times, raw.names = [], [], array("d"), {}   # now in `data`: free them
+    base = None
+    if cfg.init_from:
+        import recommend                       # here, not at the top: recommend.py imports this module
+        base = recommend.load_run(cfg.init_from)
+        cfg, mcfg = continue_config(argv, base.config)
+        n_own = len(data.item_raw)             # rows of an embeddings file for this data
+        data, new_rows = extend_catalogue(data, list(base.item_raw))
+        index, moved = add_new_items(base, raw.item_emb, n_own, new_rows)
+        log(f"init from {cfg.init_from}: its weights and SIDs; {len(new_rows)} new items in this data get "
+            f"SIDs from their embeddings ({moved} moved by collision resolution)")
+    elif cfg.preset == "auto":
+        preset, why = choose_preset(data)
+        log(f"preset: {preset}, chosen from the data: {why}")
+        cfg, mcfg = parse_args(argv, auto_preset=preset)
     else:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "recbole==1.2.1",
-                            "-d", tmp], check=True)
-            wheel = os.path.join(tmp, next(f for f in os.listdir(tmp) if f.endswith(".whl")))
-            with zipfile.ZipFile(wheel) as z:
-                for name, path in paths.items():
-                    sid.atomic_write(path, z.read(f"recbole/dataset_example/ml-100k/{name}"))
-        source = f"extracted from the PyPI wheel recbole==1.2.1 into {folder}/"
-    for name, path in paths.items():
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != ML100K_SHA256[name]:
-            raise ValueError(f"{path}: sha256 {digest}, expected {ML100K_SHA256[name]} (PROTOCOL.md)")
-    return paths["ml-100k.inter"], source
+        cfg, mcfg = parse_args(argv)
+    name = cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
+    out_dir = cfg.out_dir or os.path.join("out", name)
+    if base is not None and os.path.realpath(out_dir) == os.path.realpath(cfg.init_from):
+        raise ValueError(f"--out_dir: expected a folder other than --init_from ({cfg.init_from}), which it "
+                         "would overwrite")
+    resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
+    log("config:", json.dumps(resolved))
+    log(f"processes: {dist.world}, device {dist.device}, compute dtype {str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
+    if dist.is_main:
+        prepare_out_dir(out_dir, cfg)
+        if not (cfg.resume or cfg.eval_only):
+            sid.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
+    splits = leave_one_out(data, mcfg.max_history)
+    stats = {"users": len(data.user_raw), "items": len(data.item_raw), "interactions": data.n_interactions,
+             "train_examples": len(splits["train"].pos)}
+    if cfg.eval_users and cfg.eval_users < len(data.user_raw):
+        splits, stats["eval_users"] = sample_users(splits, cfg.eval_users), cfg.eval_users
+    seconds["split"], tick = time.time() - tick, time.time()
+    log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()) + f" ({seconds['split']:.1f} s)")
+    if "eval_users" in stats:
+        log(f"evaluation: {cfg.eval_users:,} of {len(data.user_raw):,} users, a random sample fixed by "
+            f"EVAL_SAMPLE_SEED={EVAL_SAMPLE_SEED} (the same for the model and the baselines, whatever --seed)")
+
+    # SIDs: rank 0 builds and saves them; the other processes, a resume and --eval_only load them
+    if dist.is_main and not (cfg.resume or cfg.eval_only):
+        if base is None:
+            emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
+            seconds["embeddings"], tick = time.time() - tick, time.time()
+            index, moved = sid.build_index(emb, seed=cfg.seed)
+            seconds["sids"] = time.time() - tick
+            log(f"SIDs: from {emb_name} embeddings {emb.shape} ({seconds['embeddings']:.1f} s), OPQ error "
+                f"{index.quantizer.errors[0]:.4g} -> {index.quantizer.errors[-1]:.4g}, {moved} items moved by "
+                f"collision resolution, {seconds['sids']:.1f} s, saved to {out_dir}")
+        index.save(out_dir)
+        content_sids = base.content_sids if base else bool(raw.item_emb) and cfg.emb_source != "both"
+        save_run_data(os.path.join(out_dir, "data.npz"), data, raw.item_text, content_sids)
+    dist.barrier()
+    if not dist.is_main or cfg.resume or cfg.eval_only:
+        index = sid.SIDIndex.load(out_dir)
+        if index.n_items != len(data.item_raw):
+            raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {len(data.item_raw)}")
+        log(f"SIDs: loaded from {out_dir}")
+    item_tokens = item_token_table(index, mcfg)
+    user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
+    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
+
+    torch.manual_seed(cfg.seed)
+    model = RPG_ED(mcfg).to(dist.device)
+    if base is not None and not (cfg.resume or cfg.eval_only):
+        model.load_state_dict(base.model.state_dict())
+    torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
+    log(f"model: {model.num_parameters():,} parameters on {dist.device}")
+    trained = None if cfg.eval_only else train_model(model, run)
+
+    state = load_checkpoint(run.path("checkpoint.pt"), dist.device)
+    check_checkpoint(state, run.path("checkpoint.pt"), resolved, sids_digest(index), to_resume=False)
+    model.load_state_dict(state["model"])
+    tick = time.time()
+    results = {"config": resolved, "dataset": {**stats, "source": raw.source}, "processes": dist.world,
+               "best_epoch": state["best_epoch"], "valid_history": (trained or state)["valid_history"],
+               "loss_history": (trained or state)["loss_history"],
+               "valid": evaluate(model, run, "valid"), "test": evaluate(model, run, "test"),
+               "train_seconds": round((trained or state)["train_seconds"], 1)}
+    seconds["eval_valid_and_test"] = time.time() - tick
+    results["seconds"] = {k: round(v, 2) for k, v in {**seconds, "train": results["train_seconds"]}.items()}
+    if cfg.report_beam_size:
+        results[f"beam{cfg.report_beam_size}"] = {split: evaluate(model, run, split, cfg.report_beam_size)
+                                                  for split in ("valid", "test")}
+    if dist.is_main:
+        results["baselines"] = {split: baseline_rankings(data, splits, split) for split in ("valid", "test")}
+        results["total_seconds"] = round(time.time() - start_time, 1)
+        out_name = "eval.json" if cfg.eval_only else "results.json"
+        sid.atomic_write(run.path(out_name), json.dumps(results, indent=2).encode())
+        if trained:
+            sid.atomic_write(run.path("curves.svg"), curves_svg(trained, f"{name}, preset {cfg.preset}, seed {cfg.seed}").encode())
+        print_table(results)
+        log(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
+    return results
 
 
-def detect_format(path: str) -> str:
-    name = path.lower().removesuffix(".gz")
-    if name.endswith(".inter"):
-        return "inter"
-    if name.endswith(".json") or name.endswith(".jsonl"):
-        return "amazon"
-    if name.endswith(".csv") or name.endswith(".tsv"):
-        return "csv"
-    with _open_text(path) as f:
-        first = f.readline()
-    if first.lstrip().startswith("{"):
-        return "amazon"
-    if re.fullmatch(r"\S+( \S+)+\s*", first):
-        return "s3rec"
-    raise ValueError(f"{path}: cannot detect the format from its name or first line; pass --format")
-
-
-def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> None:
-    """Add one interaction after checking it. Ids are stripped of surrounding whitespace (so
-    `u0, i0` is `u0`,`i0` in every format) and must not be empty; the timestamp must be a finite number."""
-    user, item = user.strip(), item.strip()
-    if not user or not item:
-        raise ValueError(f"{where}: expected non-empty user and item ids, got {user!r} and {item!r}")
-    try:                                        # integers exactly (nanoseconds 1 apart stay apart)
-        value = int(timestamp)
-    except ValueError:
-        try:
-            value = float(timestamp)
-        except ValueError:
-            raise ValueError(f"{where}: expected a numeric timestamp, got {timestamp!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{where}: expected a finite timestamp, got {timestamp!r}")
-        if raw.times.typecode == "q":           # a fractional timestamp: the file is compared as float64
-            raw.times = array("d", raw.times)
-    if raw.times.typecode == "q" and not -2 ** 63 <= value < 2 ** 63:
-        raise ValueError(f"{where}: expected a timestamp that fits in 64 bits, got {timestamp!r}")
-    # one object per distinct id: 20M rows hold 20M pointers, not 40M strings
-    raw.users.append(raw.names.setdefault(user, user)); raw.items.append(raw.names.setdefault(item, item))
-    raw.times.append(value)
-
-
-def load_inter(path: str) -> RawData:
-    """RecBole atomic file: a header of name:type fields, tab-separated."""
-    raw = RawData([], [], array("q"))
-    with _open_text(path) as f:
-        header = f.readline().rstrip("\r\n").split("\t")
-        names = [h.split(":")[0] for h in header]
-        for need in ("user_id", "item_id", "timestamp"):
-            if need not in names:
-                raise ValueError(f"{path}:1: expected a {need} column in the header, got {header}")
-        u, i, t = (names.index(n) for n in ("user_id", "item_id", "timestamp"))
-        for line_no, line in enumerate(f, start=2):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) != len(names):
-                raise ValueError(f"{path}:{line_no}: expected {len(names)} tab-separated fields, got {len(parts)}")
-            _append(raw, f"{path}:{line_no}", parts[u], parts[i], parts[t])
-    return raw
-
-
-def load_csv(path: str) -> RawData:
-    """CSV or TSV with a header naming user, item and timestamp columns."""
-    aliases = {"user": ("user", "user_id", "userid", "reviewerid"),
-               "item": ("item", "item_id", "itemid", "movieid", "asin"),
-               "time": ("timestamp", "time", "ts", "unixreviewtime")}
-    raw = RawData([], [], array("q"))
-    with _open_text(path) as f:
-        first = f.readline()
-        delimiter = "\t" if "\t" in first else ","
-        header = [h.strip().lower().split(":")[0] for h in next(csv.reader([first], delimiter=delimiter), [])]
-        cols = {}
-        for key, names in aliases.items():
-            found = [header.index(n) for n in names if n in header]
-            if not found:
-                raise ValueError(f"{path}:1: expected the {key} column (one of {names}), got {header}")
-            cols[key] = found[0]
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            for row in reader:
-                line_no = reader.line_num + 1       # the file's line where the row ends (quoted newlines count)
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise ValueError(f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")
-                _append(raw, f"{path}:{line_no}", row[cols["user"]], row[cols["item"]], row[cols["time"]])
-        except csv.Error as e:                      # e.g. a field over the csv module's size limit
-            raise ValueError(f"{path}:{reader.line_num + 1}: not a readable CSV row ({e})") from None
-    return raw
-
-
-def load_amazon(path: str) -> RawData:
-    """Amazon 2014 reviews: one JSON object per line with reviewerID, asin, unixReviewTime."""
-    raw = RawData([], [], array("q"))
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                review = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from None
-            if not isinstance(review, dict) or any(k not in review for k in ("reviewerID", "asin", "unixReviewTime")):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object with keys reviewerID, asin, unixReviewTime")
-            for key in ("reviewerID", "asin", "unixReviewTime"):       # null, true, [..] or {..} is no id
-                if isinstance(review[key], bool) or not isinstance(review[key], (str, int, float)):
-                    raise ValueError(f"{path}:{line_no}: expected {key} to be a string or a number, got "
-                                     f"{json.dumps(review[key])[:50]}")
-            _append(raw, f"{path}:{line_no}", str(review["reviewerID"]), str(review["asin"]),
-                    str(review["unixReviewTime"]))
-    return raw
-
-
-def load_s3rec(path: str) -> RawData:
-    """`user item item ...` per line, oldest first (the S3Rec / ICLRec files): no timestamps."""
-    raw = RawData([], [], array("q"), time_ordered=True)
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) < 2:
-                raise ValueError(f"{path}:{line_no}: expected `user item item ...`, got {line.strip()!r}")
-            for item in parts[1:]:                             # the file position is the timestamp
-                _append(raw, f"{path}:{line_no}", parts[0], item, str(len(raw.times)))
-    return raw
-
-
-def _text_of(obj: dict) -> str:
-    parts = [str(obj.get("title", "")), str(obj.get("brand", ""))]
-    for extra in (obj.get("attributes", []), obj.get("categories", [])):
-        parts.extend(str(x) for x in (extra if isinstance(extra, list) else [extra]))
-    return " ".join(parts)
-
-
-def load_item_text(path: str) -> dict:
-    """Raw item id -> text, from a RecBole .item file, an items .jsonl, or Amazon metadata."""
-    text = {}
-    with _open_text(path) as f:
-        if path.removesuffix(".gz").endswith(".item"):
-            header = [h.split(":")[0] for h in f.readline().rstrip("\r\n").split("\t")]
-            if "item_id" not in header:
-                raise ValueError(f"{path}:1: expected an item_id column in the header, got {header}")
-            for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=2):
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise ValueError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, got {len(row)}")
-                fields_ = dict(zip(header, row))
-                _add_text(text, f"{path}:{line_no}", fields_.pop("item_id"), " ".join(fields_.values()))
-            return text
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                try:
-                    obj = ast.literal_eval(line)  # the 2014 metadata is Python literals; literal_eval runs no code
-                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                    obj = None
-            if not isinstance(obj, dict) or not str(obj.get("item_id", obj.get("asin", ""))).strip():
-                raise ValueError(f"{path}:{line_no}: expected a JSON object or Python dict with item_id or asin")
-            _add_text(text, f"{path}:{line_no}", str(obj.get("item_id", obj.get("asin"))), _text_of(obj))
-    return text
-
-
-def _add_text(text: dict, where: str, item: str, words: str) -> None:
-    if item in text:
-        raise ValueError(f"{where}: item {item!r} appears a second time")
-    text[item] = words
-
-
-LOADERS = {"inter": load_inter, "csv": load_csv, "amazon": load_amazon, "s3rec": load_s3rec}
-
-
-def read_file(path: str, read):
-    """Run a loader, turning undecodable bytes and broken compression into a ValueError that names the file."""
-    try:
-        return read(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, EOFError, zlib.error, csv.Error) as e:   # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
-
-
-def _item_emb_file(cfg: TrainConfig, data_path: str) -> str:
-    """--item_emb, else the one NAME_*.npy beside data file NAME.ext (e.g. Beauty_minilm.f16.npy),
-    else none; "none" skips the search."""
-    if cfg.item_emb:
-        return "" if cfg.item_emb == "none" else cfg.item_emb
-    folder, stem = os.path.dirname(data_path), os.path.basename(data_path).split(".")[0]
-    found = sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + "_") and f.endswith(".npy"))
-    if len(found) > 1:
-        raise ValueError(f"{folder}: found several item-embedding files {found}; choose one with "
-                         "--item_emb=FILE, or none with --item_emb=none")
-    return os.path.join(folder, found[0]) if found else ""
-
-
-def load_data(cfg: TrainConfig) -> RawData:
-    if cfg.data == "ml-100k":
-        path, source = fetch_ml100k()
-        raw = load_inter(path)
-        raw.path = path
-        raw.item_text = load_item_text(path.replace(".inter", ".item"))
-        raw.item_emb = _item_emb_file(cfg, path)
-        raw.source = source + (f", item embeddings from {raw.item_emb}" if raw.item_emb else "")
-        return raw
-    path = cfg.data
-    if os.path.isdir(path):
-        candidates = sorted(f for f in os.listdir(path) if f.endswith((".inter", ".csv", ".tsv", ".txt", ".json", ".json.gz")))
-        if len(candidates) != 1:
-            raise ValueError(f"{path}: expected exactly one data file in the folder, found {candidates}")
-        path = os.path.join(path, candidates[0])
-    if not os.path.exists(path):
-        raise ValueError(f"--data: {path} does not exist")
-    fmt = read_file(path, detect_format) if cfg.format == "auto" else cfg.format
-    raw = read_file(path, LOADERS[fmt])
-    raw.path = path
-    item_text = cfg.item_text
-    if not item_text:  # look beside the data file: name.item, or *_items.jsonl
-        folder = os.path.dirname(path)
-        stem = os.path.basename(path).split(".")[0]
-        for candidate in (os.path.join(folder, stem + ".item"), os.path.join(folder, stem + "_items.jsonl")):
-            if os.path.exists(candidate):
-                item_text = candidate
-    if item_text:
-        raw.item_text = read_file(item_text, load_item_text)
-    raw.item_emb = _item_emb_file(cfg, path)
-    raw.source = (f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "") +
-                  (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
-    return raw
-
-
-# ----------------------------------------------------------------------------------------------
-# Preparation: time order, 5-core, id maps, leave-one-out split
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Dataset:
-    """Every user's items, oldest first, in one flat array: user u's are items[offsets[u]:offsets[u + 1]].
-    Memory grows with interactions (4 bytes each), never with users x history."""
-    items: np.ndarray                # (N,) int32 item ids
-    offsets: np.ndarray              # (U + 1,) int64
-    user_raw: list                   # raw user id of each user
-    item_raw: list                   # raw item id of each item
-
-    @classmethod
-    def from_sequences(cls, sequences: list, user_raw: list, item_raw: list) -> "Dataset":
-        lengths = np.array([len(s) for s in sequences], np.int64)
-        items = np.concatenate([np.asarray(s, np.int32) for s in sequences]) if sequences else np.zeros(0, np.int32)
-        return cls(items, np.concatenate([[0], np.cumsum(lengths)]), list(user_raw), list(item_raw))
-
-    @property
-    def n_interactions(self) -> int:
-        return len(self.items)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @property
-    def sequences(self) -> list:
-        """Per user, a view of their items (for small data and tests; the data path uses the flat array)."""
-        return np.split(self.items, self.offsets[1:-1]) if len(self.user_raw) else []
-
-
-def _numeric_key(raw_id: str) -> tuple:
-    return int(raw_id), raw_id           # "7" before "07": equal numbers never tie on hash order
-
-
-def sort_key(raw_ids):
-    """The order of item and user ids: numeric when every id is an integer, else by string."""
-    return _numeric_key if all(re.fullmatch(r"-?\d+", u) for u in raw_ids) else str
-
-
-def _codes(raw_ids) -> tuple[np.ndarray, list]:
-    """Raw ids per interaction -> (int64 code per interaction, the distinct ids in sorted order)."""
-    names = set(raw_ids)
-    names = sorted(names, key=sort_key(names))
-    code = {name: k for k, name in enumerate(names)}
-    return np.fromiter(map(code.__getitem__, raw_ids), np.int64, len(raw_ids)), names
-
-
-def _renumber(codes: np.ndarray, names: list) -> tuple[np.ndarray, list]:
-    """Keep the ids that occur in `codes`, numbered 0.. in their own sorted order (numeric only
-    if all of the kept ones are integers, as for a file holding just them)."""
-    kept, codes = np.unique(codes, return_inverse=True)
-    raw = [names[k] for k in kept]
-    key = sort_key(raw)
-    if key is sort_key(names):
-        return codes, raw
-    order = sorted(range(len(raw)), key=lambda k: key(raw[k]))
-    rank = np.empty(len(raw), np.int64)
-    rank[order] = np.arange(len(raw))
-    return rank[codes], [raw[k] for k in order]
-
-
-def prepare(raw: RawData, five_core: bool = True) -> Dataset:
-    """Stable time sort per user, k-core filtering until nothing changes, contiguous ids (sorted
-    raw-id order). Works on integer codes: no Python loop over interactions."""
-    if not len(raw.users):
-        raise ValueError(f"{raw.path or 'dataset'}: no interactions")
-    uid, user_names = _codes(raw.users)
-    iid, item_names = _codes(raw.items)
-    times = np.asarray(raw.times)                      # int64 (exact) or float64
-    keep = np.ones(len(uid), bool)
-    if five_core and not raw.time_ordered:
-        while True:
-            u_cnt = np.bincount(uid[keep], minlength=len(user_names))
-            i_cnt = np.bincount(iid[keep], minlength=len(item_names))
-            ok = (u_cnt[uid[keep]] >= 5) & (i_cnt[iid[keep]] >= 5)
-            if ok.all():
+def train_model(model: RPG_ED, run: Run) -> dict:
+    """Epochs of training with validation and early stopping. After every epoch: checkpoint.pt
+    when validation improved, and last.pt (everything --resume needs). Returns the progress record."""
+    cfg, dist = run.cfg, run.dist
+    optimizer = make_optimizer(model, cfg)
+    progress = {"epoch": 0, "step": 0, "examples": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "done": False,
+                "loss_history": [], "valid_history": [], "train_seconds": 0.0}
+    if cfg.resume:
+        progress = resume(model, optimizer, run, progress)
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    lengths = run.splits["train"].lengths()
+    max_history = run.resolved["model"]["max_history"]
+    steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    dtype = compute_dtype(cfg, dist.device)
+    first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+        if progress["done"] or progress["step"] >= total_steps:
+            break
+        batches = epoch_batches(lengths, cfg, max_history, epoch)
+        seen, tick, loss_sum, loss_rows = 0, time.time(), 0.0, 0
+        for b, rows in enumerate(batches):                                     # rows: the global batch
+            if progress["step"] >= total_steps:                                # --max_steps
                 break
-            keep[np.flatnonzero(keep)[~ok]] = False
-    if not keep.any():
-        raise ValueError(f"{raw.path or 'dataset'}: empty after 5-core filtering (every user or item had fewer "
-                         "than 5 interactions)")
-    (uid, user_raw), (iid, item_raw) = _renumber(uid[keep], user_names), _renumber(iid[keep], item_names)
-    times = times[keep]
-    # stable: equal timestamps keep file order (PROTOCOL.md), never an item-id tie-break
-    order = np.lexsort((np.arange(len(uid)), times, uid))
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(uid, minlength=len(user_raw)))])
-    return Dataset(iid[order].astype(np.int32), offsets, user_raw, item_raw)
-
-
-SPARSE_BELOW = 20   # mean interactions per user under which --preset=auto picks "sparse"
-
-
-def choose_preset(data: Dataset) -> tuple[str, str]:
-    """--preset=auto: the preset for this data, and why. Both CPU presets fit their data's budget
-    on a 2-core CPU (10 min for MovieLens-100K, 90 for Amazon Beauty); what separates them is
-    history length, which sets the cost of every example."""
-    per_user = data.n_interactions / len(data.user_raw)
-    if per_user < SPARSE_BELOW:
-        return "sparse", (f"{per_user:.1f} interactions per user (< {SPARSE_BELOW}): short histories are cheap "
-                          "with dynamic batches, so a wider, deeper model trained longer")
-    return "cpu", f"{per_user:.1f} interactions per user (>= {SPARSE_BELOW}): long histories, the small model"
-
-
-@dataclass
-class Split:
-    """Examples as positions in the dataset's flat item array. A window (the last max_history items
-    before the target) is cut only when a batch is made, so memory is 24 bytes per example."""
-    items: np.ndarray                # (N,) the dataset's flat item ids (shared, not copied)
-    start: np.ndarray                # (E,) where the example's user begins in `items`
-    pos: np.ndarray                  # (E,) the target's position in `items`; history = items[start:pos][-H:]
-    user: np.ndarray                 # (E,) user index
-    max_history: int
-
-    @classmethod
-    def from_windows(cls, history: np.ndarray, target: np.ndarray, user: np.ndarray) -> "Split":
-        """From explicit (E, H) histories (left-padded with -1) and targets, e.g. a request's."""
-        history, target = np.asarray(history, np.int64), np.asarray(target, np.int64)
-        real = history >= 0
-        lengths = real.sum(1)
-        rows = np.concatenate([history, target[:, None]], 1)
-        keep = np.concatenate([real, np.ones((len(target), 1), bool)], 1)
-        start = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64) if len(target) else np.zeros(0, np.int64)
-        return cls(rows[keep].astype(np.int64), start, start + lengths, np.asarray(user, np.int64), history.shape[1])
-
-    @property
-    def target(self) -> np.ndarray:
-        return self.items[self.pos].astype(np.int64)
-
-    def lengths(self) -> np.ndarray:
-        """(E,) real (non-padding) history items of each example."""
-        return np.minimum(self.pos - self.start, self.max_history)
-
-    def windows(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), max_history) item ids before each target, oldest first, left-padded with -1."""
-        idx = self.pos[rows, None] - self.max_history + np.arange(self.max_history)[None, :]
-        real = idx >= self.start[rows, None]
-        return np.where(real, self.items[np.maximum(idx, 0)], -1).astype(np.int64)
-
-    @property
-    def history(self) -> np.ndarray:
-        """Every window at once, (E, max_history): for small data and tests only."""
-        return self.windows(np.arange(len(self.pos)))
-
-
-def ragged_arange(counts: np.ndarray) -> np.ndarray:
-    """0..c-1 for each count c, concatenated: ragged_arange([2, 0, 3]) = [0, 1, 0, 1, 2]."""
-    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
-EVAL_SAMPLE_SEED = 0   # --eval_users: the sample depends on the data alone, not on --seed
-
-
-def sample_users(splits: dict, n_users: int) -> dict:
-    """--eval_users: validation and test restricted to a fixed random sample of users (in user order)."""
-    users = np.sort(np.random.default_rng(EVAL_SAMPLE_SEED).choice(len(splits["valid"].pos), n_users, replace=False))
-    pick = lambda sp: Split(sp.items, sp.start[users], sp.pos[users], sp.user[users], sp.max_history)
-    return {"train": splits["train"], "valid": pick(splits["valid"]), "test": pick(splits["test"])}
-
-
-def leave_one_out(data: Dataset, max_history: int) -> dict:
-    """train: every position 1..n-3; valid: position n-2; test: position n-1 (per user)."""
-    lengths = data.lengths
-    short = np.flatnonzero(lengths < 3)
-    if len(short):
-        raise ValueError(f"user {data.user_raw[short[0]]!r}: expected at least 3 interactions for "
-                         f"leave-one-out, got {lengths[short[0]]}")
-    users = np.arange(len(lengths))
-    starts = data.offsets[:-1]
-    n_train = lengths - 3                                             # positions 1 .. n-3 of each user
-    train_user = np.repeat(users, n_train)
-    train_pos = starts[train_user] + 1 + ragged_arange(n_train)
-    split = lambda user, pos: Split(data.items, starts[user], pos, user, max_history)
-    return {"train": split(train_user, train_pos), "valid": split(users, data.offsets[1:] - 2),
-            "test": split(users, data.offsets[1:] - 1)}
+            local, weight = shard(rows, dist)
+            lr = lr_at(progress["step"], total_steps, cfg)
+            loss = train_step(net, optimizer, run.batch("train", local), weight, lr, cfg.grad_clip,
+                              dist.device, dtype)
+            progress["step"] += 1
+            finite = torch.tensor([float(math.isfinite(loss.item()))])
+            if dist.sum(finite).item() < dist.world:                           # every process stops together
+                raise ValueError(f"training loss is not finite at step {progress['step']} (epoch {epoch}): "
+                                 f"{loss.item()} on this process; lower --lr (now {cfg.lr}) or check the data")
+            seen, progress["examples"] = seen + len(rows), progress["examples"] + len(rows)
+            loss_sum, loss_rows = loss_sum + loss.item() * len(local), loss_rows + len(local)
+            if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1 or progress["step"] == total_steps:
+                eta = (time.time() - session_start) / (progress["step"] - first_step) * (total_steps - progress["step"])
+                # the mean since the last line: one length-grouped batch alone is a noisy figure
+                run.log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss_sum / loss_rows:.4f} | "
+                        f"lr {lr:.2e} | {seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
+                progress["loss_history"].append({"step": progress["step"], "examples": progress["examples"],
+                                                 "loss": round(loss_sum / loss_rows, 5)})   # this process's rows
+                loss_sum, loss_rows = 0.0, 0
+        improved = False
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or progress["step"] >= total_steps:
+            eval_start = time.time()
+            metrics = evaluate(model, run, "valid")
+            progress["valid_history"].append({"epoch": epoch, "examples": progress["examples"], **metrics})
+            run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+                    f" | {time.time() - eval_start:.0f} s", flush=True)
+            if metrics["ndcg@10"] > progress["best"]:
+                progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
+                improved = True
+            else:
+                progress["bad_evals"] += 1
+                progress["done"] = progress["bad_evals"] >= cfg.patience
+        progress["epoch"] = epoch
+        progress["train_seconds"] = seconds_before + time.time() - session_start
+        rng = dist.gather(rng_state(dist.device))
+        if dist.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
+                     "sids_sha256": sids_digest(run.index), "sids_items": run.index.n_items, "rng": rng, **progress}
+            if improved:
+                save_checkpoint(run.path("checkpoint.pt"), state)
+            save_checkpoint(run.path("last.pt"), state)   # after the best: a resume never lacks its best
+        dist.barrier()
+        if progress["done"]:
+            run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
+    return progress
 
 
 # ----------------------------------------------------------------------------------------------
-# Item embeddings (numpy only): text TF-IDF + SVD, or co-occurrence PPMI + SVD (train split only)
+# Around the loop: the output folder, resuming, the results table
 # ----------------------------------------------------------------------------------------------
 
-class CSR:
-    """A sparse matrix in compressed-row form, just enough for a randomised SVD: `A @ X` for a
-    dense X, and `A.T`. Built and held with numpy; the product runs in torch's sparse CSR kernel
-    (float64, like the dense formula), measured 5-9x faster than numpy's best (gathering rows of
-    X per stored value and np.add.reduceat), which is what keeps a million items within minutes."""
-
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple,
-                 symmetric: bool = False):
-        """Row r's values are data[indptr[r]:indptr[r + 1]], in columns indices[...] (sorted within
-        the row); `symmetric`: A.T is A (no transposed copy is made)."""
-        self.indptr = np.asarray(indptr, np.int64)                     # (n_rows + 1,)
-        self.indices = np.asarray(indices, np.int32)                   # (nnz,) column of each value
-        self.data = np.asarray(data, np.float32)                       # (nnz,)
-        self.shape, self.symmetric, self._torch = shape, symmetric, None
-
-    @classmethod
-    def from_triples(cls, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple) -> "CSR":
-        """From (row, col, value) triples in any order (no duplicates)."""
-        order = np.lexsort((cols, rows))
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
-        return cls(indptr, cols[order], vals[order], shape)
-
-    def rows(self) -> np.ndarray:
-        """(nnz,) the row of each stored value."""
-        return np.repeat(np.arange(self.shape[0], dtype=np.int32), np.diff(self.indptr))
-
-    @property
-    def T(self) -> "CSR":
-        return self if self.symmetric else CSR.from_triples(self.indices, self.rows(), self.data, self.shape[::-1])
-
-    def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        """(n_rows, n_cols) @ (n_cols, k) -> (n_rows, k) float64."""
-        if self._torch is None:
-            index = np.int32 if len(self.data) < 2 ** 31 else np.int64
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")                        # "sparse CSR support is in beta"
-                self._torch = torch.sparse_csr_tensor(
-                    torch.from_numpy(self.indptr.astype(index)), torch.from_numpy(self.indices.astype(index, copy=False)),
-                    torch.from_numpy(self.data.astype(np.float64)), self.shape, check_invariants=False)
-        if self.shape[0] == 0 or len(self.data) == 0:
-            return np.zeros((self.shape[0], x.shape[1]))
-        return (self._torch @ torch.from_numpy(np.ascontiguousarray(x, np.float64))).numpy()
-
-    def toarray(self) -> np.ndarray:
-        dense = np.zeros(self.shape, np.float32)
-        dense[self.rows(), self.indices] = self.data
-        return dense
+RUN_FILES = ("config.json", "checkpoint.pt", "last.pt", "item_id2tokens.npy", "tokens2item.pkl", "opq.npz",
+             "data.npz", "results.json", "curves.svg")
 
 
-def truncated_svd(matrix, k: int, seed: int = 0, n_power: int = 4):
-    """Randomised SVD (Halko et al. 2011) of a dense array or a CSR: U (n, k), S (k,)."""
-    rng = np.random.default_rng(seed)
-    k = min(k, *matrix.shape)
-    transposed = matrix.T
-    q = matrix @ rng.standard_normal((matrix.shape[1], k + 10))
-    for _ in range(n_power):
-        q, _ = np.linalg.qr(matrix @ (transposed @ q))
-    u, s, _ = np.linalg.svd((transposed @ q).T, full_matrices=False)
-    return (q @ u)[:, :k], s[:k]
+def prepare_out_dir(out_dir: str, cfg: TrainConfig) -> None:
+    """Make out_dir, refuse to start a new run over another run's files (unless --overwrite=true;
+    --resume and --eval_only use them), and remove temporary files a killed write left behind."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir: {out_dir} exists and is not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if found and not (cfg.resume or cfg.eval_only or cfg.overwrite):
+        raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found)}); continue it with "
+                         "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
+                         "or choose another --out_dir")
+    for name in os.listdir(out_dir):                    # ours: sid._atomic_write names them .tmp-<file>...
+        if name.startswith(".tmp-") and name[5:].startswith(RUN_FILES + ("eval.json",)):
+            os.remove(os.path.join(out_dir, name))
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out_dir: {out_dir} is not writable")
 
 
-def text_embeddings(data: Dataset, item_text: dict, dim: int, seed: int) -> np.ndarray:
-    """TF-IDF over title/genre/attribute words (words in >= 2 items), then a truncated SVD.
-    The TF-IDF matrix is sparse (items x at most 8192 words)."""
-    docs = [re.findall(r"[a-z0-9']+", item_text.get(i, "").lower()) for i in data.item_raw]
-    df: dict = {}
-    for doc in docs:                                   # text: tokenising is per item and per word
-        for w in set(doc):
-            df[w] = df.get(w, 0) + 1
-    vocab = {w: k for k, w in enumerate(sorted(w for w, c in df.items() if c >= 2)[:8192])}
-    if not vocab:
-        raise ValueError("item text: no word occurs in two items; use --emb_source=cf or --item_emb")
-    word_ids = [[vocab[w] for w in doc if w in vocab] for doc in docs]
-    rows = np.repeat(np.arange(len(docs)), [len(ids) for ids in word_ids])
-    cols = np.fromiter((w for ids in word_ids for w in ids), np.int64, len(rows))
-    keys, tf = np.unique(rows * len(vocab) + cols, return_counts=True)    # term counts per (item, word)
-    rows, cols = keys // len(vocab), keys % len(vocab)
-    idf = np.log(len(docs) / np.array([df[w] for w in sorted(vocab, key=vocab.get)])) + 1.0
-    vals = (tf * idf[cols]).astype(np.float32)
-    norms = np.sqrt(np.bincount(rows, weights=vals.astype(np.float64) ** 2, minlength=len(docs))).astype(np.float32)
-    vals /= np.maximum(norms[rows], 1e-12)
-    u, s = truncated_svd(CSR.from_triples(rows, cols, vals, (len(docs), len(vocab))), dim, seed)
-    return (u * s).astype(np.float32)
+def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict) -> dict:
+    """Load last.pt into the model and optimizer, restore this process's RNG; return the progress record."""
+    path = run.path("last.pt")
+    state = load_checkpoint(path, run.dist.device)
+    check_checkpoint(state, path, run.resolved, sids_digest(run.index), to_resume=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    progress = {k: state[k] for k in progress}
+    if len(state["rng"]) == run.dist.world:
+        torch.set_rng_state(state["rng"][run.dist.rank]["cpu"])
+        if run.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"][run.dist.rank]["cuda"], run.dist.device)
+    else:
+        torch.manual_seed(run.cfg.seed + run.dist.rank + 1_000_003 * progress["step"])
+        run.log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {run.dist.world}; "
+                "dropout is re-seeded, so the run will not match an uninterrupted one exactly")
+    run.log(f"resumed from {path}: epoch {progress['epoch']}, step {progress['step']}")
+    return progress
 
 
-def cooccurrence(train: Split, n_items: int, window: int = 5, blocks: int = 8) -> CSR:
-    """Symmetric item co-occurrence counts, sparse: each training example's target with each of the
-    last `window` items before it (within its history window); C[a, b] = n(a, b) + n(b, a).
-    Counted in `blocks` ranges of rows, so that the sort's memory is a fraction of the pairs', and
-    kept as int32 columns and float32 counts (8 bytes per stored pair)."""
-    offsets = range(1, min(window, train.max_history) + 1)              # <= 5, vectorised over examples
-    has = [train.pos - w >= train.start for w in offsets]
-    a = np.empty(sum(int(h.sum()) for h in has), np.int32)
-    b = np.empty_like(a)
-    at = 0
-    for w, ok in zip(offsets, has):
-        pos = train.pos[ok]
-        a[at:at + len(pos)], b[at:at + len(pos)] = train.items[pos], train.items[pos - w]
-        at += len(pos)
-    del has
-    row_counts, cols, counts = [], [], []
-    bounds = np.linspace(0, n_items, blocks + 1).astype(np.int64)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        mine_a, mine_b = (a >= lo) & (a < hi), (b >= lo) & (b < hi)    # both directions of each pair
-        keys = np.concatenate([(a[mine_a] - lo).astype(np.int64) * n_items + b[mine_a],
-                               (b[mine_b] - lo).astype(np.int64) * n_items + a[mine_b]])
-        del mine_a, mine_b
-        keys, n = np.unique(keys, return_counts=True)                  # sorted: by row, then column
-        row_counts.append(np.bincount(keys // n_items, minlength=hi - lo))
-        cols.append((keys % n_items).astype(np.int32)); counts.append(n.astype(np.float32))
-        del keys, n
-    indptr = np.concatenate([[0], np.cumsum(np.concatenate(row_counts))])
-    return CSR(indptr, np.concatenate(cols), np.concatenate(counts), (n_items, n_items), symmetric=True)
+def curves_svg(progress: dict, title: str) -> str:
+    """Two plots side by side, as an SVG document: the training loss (mean over each logging interval)
+    and validation NDCG@10, both against training examples seen. No plotting library: a polyline
+    and a few labels per plot."""
+    width, height, pad = 360, 240, 48
+    plots = [("training loss", [(p["examples"], p["loss"]) for p in progress["loss_history"]]),
+             ("validation NDCG@10", [(p["examples"], p["ndcg@10"]) for p in progress["valid_history"]])]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height + 24}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<text x="{width}" y="14" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+    for k, (name, points) in enumerate(plots):
+        x0, y0, w, h = k * width + pad, 24 + 16, width - pad - 16, height - pad - 16   # plot area
+        parts.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>')
+        parts.append(f'<text x="{x0 + w / 2}" y="{y0 - 4}" text-anchor="middle">{name}</text>')
+        parts.append(f'<text x="{x0 + w / 2}" y="{y0 + h + 30}" text-anchor="middle">training examples seen</text>')
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        x_hi, y_lo, y_hi = max(max(xs), 1), min(ys), max(ys)
+        y_lo, y_hi = (y_lo - 0.5, y_hi + 0.5) if y_hi == y_lo else (y_lo, y_hi)
+        sx = lambda x: x0 + w * x / x_hi                                             # noqa: E731
+        sy = lambda y: y0 + h - h * (y - y_lo) / (y_hi - y_lo)                         # noqa: E731
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+        parts.append(f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
+        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="#1f77b4"/>' for x, y in points] if k else []
+        for y in (y_lo, y_hi):                                                         # axis labels
+            parts.append(f'<text x="{x0 - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+        parts.append(f'<text x="{x0}" y="{y0 + h + 14}" text-anchor="middle">0</text>')
+        parts.append(f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="middle">{x_hi:,}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
 
 
-def ppmi(counts: CSR) -> CSR:
-    """Positive pointwise mutual information of a symmetric count matrix, on its stored entries
-    (an absent pair has PMI -inf, so 0 after clipping). float32, as the dense formula."""
-    rows = counts.rows()
-    row = np.bincount(rows, weights=counts.data, minlength=counts.shape[0]).astype(np.float32)  # exact: integers
-    total = np.float32(row.sum(dtype=np.float64))
-    pmi = np.log(counts.data * total / (row[rows] * row[counts.indices]))
-    keep = pmi > 0
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=counts.shape[0]))])
-    return CSR(indptr, counts.indices[keep], pmi[keep], counts.shape, symmetric=True)
+def print_table(results: dict) -> None:
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+    print(f"\n| model | split | {' | '.join(k.replace('recall', 'R').replace('ndcg', 'N') for k in keys)} |")
+    print("|---|---|" + "---|" * len(keys))
+    for split in ("valid", "test"):
+        rows = [("RPG_ED", results[split])]
+        rows += [(f"RPG_ED, {key[4:]} beams", results[key][split]) for key in results if key.startswith("beam")]
+        rows += [(n, m) for n, m in results["baselines"][split].items()]
+        for name, m in rows:
+            print(f"| {name} | {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
 
 
-def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int = 5) -> np.ndarray:
-    """PPMI of item co-occurrence within `window` steps in TRAIN histories only, then an SVD.
+# ----------------------------------------------------------------------------------------------
+# Training steps: batch order, precision, learning rate, optimiser
+# ----------------------------------------------------------------------------------------------
 
-    Each training example's last `window` history items co-occur with its target, so every
-    counted pair comes from the train split (validation and test targets never appear). Sparse
-    throughout: memory grows with the pairs, not with n_items squared.
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch, a function of (seed, epoch) only: the same on every
+    process and after a resume (torch's DistributedSampler seeds the same way)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+
+
+def fixed_batches(order: np.ndarray, batch_size: int) -> list:
+    """Consecutive slices of `order`, batch_size rows each (the last one may be shorter)."""
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int,
+                   generator: torch.Generator | None = None) -> list:
+    """Dynamic batches: rows of one history length together, so a batch pads (almost) nothing.
+
+    Each batch holds rows of a single length l, at most batch_size of them and at most
+    batch_tokens // l (the encoder reads rows x l history positions). With a generator, rows are
+    shuffled within each length and the batches among themselves; without one they come in
+    length order (evaluation). The batch sizes depend on the lengths alone, so every epoch has
+    the same number of steps. Returns a list of row-index arrays covering each row once.
     """
-    u, s = truncated_svd(ppmi(cooccurrence(train, n_items, window)), dim, seed)
-    return (u * np.sqrt(s)).astype(np.float32)
+    n = len(lengths)
+    order = np.arange(n) if generator is None else torch.randperm(n, generator=generator).numpy()
+    order = order[np.argsort(lengths[order], kind="stable")]          # by length, shuffled within
+    sorted_lengths = lengths[order]
+    batches = []
+    for length in np.unique(sorted_lengths):                          # at most max_history + 1 groups
+        lo, hi = np.searchsorted(sorted_lengths, [length, length + 1])
+        rows = max(1, min(batch_size, batch_tokens // max(int(length), 1)))
+        batches.extend(order[start:min(start + rows, hi)] for start in range(lo, hi, rows))
+    if generator is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
 
-def read_item_emb(path: str, n_items: int, flag: str = "--item_emb") -> np.ndarray:
-    """An [n_items, D] numeric .npy file -> float32 (sid.load_embeddings checks file and dtype)."""
-    emb = sid.load_embeddings(path, flag)
-    if emb.shape[0] != n_items:
-        raise ValueError(f"{flag}: expected shape [{n_items} items, D], got {emb.shape} from {path}")
-    return emb.astype(np.float32)
+def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, max_history: int, epoch: int) -> list:
+    """The global batches of one epoch, a function of (seed, epoch) only: the same on every
+    process and after a resume (torch's DistributedSampler seeds the same way)."""
+    if not cfg.dynamic_batches:
+        return fixed_batches(epoch_order(len(lengths), cfg.seed, epoch), cfg.batch_size)
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    return length_batches(lengths, cfg.batch_size, cfg.batch_tokens or cfg.batch_size * max_history, generator)
 
 
-def item_embeddings(cfg: TrainConfig, data: Dataset, raw: RawData, train: Split) -> tuple[np.ndarray, str]:
-    """The embeddings the SIDs are built from, and their name for the log.
-
-    An embeddings file (--item_emb, or found beside the data) is used alone, or with
-    --emb_source=both joined with co-occurrence (LETTER: content + collaborative signal).
-    Without a file: text TF-IDF, co-occurrence (cf), or both."""
-    n_items, path = len(data.item_raw), raw.item_emb
-    if path:
-        emb = read_item_emb(path, n_items)
-        if cfg.emb_source != "both":
-            return emb, f"file {path}"
-    if cfg.emb_source == "both" and not path and not raw.item_text:
-        return cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed), "cf (no item text nor embeddings file for 'both')"
-    parts = []
-    if path:                                                # emb_source "both": the file + cf
-        parts.append(emb)
-    elif cfg.emb_source in ("text", "both"):
-        parts.append(text_embeddings(data, raw.item_text, cfg.emb_dim, cfg.seed))
-    if cfg.emb_source in ("cf", "both"):
-        parts.append(cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed))
-    parts = [p / max(np.linalg.norm(p, axis=1).mean(), 1e-12) for p in parts]  # equal weight in "both"
-    name = f"file {path} + cf" if path else cfg.emb_source
-    return np.concatenate(parts, axis=1), name
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 or fp32 (fp32 = autocast off)."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 
-TITLE_CHARS = 120   # item text kept per item in data.npz, for recommend.py to show
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Matmuls in bf16 when asked (CPUs with AVX512-BF16 or AMX run them about twice as fast);
+    weights, optimizer state, LayerNorm, softmax and the loss stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
-def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool) -> None:
-    """data.npz: what using a run needs beside the model and the SIDs (recommend.load_run reads it
-    with allow_pickle=False): raw item and user ids in id order, the start of each item's text
-    ("" without text), every user's sequence as one flat int32 array with offsets, and whether
-    the SIDs came from an embeddings file alone (then new items can be placed by theirs)."""
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio. A function of the step, so the
+    step is the whole scheduler state."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: RPG_ED, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weight matrices only (not on embeddings, positions, norms or biases)."""
+    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n}
+    decay = [p for n, p in model.named_parameters() if n in decayed]
+    no_decay = [p for n, p in model.named_parameters() if n not in decayed]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_clip: float,
+               device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One optimiser step on this process's batch; `weight` comes from shard(). Returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, dtype):
+        loss = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_VERSION = 2       # 2: loss history and examples seen; history_compressor
+
+
+RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "compile", "log_every", "eval_batch_size", "out_dir",
+                     "report_beam_size")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a temporary file in the same folder, fsync, rename. A kill leaves the old or the new file."""
     buf = io.BytesIO()
-    np.savez(buf, version=1, item_raw=np.array(data.item_raw, dtype=str), user_raw=np.array(data.user_raw, dtype=str),
-             item_title=np.array([" ".join(item_text.get(i, "").split())[:TITLE_CHARS] for i in data.item_raw],
-                                 dtype=str),
-             offsets=data.offsets, items=data.items,
-             content_sids=np.array(content_sids))
+    torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
     sid.atomic_write(path, buf.getvalue())
 
 
-def extend_catalogue(data: Dataset, known: list) -> tuple[Dataset, np.ndarray]:
-    """Renumber items so that `known` (a trained run's items, in its id order) keep their ids and the
-    data's other items follow in sorted order. Known items absent from the data stay in the catalogue.
-    Returns the dataset and, per new item, its row in the data's own sorted order (the row an
-    embeddings file for this data has for it)."""
-    known_set = set(known)
-    new = [i for i in data.item_raw if i not in known_set]
-    row_of = {item: k for k, item in enumerate(data.item_raw)}
-    item_raw = list(known) + new
-    new_id = {item: k for k, item in enumerate(item_raw)}
-    remap = np.array([new_id[i] for i in data.item_raw], np.int64)
-    return (Dataset(remap[data.items].astype(np.int32), data.offsets, data.user_raw, item_raw),
-            np.array([row_of[i] for i in new], np.int64))
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Tensors and plain containers only (weights_only=True): a crafted pickle is refused, never run."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no checkpoint there")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one loses its directory
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt (expected the zip "
+                         "archive torch.save writes)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refusing to load: it holds something other than tensors and plain "
+                         f"containers ({str(e).splitlines()[-1][:200]})") from None
+    except Exception as e:  # truncated or corrupt: RuntimeError from the zip reader, EOFError, ...
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    version = state.get("version") if isinstance(state, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}")
+    return state
 
 
-def add_new_items(base, item_emb: str, n_own: int, new_rows: np.ndarray) -> tuple[sid.SIDIndex, int]:
-    """--init_from: the base run's index with the data's new items added (old items keep their SIDs)."""
-    if len(new_rows) == 0:
-        return base.index, 0
-    if not base.content_sids:
-        raise ValueError(f"--init_from: this data has {len(new_rows)} items that {base.folder} does not know; "
-                         "placing them needs a run whose SIDs came from an embeddings file alone (--item_emb, "
-                         "not --emb_source=both), and that run's SIDs did not")
-    if not item_emb:
-        raise ValueError(f"--init_from: this data has {len(new_rows)} new items; give their embeddings with "
-                         "--item_emb (rows in this data's sorted item order), the same kind the run used")
-    return base.index.add_items(read_item_emb(item_emb, n_own)[new_rows])
+def sids_digest(index: sid.SIDIndex, n_items: int | None = None) -> str:
+    """sha256 of the first n_items SIDs (default all): items added after training keep it intact."""
+    return hashlib.sha256(index.item_codes[:n_items].tobytes()).hexdigest()
 
 
-def continue_config(argv: list, base_config: dict) -> tuple[TrainConfig, RPGEDConfig]:
-    """--init_from: training settings from the flags (preset auto = the base run's preset); the
-    model config is the base run's, and a model flag that contradicts it is an error."""
-    cfg, _ = parse_args(argv)
-    preset = base_config["train"]["preset"] if cfg.preset == "auto" else cfg.preset
-    cfg, mcfg = parse_args(argv, auto_preset=preset)
-    base_model = RPGEDConfig(**base_config["model"])
-    given = {arg[2:].split("=", 1)[0] for arg in argv}
-    for key, value in dataclasses.asdict(mcfg).items():
-        if key in given and value != getattr(base_model, key):
-            raise ValueError(f"--{key}: the model of --init_from has {key}={getattr(base_model, key)!r}, "
-                             f"got {value!r}; a continued run keeps the model's shape")
-    return cfg, base_model
+def check_checkpoint(state: dict, path: str, resolved: dict, digest: str, to_resume: bool) -> None:
+    """Refuse a checkpoint made for another model config, other SIDs, or (to resume) other training settings."""
+    saved = state["config"]
+    diffs = [(f"model.{k}", saved["model"].get(k), v) for k, v in resolved["model"].items()
+             if saved["model"].get(k) != v]
+    if to_resume:
+        diffs += [(f"train.{k}", saved["train"].get(k), v) for k, v in resolved["train"].items()
+                  if k not in RESUME_MAY_CHANGE and saved["train"].get(k) != v]
+    if diffs:
+        raise ValueError(f"{path}: made with another config: " +
+                         "; ".join(f"{k} is {a!r} there, {b!r} here" for k, a, b in diffs))
+    if state["sids_sha256"] != digest:
+        raise ValueError(f"{path}: made with other SIDs than the index on disk (sha256 {state['sids_sha256'][:12]}, "
+                         f"index {digest[:12]}); rebuild the index or train again")
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches, metrics, baselines
+# Evaluation: batches, metrics, baselines, beam search over the split
 # ----------------------------------------------------------------------------------------------
 
 def item_token_table(index: sid.SIDIndex, mcfg: RPGEDConfig) -> torch.Tensor:
@@ -1117,408 +814,98 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training steps and checkpoints
+# Command line: --key=value for every field of TrainConfig and RPGEDConfig; presets; --init_from
 # ----------------------------------------------------------------------------------------------
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch, a function of (seed, epoch) only: the same on every
-    process and after a resume (torch's DistributedSampler seeds the same way)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
-
-
-def fixed_batches(order: np.ndarray, batch_size: int) -> list:
-    """Consecutive slices of `order`, batch_size rows each (the last one may be shorter)."""
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int,
-                   generator: torch.Generator | None = None) -> list:
-    """Dynamic batches: rows of one history length together, so a batch pads (almost) nothing.
-
-    Each batch holds rows of a single length l, at most batch_size of them and at most
-    batch_tokens // l (the encoder reads rows x l history positions). With a generator, rows are
-    shuffled within each length and the batches among themselves; without one they come in
-    length order (evaluation). The batch sizes depend on the lengths alone, so every epoch has
-    the same number of steps. Returns a list of row-index arrays covering each row once.
-    """
-    n = len(lengths)
-    order = np.arange(n) if generator is None else torch.randperm(n, generator=generator).numpy()
-    order = order[np.argsort(lengths[order], kind="stable")]          # by length, shuffled within
-    sorted_lengths = lengths[order]
-    batches = []
-    for length in np.unique(sorted_lengths):                          # at most max_history + 1 groups
-        lo, hi = np.searchsorted(sorted_lengths, [length, length + 1])
-        rows = max(1, min(batch_size, batch_tokens // max(int(length), 1)))
-        batches.extend(order[start:min(start + rows, hi)] for start in range(lo, hi, rows))
-    if generator is not None:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    return batches
-
-
-def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, max_history: int, epoch: int) -> list:
-    """The global batches of one epoch, a function of (seed, epoch) only: the same on every
-    process and after a resume (torch's DistributedSampler seeds the same way)."""
-    if not cfg.dynamic_batches:
-        return fixed_batches(epoch_order(len(lengths), cfg.seed, epoch), cfg.batch_size)
-    generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    return length_batches(lengths, cfg.batch_size, cfg.batch_tokens or cfg.batch_size * max_history, generator)
-
-
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """The autocast dtype: bf16 or fp32 (fp32 = autocast off)."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Matmuls in bf16 when asked (CPUs with AVX512-BF16 or AMX run them about twice as fast);
-    weights, optimizer state, LayerNorm, softmax and the loss stay fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio. A function of the step, so the
-    step is the whole scheduler state."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: RPG_ED, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on weight matrices only (not on embeddings, positions, norms or biases)."""
-    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n}
-    decay = [p for n, p in model.named_parameters() if n in decayed]
-    no_decay = [p for n, p in model.named_parameters() if n not in decayed]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-
-
-def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_clip: float,
-               device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One optimiser step on this process's batch; `weight` comes from shard(). Returns the loss."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast(device, dtype):
-        loss = model(batch)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * weight).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.detach()
-
-
-CHECKPOINT_VERSION = 1
-# fields that may differ between a checkpoint's run and the run that resumes it
-RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "compile", "log_every", "eval_batch_size", "out_dir",
-                     "report_beam_size")
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a temporary file in the same folder, fsync, rename. A kill leaves the old or the new file."""
-    buf = io.BytesIO()
-    torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
-    sid.atomic_write(path, buf.getvalue())
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Tensors and plain containers only (weights_only=True): a crafted pickle is refused, never run."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no checkpoint there")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one loses its directory
-        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt (expected the zip "
-                         "archive torch.save writes)")
+def _parse_value(name: str, text: str, kind: str):
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refusing to load: it holds something other than tensors and plain "
-                         f"containers ({str(e).splitlines()[-1][:200]})") from None
-    except Exception as e:  # truncated or corrupt: RuntimeError from the zip reader, EOFError, ...
-        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt "
-                         f"({type(e).__name__}: {str(e)[:200]})") from None
-    version = state.get("version") if isinstance(state, dict) else None
-    if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}")
-    return state
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except ValueError:
+        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
 
 
-def sids_digest(index: sid.SIDIndex, n_items: int | None = None) -> str:
-    """sha256 of the first n_items SIDs (default all): items added after training keep it intact."""
-    return hashlib.sha256(index.item_codes[:n_items].tobytes()).hexdigest()
+def parse_args(argv: list, auto_preset: str | None = None) -> tuple[TrainConfig, RPGEDConfig]:
+    """--key=value pairs -> (TrainConfig, RPGEDConfig). Preset first, then explicit values.
+    `--preset=auto` (the default) stands for `auto_preset`, which the run picks from the data
+    (choose_preset), and the config records the preset used; before the data is read
+    (auto_preset None) it keeps the name "auto" with the cpu preset's values."""
+    kinds = {f.name: f.type for cls in (TrainConfig, RPGEDConfig) for f in dataclasses.fields(cls)}
+    given = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(kinds))})")
+        key, text = arg[2:].split("=", 1)
+        if key not in kinds:
+            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(kinds))}")
+        given[key] = _parse_value(key, text, kinds[key])
+    preset = given.get("preset", TrainConfig.preset)
+    if preset == "auto":
+        preset = "cpu" if auto_preset is None else auto_preset
+        given["preset"] = "auto" if auto_preset is None else auto_preset
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: expected one of {['auto'] + sorted(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], **given}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
+    mcfg = RPGEDConfig(**{k: v for k, v in values.items() if k not in train_keys})
+    for name, allowed in (("format", ("auto", "inter", "csv", "amazon", "s3rec")),
+                          ("emb_source", ("text", "cf", "both")), ("device", ("auto", "cpu", "cuda", "mps")),
+                          ("dtype", ("auto", "bf16", "fp32"))):
+        if getattr(tcfg, name) not in allowed:
+            raise ValueError(f"--{name}: expected one of {allowed}, got {getattr(tcfg, name)!r}")
+    if mcfg.beam_size < 10:
+        raise ValueError(f"--beam_size: expected at least 10 (evaluation ranks 10 items), got {mcfg.beam_size}")
+    if tcfg.batch_tokens and tcfg.batch_tokens < mcfg.max_history:
+        raise ValueError(f"--batch_tokens: expected 0 or at least max_history ({mcfg.max_history}) so that a "
+                         f"batch holds one row of the longest history, got {tcfg.batch_tokens}")
+    return tcfg, mcfg
 
 
-def check_checkpoint(state: dict, path: str, resolved: dict, digest: str, to_resume: bool) -> None:
-    """Refuse a checkpoint made for another model config, other SIDs, or (to resume) other training settings."""
-    saved = state["config"]
-    diffs = [(f"model.{k}", saved["model"].get(k), v) for k, v in resolved["model"].items()
-             if saved["model"].get(k) != v]
-    if to_resume:
-        diffs += [(f"train.{k}", saved["train"].get(k), v) for k, v in resolved["train"].items()
-                  if k not in RESUME_MAY_CHANGE and saved["train"].get(k) != v]
-    if diffs:
-        raise ValueError(f"{path}: made with another config: " +
-                         "; ".join(f"{k} is {a!r} there, {b!r} here" for k, a, b in diffs))
-    if state["sids_sha256"] != digest:
-        raise ValueError(f"{path}: made with other SIDs than the index on disk (sha256 {state['sids_sha256'][:12]}, "
-                         f"index {digest[:12]}); rebuild the index or train again")
+SPARSE_BELOW = 20   # mean interactions per user under which --preset=auto picks "sparse"
 
 
-def rng_state(device: torch.device) -> dict:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def choose_preset(data: Dataset) -> tuple[str, str]:
+    """--preset=auto: the preset for this data, and why. Both CPU presets fit their data's budget
+    on a 2-core CPU (10 min for MovieLens-100K, 90 for Amazon Beauty); what separates them is
+    history length, which sets the cost of every example."""
+    per_user = data.n_interactions / len(data.user_raw)
+    if per_user < SPARSE_BELOW:
+        return "sparse", (f"{per_user:.1f} interactions per user (< {SPARSE_BELOW}): short histories are cheap "
+                          "with dynamic batches, so a wider, deeper model trained longer")
+    return "cpu", f"{per_user:.1f} interactions per user (>= {SPARSE_BELOW}): long histories, the small model"
 
 
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
-
-def main(argv: list) -> dict:
-    start_time = time.time()
-    cfg, _ = parse_args(argv)                  # checks every flag before anything is read or written
-    dist = init_distributed(cfg.device)
-    try:
-        results = train_and_evaluate(argv, dist, start_time)
-        dist.barrier()   # no process tears gloo/nccl down while another still talks to it
-        return results
-    finally:
-        if dist.world > 1:
-            torch.distributed.destroy_process_group()
-
-
-def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
-    log = print if dist.is_main else (lambda *args, **kwargs: None)
+def continue_config(argv: list, base_config: dict) -> tuple[TrainConfig, RPGEDConfig]:
+    """--init_from: training settings from the flags (preset auto = the base run's preset); the
+    model config is the base run's, and a model flag that contradicts it is an error."""
     cfg, _ = parse_args(argv)
-    seconds, tick = {}, time.time()            # per stage, into results.json (bench.py --scale reads them)
-    if not dist.is_main:
-        dist.barrier()                         # rank 0 reads (and if needed fetches) the data first
-    raw = load_data(cfg)
-    if dist.is_main:
-        dist.barrier()
-    seconds["load"], tick = time.time() - tick, time.time()
-    log(f"data: {raw.source} ({seconds['load']:.1f} s)")
-    data = prepare(raw, cfg.five_core)
-    raw.users, raw.items, raw.times, raw.names = [], [], array("d"), {}   # now in `data`: free them
-    base = None
-    if cfg.init_from:
-        import recommend                       # here, not at the top: recommend.py imports this module
-        base = recommend.load_run(cfg.init_from)
-        cfg, mcfg = continue_config(argv, base.config)
-        n_own = len(data.item_raw)             # rows of an embeddings file for this data
-        data, new_rows = extend_catalogue(data, list(base.item_raw))
-        index, moved = add_new_items(base, raw.item_emb, n_own, new_rows)
-        log(f"init from {cfg.init_from}: its weights and SIDs; {len(new_rows)} new items in this data get "
-            f"SIDs from their embeddings ({moved} moved by collision resolution)")
-    elif cfg.preset == "auto":
-        preset, why = choose_preset(data)
-        log(f"preset: {preset}, chosen from the data: {why}")
-        cfg, mcfg = parse_args(argv, auto_preset=preset)
-    else:
-        cfg, mcfg = parse_args(argv)
-    name = cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
-    out_dir = cfg.out_dir or os.path.join("out", name)
-    if base is not None and os.path.realpath(out_dir) == os.path.realpath(cfg.init_from):
-        raise ValueError(f"--out_dir: expected a folder other than --init_from ({cfg.init_from}), which it "
-                         "would overwrite")
-    resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
-    log("config:", json.dumps(resolved))
-    log(f"processes: {dist.world}, device {dist.device}, compute dtype {str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
-    if dist.is_main:
-        prepare_out_dir(out_dir, cfg)
-        if not (cfg.resume or cfg.eval_only):
-            sid.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
-    splits = leave_one_out(data, mcfg.max_history)
-    stats = {"users": len(data.user_raw), "items": len(data.item_raw), "interactions": data.n_interactions,
-             "train_examples": len(splits["train"].pos)}
-    if cfg.eval_users and cfg.eval_users < len(data.user_raw):
-        splits, stats["eval_users"] = sample_users(splits, cfg.eval_users), cfg.eval_users
-    seconds["split"], tick = time.time() - tick, time.time()
-    log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()) + f" ({seconds['split']:.1f} s)")
-    if "eval_users" in stats:
-        log(f"evaluation: {cfg.eval_users:,} of {len(data.user_raw):,} users, a random sample fixed by "
-            f"EVAL_SAMPLE_SEED={EVAL_SAMPLE_SEED} (the same for the model and the baselines, whatever --seed)")
-
-    # SIDs: rank 0 builds and saves them; the other processes, a resume and --eval_only load them
-    if dist.is_main and not (cfg.resume or cfg.eval_only):
-        if base is None:
-            emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
-            seconds["embeddings"], tick = time.time() - tick, time.time()
-            index, moved = sid.build_index(emb, seed=cfg.seed)
-            seconds["sids"] = time.time() - tick
-            log(f"SIDs: from {emb_name} embeddings {emb.shape} ({seconds['embeddings']:.1f} s), OPQ error "
-                f"{index.quantizer.errors[0]:.4g} -> {index.quantizer.errors[-1]:.4g}, {moved} items moved by "
-                f"collision resolution, {seconds['sids']:.1f} s, saved to {out_dir}")
-        index.save(out_dir)
-        content_sids = base.content_sids if base else bool(raw.item_emb) and cfg.emb_source != "both"
-        save_run_data(os.path.join(out_dir, "data.npz"), data, raw.item_text, content_sids)
-    dist.barrier()
-    if not dist.is_main or cfg.resume or cfg.eval_only:
-        index = sid.SIDIndex.load(out_dir)
-        if index.n_items != len(data.item_raw):
-            raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {len(data.item_raw)}")
-        log(f"SIDs: loaded from {out_dir}")
-    item_tokens = item_token_table(index, mcfg)
-    user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
-    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
-
-    torch.manual_seed(cfg.seed)
-    model = RPG_ED(mcfg).to(dist.device)
-    if base is not None and not (cfg.resume or cfg.eval_only):
-        model.load_state_dict(base.model.state_dict())
-    torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
-    log(f"model: {model.num_parameters():,} parameters on {dist.device}")
-    trained = None if cfg.eval_only else train_model(model, run)
-
-    state = load_checkpoint(run.path("checkpoint.pt"), dist.device)
-    check_checkpoint(state, run.path("checkpoint.pt"), resolved, sids_digest(index), to_resume=False)
-    model.load_state_dict(state["model"])
-    tick = time.time()
-    results = {"config": resolved, "dataset": {**stats, "source": raw.source}, "processes": dist.world,
-               "best_epoch": state["best_epoch"], "valid_history": state["valid_history"],
-               "valid": evaluate(model, run, "valid"), "test": evaluate(model, run, "test"),
-               "train_seconds": round((trained or state)["train_seconds"], 1)}
-    seconds["eval_valid_and_test"] = time.time() - tick
-    results["seconds"] = {k: round(v, 2) for k, v in {**seconds, "train": results["train_seconds"]}.items()}
-    if cfg.report_beam_size:
-        results[f"beam{cfg.report_beam_size}"] = {split: evaluate(model, run, split, cfg.report_beam_size)
-                                                  for split in ("valid", "test")}
-    if dist.is_main:
-        results["baselines"] = {split: baseline_rankings(data, splits, split) for split in ("valid", "test")}
-        results["total_seconds"] = round(time.time() - start_time, 1)
-        out_name = "eval.json" if cfg.eval_only else "results.json"
-        sid.atomic_write(run.path(out_name), json.dumps(results, indent=2).encode())
-        print_table(results)
-        log(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
-    return results
+    preset = base_config["train"]["preset"] if cfg.preset == "auto" else cfg.preset
+    cfg, mcfg = parse_args(argv, auto_preset=preset)
+    base_model = RPGEDConfig(**base_config["model"])
+    given = {arg[2:].split("=", 1)[0] for arg in argv}
+    for key, value in dataclasses.asdict(mcfg).items():
+        if key in given and value != getattr(base_model, key):
+            raise ValueError(f"--{key}: the model of --init_from has {key}={getattr(base_model, key)!r}, "
+                             f"got {value!r}; a continued run keeps the model's shape")
+    return cfg, base_model
 
 
-RUN_FILES = ("config.json", "checkpoint.pt", "last.pt", "item_id2tokens.npy", "tokens2item.pkl", "opq.npz",
-             "data.npz", "results.json")
-
-
-def prepare_out_dir(out_dir: str, cfg: TrainConfig) -> None:
-    """Make out_dir, refuse to start a new run over another run's files (unless --overwrite=true;
-    --resume and --eval_only use them), and remove temporary files a killed write left behind."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir: {out_dir} exists and is not a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if found and not (cfg.resume or cfg.eval_only or cfg.overwrite):
-        raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found)}); continue it with "
-                         "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
-                         "or choose another --out_dir")
-    for name in os.listdir(out_dir):                    # ours: sid._atomic_write names them .tmp-<file>...
-        if name.startswith(".tmp-") and name[5:].startswith(RUN_FILES + ("eval.json",)):
-            os.remove(os.path.join(out_dir, name))
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"--out_dir: {out_dir} is not writable")
-
-
-def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict) -> dict:
-    """Load last.pt into the model and optimizer, restore this process's RNG; return the progress record."""
-    path = run.path("last.pt")
-    state = load_checkpoint(path, run.dist.device)
-    check_checkpoint(state, path, run.resolved, sids_digest(run.index), to_resume=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    progress = {k: state[k] for k in progress}
-    if len(state["rng"]) == run.dist.world:
-        torch.set_rng_state(state["rng"][run.dist.rank]["cpu"])
-        if run.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"][run.dist.rank]["cuda"], run.dist.device)
-    else:
-        torch.manual_seed(run.cfg.seed + run.dist.rank + 1_000_003 * progress["step"])
-        run.log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {run.dist.world}; "
-                "dropout is re-seeded, so the run will not match an uninterrupted one exactly")
-    run.log(f"resumed from {path}: epoch {progress['epoch']}, step {progress['step']}")
-    return progress
-
-
-def train_model(model: RPG_ED, run: Run) -> dict:
-    """Epochs of training with validation and early stopping. After every epoch: checkpoint.pt
-    when validation improved, and last.pt (everything --resume needs). Returns the progress record."""
-    cfg, dist = run.cfg, run.dist
-    optimizer = make_optimizer(model, cfg)
-    progress = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "done": False,
-                "valid_history": [], "train_seconds": 0.0}
-    if cfg.resume:
-        progress = resume(model, optimizer, run, progress)
-    net = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    lengths = run.splits["train"].lengths()
-    max_history = run.resolved["model"]["max_history"]
-    steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    dtype = compute_dtype(cfg, dist.device)
-    first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
-    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
-        if progress["done"] or progress["step"] >= total_steps:
-            break
-        batches = epoch_batches(lengths, cfg, max_history, epoch)
-        seen, tick, loss_sum, loss_rows = 0, time.time(), 0.0, 0
-        for b, rows in enumerate(batches):                                     # rows: the global batch
-            if progress["step"] >= total_steps:                                # --max_steps
-                break
-            local, weight = shard(rows, dist)
-            lr = lr_at(progress["step"], total_steps, cfg)
-            loss = train_step(net, optimizer, run.batch("train", local), weight, lr, cfg.grad_clip,
-                              dist.device, dtype)
-            progress["step"] += 1
-            finite = torch.tensor([float(math.isfinite(loss.item()))])
-            if dist.sum(finite).item() < dist.world:                           # every process stops together
-                raise ValueError(f"training loss is not finite at step {progress['step']} (epoch {epoch}): "
-                                 f"{loss.item()} on this process; lower --lr (now {cfg.lr}) or check the data")
-            seen += len(rows)
-            loss_sum, loss_rows = loss_sum + loss.item() * len(local), loss_rows + len(local)
-            if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1 or progress["step"] == total_steps:
-                eta = (time.time() - session_start) / (progress["step"] - first_step) * (total_steps - progress["step"])
-                # the mean since the last line: one length-grouped batch alone is a noisy figure
-                run.log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss_sum / loss_rows:.4f} | "
-                        f"lr {lr:.2e} | {seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
-                loss_sum, loss_rows = 0.0, 0
-        improved = False
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or progress["step"] >= total_steps:
-            eval_start = time.time()
-            metrics = evaluate(model, run, "valid")
-            progress["valid_history"].append({"epoch": epoch, **metrics})
-            run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
-                    f" | {time.time() - eval_start:.0f} s", flush=True)
-            if metrics["ndcg@10"] > progress["best"]:
-                progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
-                improved = True
-            else:
-                progress["bad_evals"] += 1
-                progress["done"] = progress["bad_evals"] >= cfg.patience
-        progress["epoch"] = epoch
-        progress["train_seconds"] = seconds_before + time.time() - session_start
-        rng = dist.gather(rng_state(dist.device))
-        if dist.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
-                     "sids_sha256": sids_digest(run.index), "sids_items": run.index.n_items, "rng": rng, **progress}
-            if improved:
-                save_checkpoint(run.path("checkpoint.pt"), state)
-            save_checkpoint(run.path("last.pt"), state)   # after the best: a resume never lacks its best
-        dist.barrier()
-        if progress["done"]:
-            run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
-    return progress
-
-
-def print_table(results: dict) -> None:
-    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-    print(f"\n| model | split | {' | '.join(k.replace('recall', 'R').replace('ndcg', 'N') for k in keys)} |")
-    print("|---|---|" + "---|" * len(keys))
-    for split in ("valid", "test"):
-        rows = [("RPG_ED", results[split])]
-        rows += [(f"RPG_ED, {key[4:]} beams", results[key][split]) for key in results if key.startswith("beam")]
-        rows += [(n, m) for n, m in results["baselines"][split].items()]
-        for name, m in rows:
-            print(f"| {name} | {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
+def add_new_items(base, item_emb: str, n_own: int, new_rows: np.ndarray) -> tuple[sid.SIDIndex, int]:
+    """--init_from: the base run's index with the data's new items added (old items keep their SIDs)."""
+    if len(new_rows) == 0:
+        return base.index, 0
+    if not base.content_sids:
+        raise ValueError(f"--init_from: this data has {len(new_rows)} items that {base.folder} does not know; "
+                         "placing them needs a run whose SIDs came from an embeddings file alone (--item_emb, "
+                         "not --emb_source=both), and that run's SIDs did not")
+    if not item_emb:
+        raise ValueError(f"--init_from: this data has {len(new_rows)} new items; give their embeddings with "
+                         "--item_emb (rows in this data's sorted item order), the same kind the run used")
+    return base.index.add_items(read_item_emb(item_emb, n_own)[new_rows])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,703 @@
+"""Data for RPG_ED: files -> interactions -> 5-core sequences -> leave-one-out split -> item embeddings.
+
+    raw = load_data(cfg)                   # any supported file -> (user, item, timestamp) rows
+    data = prepare(raw)                    # stable time order, 5-core, ids 0..n-1 (Dataset)
+    splits = leave_one_out(data, 50)       # {"train", "valid", "test"}: Split, windows as positions
+    emb, name = item_embeddings(cfg, data, raw, splits["train"])   # what the SIDs are built from
+
+The protocol: each user's interactions sorted by timestamp (stable: ties keep file order); users
+and items with fewer than 5 interactions removed until none remain (5-core); per user, the last
+item is the test target, the one before it the validation target, and every earlier position a
+training target; the history of a target is the (at most) max_history items before it.
+
+Formats: RecBole .inter (ML-100K), CSV/TSV with a header (user, item, timestamp), Amazon review
+JSON lines (optionally .gz), and the S3Rec "user item item ..." lines (Beauty.txt). Every bad row
+is a ValueError naming the file and line. Item embeddings: an .npy file, or built here with numpy
+and torch's sparse product alone (text TF-IDF or co-occurrence PPMI, then a randomised SVD).
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+import zlib
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import sid
+
+ML100K_SHA256 = {
+    "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: loaders for each format -> (user, item, timestamp) rows in file order
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RawData:
+    users: list                      # raw user id per interaction (str; one object per distinct id)
+    items: list                      # raw item id per interaction (str)
+    times: Sequence[float]           # timestamp per interaction: array('q') of exact integers, or
+                                     # array('d') once any is fractional (8 bytes each); file position for s3rec
+    time_ordered: bool = False       # s3rec: file order is time order, already 5-core
+    item_text: dict = field(default_factory=dict)   # raw item id -> text
+    item_emb: str = ""               # item-embedding file: --item_emb, or the one found beside the data
+    source: str = ""
+    path: str = ""                   # the data file, for messages
+    names: dict = field(default_factory=dict, repr=False)  # id -> the one str object kept for it
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def fetch_ml100k(folder: str = "data/ml-100k") -> tuple[str, str]:
+    """data/ml-100k/ if present, else extract it from the recbole==1.2.1 wheel on PyPI (no import)."""
+    paths = {name: os.path.join(folder, name) for name in ML100K_SHA256}
+    if all(os.path.exists(p) for p in paths.values()):
+        source = f"read from {folder}/"
+    else:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "recbole==1.2.1",
+                            "-d", tmp], check=True)
+            wheel = os.path.join(tmp, next(f for f in os.listdir(tmp) if f.endswith(".whl")))
+            with zipfile.ZipFile(wheel) as z:
+                for name, path in paths.items():
+                    sid.atomic_write(path, z.read(f"recbole/dataset_example/ml-100k/{name}"))
+        source = f"extracted from the PyPI wheel recbole==1.2.1 into {folder}/"
+    for name, path in paths.items():
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != ML100K_SHA256[name]:
+            raise ValueError(f"{path}: sha256 {digest}, expected {ML100K_SHA256[name]} (PROTOCOL.md)")
+    return paths["ml-100k.inter"], source
+
+
+def detect_format(path: str) -> str:
+    name = path.lower().removesuffix(".gz")
+    if name.endswith(".inter"):
+        return "inter"
+    if name.endswith(".json") or name.endswith(".jsonl"):
+        return "amazon"
+    if name.endswith(".csv") or name.endswith(".tsv"):
+        return "csv"
+    with _open_text(path) as f:
+        first = f.readline()
+    if first.lstrip().startswith("{"):
+        return "amazon"
+    if re.fullmatch(r"\S+( \S+)+\s*", first):
+        return "s3rec"
+    raise ValueError(f"{path}: cannot detect the format from its name or first line; pass --format")
+
+
+def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> None:
+    """Add one interaction after checking it. Ids are stripped of surrounding whitespace (so
+    `u0, i0` is `u0`,`i0` in every format) and must not be empty; the timestamp must be a finite number."""
+    user, item = user.strip(), item.strip()
+    if not user or not item:
+        raise ValueError(f"{where}: expected non-empty user and item ids, got {user!r} and {item!r}")
+    try:                                        # integers exactly (nanoseconds 1 apart stay apart)
+        value = int(timestamp)
+    except ValueError:
+        try:
+            value = float(timestamp)
+        except ValueError:
+            raise ValueError(f"{where}: expected a numeric timestamp, got {timestamp!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite timestamp, got {timestamp!r}")
+        if raw.times.typecode == "q":           # a fractional timestamp: the file is compared as float64
+            raw.times = array("d", raw.times)
+    if raw.times.typecode == "q" and not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{where}: expected a timestamp that fits in 64 bits, got {timestamp!r}")
+    # one object per distinct id: 20M rows hold 20M pointers, not 40M strings
+    raw.users.append(raw.names.setdefault(user, user)); raw.items.append(raw.names.setdefault(item, item))
+    raw.times.append(value)
+
+
+def load_inter(path: str) -> RawData:
+    """RecBole atomic file: a header of name:type fields, tab-separated."""
+    raw = RawData([], [], array("q"))
+    with _open_text(path) as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        names = [h.split(":")[0] for h in header]
+        for need in ("user_id", "item_id", "timestamp"):
+            if need not in names:
+                raise ValueError(f"{path}:1: expected a {need} column in the header, got {header}")
+        u, i, t = (names.index(n) for n in ("user_id", "item_id", "timestamp"))
+        for line_no, line in enumerate(f, start=2):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != len(names):
+                raise ValueError(f"{path}:{line_no}: expected {len(names)} tab-separated fields, got {len(parts)}")
+            _append(raw, f"{path}:{line_no}", parts[u], parts[i], parts[t])
+    return raw
+
+
+def load_csv(path: str) -> RawData:
+    """CSV or TSV with a header naming user, item and timestamp columns."""
+    aliases = {"user": ("user", "user_id", "userid", "reviewerid"),
+               "item": ("item", "item_id", "itemid", "movieid", "asin"),
+               "time": ("timestamp", "time", "ts", "unixreviewtime")}
+    raw = RawData([], [], array("q"))
+    with _open_text(path) as f:
+        first = f.readline()
+        delimiter = "\t" if "\t" in first else ","
+        header = [h.strip().lower().split(":")[0] for h in next(csv.reader([first], delimiter=delimiter), [])]
+        cols = {}
+        for key, names in aliases.items():
+            found = [header.index(n) for n in names if n in header]
+            if not found:
+                raise ValueError(f"{path}:1: expected the {key} column (one of {names}), got {header}")
+            cols[key] = found[0]
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            for row in reader:
+                line_no = reader.line_num + 1       # the file's line where the row ends (quoted newlines count)
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")
+                _append(raw, f"{path}:{line_no}", row[cols["user"]], row[cols["item"]], row[cols["time"]])
+        except csv.Error as e:                      # e.g. a field over the csv module's size limit
+            raise ValueError(f"{path}:{reader.line_num + 1}: not a readable CSV row ({e})") from None
+    return raw
+
+
+def load_amazon(path: str) -> RawData:
+    """Amazon 2014 reviews: one JSON object per line with reviewerID, asin, unixReviewTime."""
+    raw = RawData([], [], array("q"))
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                review = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from None
+            if not isinstance(review, dict) or any(k not in review for k in ("reviewerID", "asin", "unixReviewTime")):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object with keys reviewerID, asin, unixReviewTime")
+            for key in ("reviewerID", "asin", "unixReviewTime"):       # null, true, [..] or {..} is no id
+                if isinstance(review[key], bool) or not isinstance(review[key], (str, int, float)):
+                    raise ValueError(f"{path}:{line_no}: expected {key} to be a string or a number, got "
+                                     f"{json.dumps(review[key])[:50]}")
+            _append(raw, f"{path}:{line_no}", str(review["reviewerID"]), str(review["asin"]),
+                    str(review["unixReviewTime"]))
+    return raw
+
+
+def load_s3rec(path: str) -> RawData:
+    """`user item item ...` per line, oldest first (the S3Rec / ICLRec files): no timestamps."""
+    raw = RawData([], [], array("q"), time_ordered=True)
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise ValueError(f"{path}:{line_no}: expected `user item item ...`, got {line.strip()!r}")
+            for item in parts[1:]:                             # the file position is the timestamp
+                _append(raw, f"{path}:{line_no}", parts[0], item, str(len(raw.times)))
+    return raw
+
+
+def _text_of(obj: dict) -> str:
+    parts = [str(obj.get("title", "")), str(obj.get("brand", ""))]
+    for extra in (obj.get("attributes", []), obj.get("categories", [])):
+        parts.extend(str(x) for x in (extra if isinstance(extra, list) else [extra]))
+    return " ".join(parts)
+
+
+def load_item_text(path: str) -> dict:
+    """Raw item id -> text, from a RecBole .item file, an items .jsonl, or Amazon metadata."""
+    text = {}
+    with _open_text(path) as f:
+        if path.removesuffix(".gz").endswith(".item"):
+            header = [h.split(":")[0] for h in f.readline().rstrip("\r\n").split("\t")]
+            if "item_id" not in header:
+                raise ValueError(f"{path}:1: expected an item_id column in the header, got {header}")
+            for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, got {len(row)}")
+                fields_ = dict(zip(header, row))
+                _add_text(text, f"{path}:{line_no}", fields_.pop("item_id"), " ".join(fields_.values()))
+            return text
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                try:
+                    obj = ast.literal_eval(line)  # the 2014 metadata is Python literals; literal_eval runs no code
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    obj = None
+            if not isinstance(obj, dict) or not str(obj.get("item_id", obj.get("asin", ""))).strip():
+                raise ValueError(f"{path}:{line_no}: expected a JSON object or Python dict with item_id or asin")
+            _add_text(text, f"{path}:{line_no}", str(obj.get("item_id", obj.get("asin"))), _text_of(obj))
+    return text
+
+
+def _add_text(text: dict, where: str, item: str, words: str) -> None:
+    if item in text:
+        raise ValueError(f"{where}: item {item!r} appears a second time")
+    text[item] = words
+
+
+LOADERS = {"inter": load_inter, "csv": load_csv, "amazon": load_amazon, "s3rec": load_s3rec}
+
+
+def read_file(path: str, read):
+    """Run a loader, turning undecodable bytes and broken compression into a ValueError that names the file."""
+    try:
+        return read(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError, zlib.error, csv.Error) as e:   # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+
+
+def _item_emb_file(cfg, data_path: str) -> str:
+    """--item_emb, else the one NAME_*.npy beside data file NAME.ext (e.g. Beauty_minilm.f16.npy),
+    else none; "none" skips the search."""
+    if cfg.item_emb:
+        return "" if cfg.item_emb == "none" else cfg.item_emb
+    folder, stem = os.path.dirname(data_path), os.path.basename(data_path).split(".")[0]
+    found = sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + "_") and f.endswith(".npy"))
+    if len(found) > 1:
+        raise ValueError(f"{folder}: found several item-embedding files {found}; choose one with "
+                         "--item_emb=FILE, or none with --item_emb=none")
+    return os.path.join(folder, found[0]) if found else ""
+
+
+def load_data(cfg) -> RawData:
+    """Read the interactions named by cfg.data (and cfg.format, cfg.item_text, cfg.item_emb: the
+    fields of train.TrainConfig; any object with them will do)."""
+    if cfg.data == "ml-100k":
+        path, source = fetch_ml100k()
+        raw = load_inter(path)
+        raw.path = path
+        raw.item_text = load_item_text(path.replace(".inter", ".item"))
+        raw.item_emb = _item_emb_file(cfg, path)
+        raw.source = source + (f", item embeddings from {raw.item_emb}" if raw.item_emb else "")
+        return raw
+    path = cfg.data
+    if os.path.isdir(path):
+        candidates = sorted(f for f in os.listdir(path) if f.endswith((".inter", ".csv", ".tsv", ".txt", ".json", ".json.gz")))
+        if len(candidates) != 1:
+            raise ValueError(f"{path}: expected exactly one data file in the folder, found {candidates}")
+        path = os.path.join(path, candidates[0])
+    if not os.path.exists(path):
+        raise ValueError(f"--data: {path} does not exist")
+    fmt = read_file(path, detect_format) if cfg.format == "auto" else cfg.format
+    raw = read_file(path, LOADERS[fmt])
+    raw.path = path
+    item_text = cfg.item_text
+    if not item_text:  # look beside the data file: name.item, or *_items.jsonl
+        folder = os.path.dirname(path)
+        stem = os.path.basename(path).split(".")[0]
+        for candidate in (os.path.join(folder, stem + ".item"), os.path.join(folder, stem + "_items.jsonl")):
+            if os.path.exists(candidate):
+                item_text = candidate
+    if item_text:
+        raw.item_text = read_file(item_text, load_item_text)
+    raw.item_emb = _item_emb_file(cfg, path)
+    raw.source = (f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "") +
+                  (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation: time order, 5-core, id maps, leave-one-out split
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Dataset:
+    """Every user's items, oldest first, in one flat array: user u's are items[offsets[u]:offsets[u + 1]].
+    Memory grows with interactions (4 bytes each), never with users x history."""
+    items: np.ndarray                # (N,) int32 item ids
+    offsets: np.ndarray              # (U + 1,) int64
+    user_raw: list                   # raw user id of each user
+    item_raw: list                   # raw item id of each item
+
+    @classmethod
+    def from_sequences(cls, sequences: list, user_raw: list, item_raw: list) -> "Dataset":
+        lengths = np.array([len(s) for s in sequences], np.int64)
+        items = np.concatenate([np.asarray(s, np.int32) for s in sequences]) if sequences else np.zeros(0, np.int32)
+        return cls(items, np.concatenate([[0], np.cumsum(lengths)]), list(user_raw), list(item_raw))
+
+    @property
+    def n_interactions(self) -> int:
+        return len(self.items)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def sequences(self) -> list:
+        """Per user, a view of their items (for small data and tests; the data path uses the flat array)."""
+        return np.split(self.items, self.offsets[1:-1]) if len(self.user_raw) else []
+
+
+def _numeric_key(raw_id: str) -> tuple:
+    return int(raw_id), raw_id           # "7" before "07": equal numbers never tie on hash order
+
+
+def sort_key(raw_ids):
+    """The order of item and user ids: numeric when every id is an integer, else by string."""
+    return _numeric_key if all(re.fullmatch(r"-?\d+", u) for u in raw_ids) else str
+
+
+def _codes(raw_ids) -> tuple[np.ndarray, list]:
+    """Raw ids per interaction -> (int64 code per interaction, the distinct ids in sorted order)."""
+    names = set(raw_ids)
+    names = sorted(names, key=sort_key(names))
+    code = {name: k for k, name in enumerate(names)}
+    return np.fromiter(map(code.__getitem__, raw_ids), np.int64, len(raw_ids)), names
+
+
+def _renumber(codes: np.ndarray, names: list) -> tuple[np.ndarray, list]:
+    """Keep the ids that occur in `codes`, numbered 0.. in their own sorted order (numeric only
+    if all of the kept ones are integers, as for a file holding just them)."""
+    kept, codes = np.unique(codes, return_inverse=True)
+    raw = [names[k] for k in kept]
+    key = sort_key(raw)
+    if key is sort_key(names):
+        return codes, raw
+    order = sorted(range(len(raw)), key=lambda k: key(raw[k]))
+    rank = np.empty(len(raw), np.int64)
+    rank[order] = np.arange(len(raw))
+    return rank[codes], [raw[k] for k in order]
+
+
+def prepare(raw: RawData, five_core: bool = True) -> Dataset:
+    """Stable time sort per user, k-core filtering until nothing changes, contiguous ids (sorted
+    raw-id order). Works on integer codes: no Python loop over interactions."""
+    if not len(raw.users):
+        raise ValueError(f"{raw.path or 'dataset'}: no interactions")
+    uid, user_names = _codes(raw.users)
+    iid, item_names = _codes(raw.items)
+    times = np.asarray(raw.times)                      # int64 (exact) or float64
+    keep = np.ones(len(uid), bool)
+    if five_core and not raw.time_ordered:
+        while True:
+            u_cnt = np.bincount(uid[keep], minlength=len(user_names))
+            i_cnt = np.bincount(iid[keep], minlength=len(item_names))
+            ok = (u_cnt[uid[keep]] >= 5) & (i_cnt[iid[keep]] >= 5)
+            if ok.all():
+                break
+            keep[np.flatnonzero(keep)[~ok]] = False
+    if not keep.any():
+        raise ValueError(f"{raw.path or 'dataset'}: empty after 5-core filtering (every user or item had fewer "
+                         "than 5 interactions)")
+    (uid, user_raw), (iid, item_raw) = _renumber(uid[keep], user_names), _renumber(iid[keep], item_names)
+    times = times[keep]
+    # stable: equal timestamps keep file order (PROTOCOL.md), never an item-id tie-break
+    order = np.lexsort((np.arange(len(uid)), times, uid))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(uid, minlength=len(user_raw)))])
+    return Dataset(iid[order].astype(np.int32), offsets, user_raw, item_raw)
+
+
+@dataclass
+class Split:
+    """Examples as positions in the dataset's flat item array. A window (the last max_history items
+    before the target) is cut only when a batch is made, so memory is 24 bytes per example."""
+    items: np.ndarray                # (N,) the dataset's flat item ids (shared, not copied)
+    start: np.ndarray                # (E,) where the example's user begins in `items`
+    pos: np.ndarray                  # (E,) the target's position in `items`; history = items[start:pos][-H:]
+    user: np.ndarray                 # (E,) user index
+    max_history: int
+
+    @classmethod
+    def from_windows(cls, history: np.ndarray, target: np.ndarray, user: np.ndarray) -> "Split":
+        """From explicit (E, H) histories (left-padded with -1) and targets, e.g. a request's."""
+        history, target = np.asarray(history, np.int64), np.asarray(target, np.int64)
+        real = history >= 0
+        lengths = real.sum(1)
+        rows = np.concatenate([history, target[:, None]], 1)
+        keep = np.concatenate([real, np.ones((len(target), 1), bool)], 1)
+        start = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64) if len(target) else np.zeros(0, np.int64)
+        return cls(rows[keep].astype(np.int64), start, start + lengths, np.asarray(user, np.int64), history.shape[1])
+
+    @property
+    def target(self) -> np.ndarray:
+        return self.items[self.pos].astype(np.int64)
+
+    def lengths(self) -> np.ndarray:
+        """(E,) real (non-padding) history items of each example."""
+        return np.minimum(self.pos - self.start, self.max_history)
+
+    def windows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), max_history) item ids before each target, oldest first, left-padded with -1."""
+        idx = self.pos[rows, None] - self.max_history + np.arange(self.max_history)[None, :]
+        real = idx >= self.start[rows, None]
+        return np.where(real, self.items[np.maximum(idx, 0)], -1).astype(np.int64)
+
+    @property
+    def history(self) -> np.ndarray:
+        """Every window at once, (E, max_history): for small data and tests only."""
+        return self.windows(np.arange(len(self.pos)))
+
+
+def ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count c, concatenated: ragged_arange([2, 0, 3]) = [0, 1, 0, 1, 2]."""
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+EVAL_SAMPLE_SEED = 0   # --eval_users: the sample depends on the data alone, not on --seed
+
+
+def sample_users(splits: dict, n_users: int) -> dict:
+    """--eval_users: validation and test restricted to a fixed random sample of users (in user order)."""
+    users = np.sort(np.random.default_rng(EVAL_SAMPLE_SEED).choice(len(splits["valid"].pos), n_users, replace=False))
+    pick = lambda sp: Split(sp.items, sp.start[users], sp.pos[users], sp.user[users], sp.max_history)
+    return {"train": splits["train"], "valid": pick(splits["valid"]), "test": pick(splits["test"])}
+
+
+def leave_one_out(data: Dataset, max_history: int) -> dict:
+    """train: every position 1..n-3; valid: position n-2; test: position n-1 (per user)."""
+    lengths = data.lengths
+    short = np.flatnonzero(lengths < 3)
+    if len(short):
+        raise ValueError(f"user {data.user_raw[short[0]]!r}: expected at least 3 interactions for "
+                         f"leave-one-out, got {lengths[short[0]]}")
+    users = np.arange(len(lengths))
+    starts = data.offsets[:-1]
+    n_train = lengths - 3                                             # positions 1 .. n-3 of each user
+    train_user = np.repeat(users, n_train)
+    train_pos = starts[train_user] + 1 + ragged_arange(n_train)
+    split = lambda user, pos: Split(data.items, starts[user], pos, user, max_history)
+    return {"train": split(train_user, train_pos), "valid": split(users, data.offsets[1:] - 2),
+            "test": split(users, data.offsets[1:] - 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Item embeddings (numpy only): text TF-IDF + SVD, or co-occurrence PPMI + SVD (train split only)
+# ----------------------------------------------------------------------------------------------
+
+class CSR:
+    """A sparse matrix in compressed-row form, just enough for a randomised SVD: `A @ X` for a
+    dense X, and `A.T`. Built and held with numpy; the product runs in torch's sparse CSR kernel
+    (float64, like the dense formula), measured 5-9x faster than numpy's best (gathering rows of
+    X per stored value and np.add.reduceat), which is what keeps a million items within minutes."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple,
+                 symmetric: bool = False):
+        """Row r's values are data[indptr[r]:indptr[r + 1]], in columns indices[...] (sorted within
+        the row); `symmetric`: A.T is A (no transposed copy is made)."""
+        self.indptr = np.asarray(indptr, np.int64)                     # (n_rows + 1,)
+        self.indices = np.asarray(indices, np.int32)                   # (nnz,) column of each value
+        self.data = np.asarray(data, np.float32)                       # (nnz,)
+        self.shape, self.symmetric, self._torch = shape, symmetric, None
+
+    @classmethod
+    def from_triples(cls, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple) -> "CSR":
+        """From (row, col, value) triples in any order (no duplicates)."""
+        order = np.lexsort((cols, rows))
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
+        return cls(indptr, cols[order], vals[order], shape)
+
+    def rows(self) -> np.ndarray:
+        """(nnz,) the row of each stored value."""
+        return np.repeat(np.arange(self.shape[0], dtype=np.int32), np.diff(self.indptr))
+
+    @property
+    def T(self) -> "CSR":
+        return self if self.symmetric else CSR.from_triples(self.indices, self.rows(), self.data, self.shape[::-1])
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        """(n_rows, n_cols) @ (n_cols, k) -> (n_rows, k) float64."""
+        if self._torch is None:
+            index = np.int32 if len(self.data) < 2 ** 31 else np.int64
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                        # "sparse CSR support is in beta"
+                self._torch = torch.sparse_csr_tensor(
+                    torch.from_numpy(self.indptr.astype(index)), torch.from_numpy(self.indices.astype(index, copy=False)),
+                    torch.from_numpy(self.data.astype(np.float64)), self.shape, check_invariants=False)
+        if self.shape[0] == 0 or len(self.data) == 0:
+            return np.zeros((self.shape[0], x.shape[1]))
+        return (self._torch @ torch.from_numpy(np.ascontiguousarray(x, np.float64))).numpy()
+
+    def toarray(self) -> np.ndarray:
+        dense = np.zeros(self.shape, np.float32)
+        dense[self.rows(), self.indices] = self.data
+        return dense
+
+
+def truncated_svd(matrix, k: int, seed: int = 0, n_power: int = 4):
+    """Randomised SVD (Halko et al. 2011) of a dense array or a CSR: U (n, k), S (k,)."""
+    rng = np.random.default_rng(seed)
+    k = min(k, *matrix.shape)
+    transposed = matrix.T
+    q = matrix @ rng.standard_normal((matrix.shape[1], k + 10))
+    for _ in range(n_power):
+        q, _ = np.linalg.qr(matrix @ (transposed @ q))
+    u, s, _ = np.linalg.svd((transposed @ q).T, full_matrices=False)
+    return (q @ u)[:, :k], s[:k]
+
+
+def text_embeddings(data: Dataset, item_text: dict, dim: int, seed: int) -> np.ndarray:
+    """TF-IDF over title/genre/attribute words (words in >= 2 items), then a truncated SVD.
+    The TF-IDF matrix is sparse (items x at most 8192 words)."""
+    docs = [re.findall(r"[a-z0-9']+", item_text.get(i, "").lower()) for i in data.item_raw]
+    df: dict = {}
+    for doc in docs:                                   # text: tokenising is per item and per word
+        for w in set(doc):
+            df[w] = df.get(w, 0) + 1
+    vocab = {w: k for k, w in enumerate(sorted(w for w, c in df.items() if c >= 2)[:8192])}
+    if not vocab:
+        raise ValueError("item text: no word occurs in two items; use --emb_source=cf or --item_emb")
+    word_ids = [[vocab[w] for w in doc if w in vocab] for doc in docs]
+    rows = np.repeat(np.arange(len(docs)), [len(ids) for ids in word_ids])
+    cols = np.fromiter((w for ids in word_ids for w in ids), np.int64, len(rows))
+    keys, tf = np.unique(rows * len(vocab) + cols, return_counts=True)    # term counts per (item, word)
+    rows, cols = keys // len(vocab), keys % len(vocab)
+    idf = np.log(len(docs) / np.array([df[w] for w in sorted(vocab, key=vocab.get)])) + 1.0
+    vals = (tf * idf[cols]).astype(np.float32)
+    norms = np.sqrt(np.bincount(rows, weights=vals.astype(np.float64) ** 2, minlength=len(docs))).astype(np.float32)
+    vals /= np.maximum(norms[rows], 1e-12)
+    u, s = truncated_svd(CSR.from_triples(rows, cols, vals, (len(docs), len(vocab))), dim, seed)
+    return (u * s).astype(np.float32)
+
+
+def cooccurrence(train: Split, n_items: int, window: int = 5, blocks: int = 8) -> CSR:
+    """Symmetric item co-occurrence counts, sparse: each training example's target with each of the
+    last `window` items before it (within its history window); C[a, b] = n(a, b) + n(b, a).
+    Counted in `blocks` ranges of rows, so that the sort's memory is a fraction of the pairs', and
+    kept as int32 columns and float32 counts (8 bytes per stored pair)."""
+    offsets = range(1, min(window, train.max_history) + 1)              # <= 5, vectorised over examples
+    has = [train.pos - w >= train.start for w in offsets]
+    a = np.empty(sum(int(h.sum()) for h in has), np.int32)
+    b = np.empty_like(a)
+    at = 0
+    for w, ok in zip(offsets, has):
+        pos = train.pos[ok]
+        a[at:at + len(pos)], b[at:at + len(pos)] = train.items[pos], train.items[pos - w]
+        at += len(pos)
+    del has
+    row_counts, cols, counts = [], [], []
+    bounds = np.linspace(0, n_items, blocks + 1).astype(np.int64)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mine_a, mine_b = (a >= lo) & (a < hi), (b >= lo) & (b < hi)    # both directions of each pair
+        keys = np.concatenate([(a[mine_a] - lo).astype(np.int64) * n_items + b[mine_a],
+                               (b[mine_b] - lo).astype(np.int64) * n_items + a[mine_b]])
+        del mine_a, mine_b
+        keys, n = np.unique(keys, return_counts=True)                  # sorted: by row, then column
+        row_counts.append(np.bincount(keys // n_items, minlength=hi - lo))
+        cols.append((keys % n_items).astype(np.int32)); counts.append(n.astype(np.float32))
+        del keys, n
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(row_counts))])
+    return CSR(indptr, np.concatenate(cols), np.concatenate(counts), (n_items, n_items), symmetric=True)
+
+
+def ppmi(counts: CSR) -> CSR:
+    """Positive pointwise mutual information of a symmetric count matrix, on its stored entries
+    (an absent pair has PMI -inf, so 0 after clipping). float32, as the dense formula."""
+    rows = counts.rows()
+    row = np.bincount(rows, weights=counts.data, minlength=counts.shape[0]).astype(np.float32)  # exact: integers
+    total = np.float32(row.sum(dtype=np.float64))
+    pmi = np.log(counts.data * total / (row[rows] * row[counts.indices]))
+    keep = pmi > 0
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=counts.shape[0]))])
+    return CSR(indptr, counts.indices[keep], pmi[keep], counts.shape, symmetric=True)
+
+
+def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int = 5) -> np.ndarray:
+    """PPMI of item co-occurrence within `window` steps in TRAIN histories only, then an SVD.
+
+    Each training example's last `window` history items co-occur with its target, so every
+    counted pair comes from the train split (validation and test targets never appear). Sparse
+    throughout: memory grows with the pairs, not with n_items squared.
+    """
+    u, s = truncated_svd(ppmi(cooccurrence(train, n_items, window)), dim, seed)
+    return (u * np.sqrt(s)).astype(np.float32)
+
+
+def read_item_emb(path: str, n_items: int, flag: str = "--item_emb") -> np.ndarray:
+    """An [n_items, D] numeric .npy file -> float32 (sid.load_embeddings checks file and dtype)."""
+    emb = sid.load_embeddings(path, flag)
+    if emb.shape[0] != n_items:
+        raise ValueError(f"{flag}: expected shape [{n_items} items, D], got {emb.shape} from {path}")
+    return emb.astype(np.float32)
+
+
+def item_embeddings(cfg, data: Dataset, raw: RawData, train: Split) -> tuple[np.ndarray, str]:
+    """The embeddings the SIDs are built from, and their name for the log (cfg: emb_source,
+    emb_dim and seed, as in train.TrainConfig).
+
+    An embeddings file (--item_emb, or found beside the data) is used alone, or with
+    --emb_source=both joined with co-occurrence (LETTER: content + collaborative signal).
+    Without a file: text TF-IDF, co-occurrence (cf), or both."""
+    n_items, path = len(data.item_raw), raw.item_emb
+    if path:
+        emb = read_item_emb(path, n_items)
+        if cfg.emb_source != "both":
+            return emb, f"file {path}"
+    if cfg.emb_source == "both" and not path and not raw.item_text:
+        return cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed), "cf (no item text nor embeddings file for 'both')"
+    parts = []
+    if path:                                                # emb_source "both": the file + cf
+        parts.append(emb)
+    elif cfg.emb_source in ("text", "both"):
+        parts.append(text_embeddings(data, raw.item_text, cfg.emb_dim, cfg.seed))
+    if cfg.emb_source in ("cf", "both"):
+        parts.append(cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed))
+    parts = [p / max(np.linalg.norm(p, axis=1).mean(), 1e-12) for p in parts]  # equal weight in "both"
+    name = f"file {path} + cf" if path else cfg.emb_source
+    return np.concatenate(parts, axis=1), name
+
+
+TITLE_CHARS = 120   # item text kept per item in data.npz, for recommend.py to show
+
+
+def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool) -> None:
+    """data.npz: what using a run needs beside the model and the SIDs (recommend.load_run reads it
+    with allow_pickle=False): raw item and user ids in id order, the start of each item's text
+    ("" without text), every user's sequence as one flat int32 array with offsets, and whether
+    the SIDs came from an embeddings file alone (then new items can be placed by theirs)."""
+    buf = io.BytesIO()
+    np.savez(buf, version=1, item_raw=np.array(data.item_raw, dtype=str), user_raw=np.array(data.user_raw, dtype=str),
+             item_title=np.array([" ".join(item_text.get(i, "").split())[:TITLE_CHARS] for i in data.item_raw],
+                                 dtype=str),
+             offsets=data.offsets, items=data.items,
+             content_sids=np.array(content_sids))
+    sid.atomic_write(path, buf.getvalue())
+
+
+def extend_catalogue(data: Dataset, known: list) -> tuple[Dataset, np.ndarray]:
+    """Renumber items so that `known` (a trained run's items, in its id order) keep their ids and the
+    data's other items follow in sorted order. Known items absent from the data stay in the catalogue.
+    Returns the dataset and, per new item, its row in the data's own sorted order (the row an
+    embeddings file for this data has for it)."""
+    known_set = set(known)
+    new = [i for i in data.item_raw if i not in known_set]
+    row_of = {item: k for k, item in enumerate(data.item_raw)}
+    item_raw = list(known) + new
+    new_id = {item: k for k, item in enumerate(item_raw)}
+    remap = np.array([new_id[i] for i in data.item_raw], np.int64)
+    return (Dataset(remap[data.items].astype(np.int32), data.offsets, data.user_raw, item_raw),
+            np.array([row_of[i] for i in new], np.int64))
+
+
