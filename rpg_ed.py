@@ -436,7 +436,7 @@ class RPG_ED(nn.Module):
             return hidden @ self.output_weight.T                                # (B, 5, V)
         c = self.config
         weight = self.output_weight[c.sid_offset:].view(c.n_digit, c.codebook_size, c.n_embd)
-        return torch.einsum("btd,tcd->btc", hidden[:, :c.n_digit], weight)     # (B, 4, 256)
+        return torch.einsum("bte,tce->btc", hidden[:, :c.n_digit], weight)     # (B, 4, 256)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy of the batch (the seed's batch keys)."""
@@ -511,7 +511,74 @@ class RPG_ED(nn.Module):
         return result.items[..., None]
 
 
+# ----------------------------------------------------------------------------------------------
+# python rpg_ed.py: every shape of one batch at the seed config (the README's walk-through)
+# ----------------------------------------------------------------------------------------------
+
+class BruteForceCatalogue:
+    """The smallest constraint beam.py accepts: a catalogue of SIDs (n, n_digit) searched by brute
+    force. sid.SIDIndex does the same with sorted keys and bitmaps; this one needs nothing else."""
+
+    def __init__(self, codes: torch.Tensor, codebook_size: int):
+        self.codes, self.codebook_size = codes, codebook_size
+
+    def prefix_mask(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix (N, l) codes -> (N, codebook_size) bool: next codes that lead to an item."""
+        l = prefix.shape[1]
+        match = (self.codes[None, :, :l] == prefix[:, None, :]).all(-1)           # (N, n)
+        nxt = torch.nn.functional.one_hot(self.codes[:, l], self.codebook_size).bool()  # (n, K)
+        return (match[:, :, None] & nxt[None]).any(1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, n_digit) -> item ids (N,), -1 for a SID of no item."""
+        same = (codes[:, None, :] == self.codes[None]).all(-1)                   # (N, n)
+        return torch.where(same.any(1), same.float().argmax(1), -1)
+
+
+def shape_demo(batch_size: int = 2, n_items: int = 1000) -> None:
+    """Run one random batch through the seed-config model and print each tensor's shape."""
+    torch.manual_seed(0)
+    c = RPGEDConfig()
+    model = RPG_ED(c).eval()
+    B, L, K = batch_size, c.max_history, c.codebook_size
+    catalogue = BruteForceCatalogue(torch.randint(0, K, (n_items, c.n_digit)), K)
+    history_items = torch.randint(0, n_items, (B, L))
+    history_sid = catalogue.codes[history_items] + model.digit_offsets         # token ids
+    history_sid[0, :10] = PAD                                                  # user 0: 40 items, left-padded
+    target = catalogue.codes[torch.randint(0, n_items, (B,))] + model.digit_offsets
+    batch = {"user_ids": torch.randint(0, c.n_user_buckets, (B,)), "history_sid": history_sid,
+             "decoder_input_ids": torch.cat([torch.full((B, 1), BOS), target], 1),
+             "decoder_labels": torch.cat([target, torch.full((B, 1), EOS)], 1)}
+
+    def show(name: str, t, note: str = "") -> None:
+        print((f"  {name:<34} {list(t.shape)}".ljust(62) + note).rstrip())
+
+    print(f"seed config: E = n_embd = {c.n_embd}, {c.n_head} heads of hd = {c.head_dim}, U = {c.n_user_buckets} "
+          f"user buckets, V = {c.vocab_size} tokens, {model.num_parameters():,} parameters; B = {B}")
+    print("encoder")
+    show("user_ids", batch["user_ids"], "bucket ids in [0, U)")
+    show("history_sid", history_sid, "token ids, oldest first, left-padded")
+    with torch.no_grad():
+        emb = model.token_emb(history_sid)
+        show("token_emb(history_sid)", emb)
+        show("history_compressor", model.history_compressor(emb), "mean of the 4 digits + residual MLP")
+        memory, memory_mask = model.encode(batch["user_ids"], history_sid)
+        show("memory (user token + items)", memory, f"after {c.encoder_n_layer} encoder blocks")
+        show("memory_mask", memory_mask, f"user 0: {int(memory_mask[0].sum())} real positions")
+        print("decoder (training, teacher forcing)")
+        show("decoder_input_ids", batch["decoder_input_ids"], "[BOS, s0, s1, s2, s3]")
+        hidden = model.decode(batch["decoder_input_ids"], memory, memory_mask)
+        show("decode -> hidden", hidden, f"after {c.decoder_n_layer} decoder blocks")
+        show("logits (one digit per position)", model.logits(batch), "hidden @ the digit's 256 token rows")
+        show("decoder_labels", batch["decoder_labels"], "[s0, s1, s2, s3, EOS]")
+        show("loss", model(batch), f"{model(batch).item():.3f} (about ln 256 = 5.545 at init)")
+        print(f"generation (beam {c.beam_size}, cached)")
+        cache = model.new_cache(memory, memory_mask, c.beam_size)
+        show("cache.cross_kv: per layer K and V", cache.cross_kv[0][0], f"x 2 x {c.decoder_n_layer} layers, once per user")
+        show("cache.self_kv", cache.self_kv, "(layers, K/V, B*beams, H, 5 positions, hd)")
+        show("step(None, cache, digit=0)", model.step(None, cache, 0), "logits over digit 0's codes, every beam")
+        show("generate -> items", model.generate(batch, catalogue), "top items per user, best first")
+
+
 if __name__ == "__main__":
-    model = RPG_ED(RPGEDConfig())
-    print(f"RPG_ED at the seed config: {model.num_parameters():,} parameters "
-          f"(vocab {model.config.vocab_size})")
+    shape_demo()
