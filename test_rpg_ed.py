@@ -1931,3 +1931,130 @@ def test_timestamps_are_exact_integers(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Copied alone: each module works in a folder with none of the others (README: copying a module)
+# ----------------------------------------------------------------------------------------------
+
+def run_alone(tmp_path, files: list, code: str) -> str:
+    """Copy `files` into an empty folder and run `code` there, without PYTHONPATH: the script's
+    folder is the only project folder on sys.path, so only the copies can be imported."""
+    import shutil
+    for name in files:
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    script = tmp_path / "use_it.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-s", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_rpg_ed_and_beam_copied_alone_generate_with_a_hand_made_constraint(tmp_path):
+    out = run_alone(tmp_path, ["rpg_ed.py", "beam.py"], """
+import sys, torch, rpg_ed
+assert not any(m in sys.modules for m in ("sid", "train", "data")), "imported a project module it should not need"
+
+class FiveItems:                                     # a hand-made constraint: 5 SIDs, brute force
+    codes = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 4], [0, 5, 0, 0], [7, 7, 7, 7], [2, 0, 1, 3]])
+    def prefix_mask(self, prefix):
+        l = prefix.shape[1]
+        ok = (self.codes[None, :, :l] == prefix[:, None, :]).all(-1)                  # (N, 5)
+        mask = torch.zeros(len(prefix), 8, dtype=torch.bool)
+        for item in range(5):                        # 5 items: a loop is the plainest oracle
+            mask[ok[:, item], self.codes[item, l]] = True
+        return mask
+    def lookup(self, codes):
+        same = (codes[:, None, :] == self.codes[None]).all(-1)
+        return torch.where(same.any(1), same.float().argmax(1), -1)
+
+torch.manual_seed(0)
+config = rpg_ed.RPGEDConfig(codebook_size=8, n_user_buckets=3, max_history=4, encoder_n_layer=1, decoder_n_layer=1,
+                            n_head=2, n_embd=16, n_inner=32, beam_size=10)
+model = rpg_ed.RPG_ED(config).eval()
+history = FiveItems.codes[torch.tensor([[0, 2, 3], [4, 4, 1]])] + model.digit_offsets
+batch = {"user_ids": torch.tensor([0, 2]), "history_sid": history}
+items = model.generate(batch, FiveItems(), beam_size=10, n_return=10)[..., 0]
+assert items.shape == (2, 10)
+for row in items.tolist():
+    real = [i for i in row if i >= 0]
+    assert sorted(real) == [0, 1, 2, 3, 4] and row[5:] == [-1] * 5, row    # every item once, then padding
+print("ok", items.tolist())
+""")
+    assert out.startswith("ok")
+
+
+def test_rpg_ed_copied_without_beam_trains_and_scores(tmp_path):
+    out = run_alone(tmp_path, ["rpg_ed.py"], """
+import torch, rpg_ed
+config = rpg_ed.RPGEDConfig(codebook_size=8, n_user_buckets=3, max_history=4, encoder_n_layer=1, decoder_n_layer=1,
+                            n_head=2, n_embd=16, n_inner=32)
+model = rpg_ed.RPG_ED(config)
+codes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+batch = {"user_ids": torch.tensor([0, 1]), "history_sid": (codes + model.digit_offsets)[:, None].repeat(1, 3, 1),
+         "decoder_input_ids": torch.cat([torch.full((2, 1), rpg_ed.BOS), codes.flip(0) + model.digit_offsets], 1),
+         "decoder_labels": torch.cat([codes.flip(0) + model.digit_offsets, torch.full((2, 1), rpg_ed.EOS)], 1)}
+loss = model(batch)
+loss.backward()
+print("ok", round(loss.item(), 3))
+""")
+    assert out.startswith("ok")
+
+
+def test_beam_copied_alone_runs_a_toy_model_and_equals_brute_force(tmp_path):
+    out = run_alone(tmp_path, ["beam.py"], """
+import itertools, torch, beam
+
+class Config:
+    n_digit, codebook_size = 3, 4
+
+class Cache:
+    def __init__(self, n): self.rows = torch.arange(n)
+    def reorder(self, rows): self.rows = self.rows[rows]
+
+class Toy:
+    '''Logits depend on the user and the digit only, so the best SIDs are known in closed form.'''
+    config = Config()
+    def __init__(self): self.table = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    def encode(self, user_ids, history_sid): return user_ids.float()[:, None], torch.ones(len(user_ids), 1, dtype=torch.bool)
+    def new_cache(self, memory, memory_mask, beam_size):
+        cache = Cache(len(memory) * beam_size); cache.user = memory[:, 0].long().repeat_interleave(beam_size); return cache
+    def step(self, prev_codes, cache, digit): return self.table[cache.user, digit]
+
+class Everything:
+    def prefix_mask(self, prefix): return torch.ones(len(prefix), 4, dtype=torch.bool)
+    def lookup(self, codes): return codes[:, 0] * 16 + codes[:, 1] * 4 + codes[:, 2]
+
+toy = Toy()
+result = beam.beam_search(toy, {"user_ids": torch.tensor([0, 1]), "history_sid": None}, 64, 5, Everything())
+logp = torch.log_softmax(toy.table, -1)                                   # (user, digit, code)
+for user in range(2):
+    scores = sorted(((sum(logp[user, d, c].item() for d, c in enumerate(sid)), sid)
+                     for sid in itertools.product(range(4), repeat=3)), key=lambda t: -t[0])[:5]
+    expected = [s[0] * 16 + s[1] * 4 + s[2] for _, s in scores]
+    assert result.items[user].tolist() == expected, (result.items[user].tolist(), expected)
+print("ok")
+""")
+    assert out.startswith("ok")
+
+
+def test_sid_copied_alone_builds_saves_loads_and_adds_items(tmp_path):
+    out = run_alone(tmp_path, ["sid.py"], """
+import sys, numpy as np, sid
+assert "torch" not in sys.modules, "sid.py imported torch"
+rng = np.random.default_rng(0)
+emb = rng.standard_normal((300, 8)).astype(np.float32)
+emb[10:20] = emb[0]                                     # duplicates: they must move
+index, moved = sid.build_index(emb, n_iter=2, kmeans_iter=2)
+index.save("idx")
+loaded = sid.SIDIndex.load("idx")
+assert np.array_equal(loaded.item_codes, index.item_codes) and moved >= 10
+bigger, _ = loaded.add_items(rng.standard_normal((20, 8)).astype(np.float32))
+keys = sid.pack_codes(bigger.item_codes)
+assert bigger.n_items == 320 and len(np.unique(keys)) == 320
+assert np.array_equal(bigger.lookup(bigger.item_codes), np.arange(320))
+print("ok")
+""")
+    assert out.startswith("ok")
