@@ -271,7 +271,7 @@ def bench_index(n_items: int, dim: int, n_lookup: int, n_prefix: int):
 def beauty_shaped_lengths(n_users: int, max_history: int, seed: int = 0) -> np.ndarray:
     """History lengths of the training examples of a Beauty-like data set: 5-core user sequences
     with a heavy tail (5 + Lomax(2, 4.2): mean about 9, as Beauty's 8.9), each train position
-    1..n-3 a target (PROTOCOL.md), capped at max_history. Beauty itself: mean history 6.7 items,
+    1..n-3 a target (the protocol), capped at max_history. Beauty itself: mean history 6.7 items,
     and random batches of 512 pad the encoder to about 3.0 times the real items."""
     rng = np.random.default_rng(seed)
     n = 5 + np.floor(rng.pareto(2.0, n_users) * 4.2).astype(int)                # sequence lengths, >= 5

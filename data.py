@@ -88,7 +88,7 @@ def fetch_ml100k(folder: str = "data/ml-100k") -> tuple[str, str]:
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         if digest != ML100K_SHA256[name]:
-            raise ValueError(f"{path}: sha256 {digest}, expected {ML100K_SHA256[name]} (PROTOCOL.md)")
+            raise ValueError(f"{path}: sha256 {digest}, expected {ML100K_SHA256[name]} (the README's evaluation protocol)")
     return paths["ml-100k.inter"], source
 
 
@@ -414,7 +414,7 @@ def prepare(raw: RawData, five_core: bool = True) -> Dataset:
                          "than 5 interactions)")
     (uid, user_raw), (iid, item_raw) = _renumber(uid[keep], user_names), _renumber(iid[keep], item_names)
     times = times[keep]
-    # stable: equal timestamps keep file order (PROTOCOL.md), never an item-id tie-break
+    # stable: equal timestamps keep file order (the protocol), never an item-id tie-break
     order = np.lexsort((np.arange(len(uid)), times, uid))
     offsets = np.concatenate([[0], np.cumsum(np.bincount(uid, minlength=len(user_raw)))])
     return Dataset(iid[order].astype(np.int32), offsets, user_raw, item_raw)
