@@ -67,6 +67,7 @@ class RPGEDConfig:
     use_user_token: bool = True      # prepend the user-bucket token to the encoder input
     history_reduce: str = "mean"     # (L, 4, E) -> (L, E): "mean" of the 4 digits or "concat"+linear
     layer_norm_eps: float = 1e-5     # LayerNorm epsilon
+    label_smoothing: float = 0.0     # cross-entropy label smoothing (0: plain cross-entropy)
 
     def __post_init__(self):
         for f in fields(self):
@@ -78,7 +79,7 @@ class RPGEDConfig:
                 raise ValueError(f"config.{f.name}: expected a positive int, got {value}")
             if expected is float and not math.isfinite(value):
                 raise ValueError(f"config.{f.name}: expected a finite number, got {value}")
-        for name in ("history_pdrop", "embd_pdrop", "attn_pdrop", "resid_pdrop"):
+        for name in ("history_pdrop", "embd_pdrop", "attn_pdrop", "resid_pdrop", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"config.{name}: expected a probability in [0, 1), got {getattr(self, name)}")
         if self.n_embd % self.n_head:
@@ -446,7 +447,8 @@ class RPG_ED(nn.Module):
             targets = labels[:, :self.config.n_digit] - self.digit_offsets    # (B, 4) codes
         else:
             targets = labels                                                    # (B, 5) token ids
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               label_smoothing=self.config.label_smoothing)
 
     # -- inference interface (beam.py) ----------------------------------------------------------
     def new_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, n_beams: int) -> DecoderCache:

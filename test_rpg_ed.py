@@ -804,6 +804,9 @@ def test_markov_baseline_by_hand():
     (["--batch_tokens=-1"], "--batch_tokens: expected 0 (no limit beyond batch_size) or a positive int, got -1"),
     (["--batch_tokens=10", "--max_history=20"], "--batch_tokens: expected 0 or at least max_history (20)"),
     (["--batch_size=0"], "--batch_size: expected a positive int, got 0"),
+    (["--beam_size=5"], "--beam_size: expected at least 10 (evaluation ranks 10 items), got 5"),   # before any epoch
+    (["--report_beam_size=5"], "--report_beam_size: expected 0 (off) or at least 10"),
+    (["--label_smoothing=1.0"], "config.label_smoothing: expected a probability in [0, 1), got 1.0"),
 ])
 def test_cli_rejects_bad_arguments(argv, fragment):
     with pytest.raises(ValueError, match=re_escape(fragment)):
