@@ -807,6 +807,7 @@ def test_markov_baseline_by_hand():
     (["--beam_size=5"], "--beam_size: expected at least 10 (evaluation ranks 10 items), got 5"),   # before any epoch
     (["--report_beam_size=5"], "--report_beam_size: expected 0 (off) or at least 10"),
     (["--label_smoothing=1.0"], "config.label_smoothing: expected a probability in [0, 1), got 1.0"),
+    (["--sid_codes=300"], "--sid_codes: expected 1..codebook_size (256), got 300"),
 ])
 def test_cli_rejects_bad_arguments(argv, fragment):
     with pytest.raises(ValueError, match=re_escape(fragment)):

@@ -55,6 +55,7 @@ class TrainConfig:
     emb_source: str = "cf"           # text | cf | both (text + cf); with item_emb: both = file + cf,
                                      # anything else = the file alone
     emb_dim: int = 64                # width of built embeddings
+    sid_codes: int = 256             # k-means centroids per SID digit (<= codebook_size; fewer = coarser groups)
     out_dir: str = ""                # default out/<dataset>
     preset: str = "auto"             # auto (chosen from the data: cpu or sparse) | cpu | sparse | seed
     seed: int = 0
@@ -208,7 +209,7 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
         if base is None:
             emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
             seconds["embeddings"], tick = time.time() - tick, time.time()
-            index, moved = sid.build_index(emb, seed=cfg.seed)
+            index, moved = sid.build_index(emb, seed=cfg.seed, codebook_size=cfg.sid_codes)
             seconds["sids"] = time.time() - tick
             log(f"SIDs: from {emb_name} embeddings {emb.shape} ({seconds['embeddings']:.1f} s), OPQ error "
                 f"{index.quantizer.errors[0]:.4g} -> {index.quantizer.errors[-1]:.4g}, {moved} items moved by "
@@ -859,6 +860,8 @@ def parse_args(argv: list, auto_preset: str | None = None) -> tuple[TrainConfig,
             raise ValueError(f"--{name}: expected one of {allowed}, got {getattr(tcfg, name)!r}")
     if mcfg.beam_size < 10:
         raise ValueError(f"--beam_size: expected at least 10 (evaluation ranks 10 items), got {mcfg.beam_size}")
+    if not 1 <= tcfg.sid_codes <= mcfg.codebook_size:
+        raise ValueError(f"--sid_codes: expected 1..codebook_size ({mcfg.codebook_size}), got {tcfg.sid_codes}")
     if tcfg.batch_tokens and tcfg.batch_tokens < mcfg.max_history:
         raise ValueError(f"--batch_tokens: expected 0 or at least max_history ({mcfg.max_history}) so that a "
                          f"batch holds one row of the longest history, got {tcfg.batch_tokens}")
