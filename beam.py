@@ -66,7 +66,7 @@ def beam_search(model, batch: dict, beam_size: int, n_return: int, constraint,
     user_base = torch.arange(B, device=device)[:, None] * beam_size             # (B, 1)
     for digit in range(n_digit):
         if use_cache:
-            logits = model.step(prefix[:, -1] if digit else None, cache, digit)      # (B*beam, K)
+            logits = model.step(prefix[:, -1] if digit else None, cache, digit)  # (B*beam, K)
         else:
             logits = model.step_uncached(prefix, memory, memory_mask)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -83,7 +83,7 @@ def beam_search(model, batch: dict, beam_size: int, n_return: int, constraint,
         scores, flat = scores[:, :beam_size], flat[:, :beam_size]               # (B, beam)
         rows = (user_base + flat // n_codes).reshape(-1)                        # parent row of each new beam
         prefix = torch.cat([prefix[rows], (flat % n_codes).reshape(-1, 1)], dim=1)
-        if use_cache and digit < n_digit - 1:                                     # no step follows the last
+        if use_cache and digit < n_digit - 1:                                   # no step follows the last
             cache.reorder(rows)
 
     items = constraint.lookup(prefix).view(B, beam_size)                        # -1: no such item

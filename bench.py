@@ -134,7 +134,7 @@ class BuiltinSeq2Seq(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         m, c = self.model, self.model.config
-        items = m.history_compressor(m.token_emb(batch["history_sid"]))                    # (B, L, d)
+        items = m.history_compressor(m.token_emb(batch["history_sid"]))        # (B, L, E)
         user = m.token_emb(3 + batch["user_ids"])[:, None]
         src = torch.cat([user, items], 1) + m.encoder_pos.weight[: items.shape[1] + 1]
         tgt = m.token_emb(batch["decoder_input_ids"]) + m.decoder_pos.weight
@@ -281,7 +281,7 @@ def beauty_shaped_lengths(n_users: int, max_history: int, seed: int = 0) -> np.n
 def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B: int, repeats: int):
     """Examples/s of training on Beauty-shaped histories: fixed random batches vs length-grouped
     dynamic batches; then each of the training step and beam search in bf16 vs fp32 autocast."""
-    import data as data_py                                                      # only this section needs them
+    import data as data_py                                                       # only this section needs them
     import train
     torch.manual_seed(0)
     lengths = beauty_shaped_lengths(n_users, c.max_history)

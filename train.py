@@ -6,12 +6,13 @@
 
 --preset=auto (the default) picks the preset from the data and says why in the log.
 
-Files are read, filtered and split by data.py. Evaluation (README, "The evaluation protocol"): stable time sort, 5-core, leave-one-out (last item test,
-second-to-last validation), every earlier train position a training example, history = the
-last `max_history` items before the target, full ranking with beam search over real SIDs,
-Recall/NDCG@5/10, model selection on validation NDCG@10. Writes into out_dir: config.json,
-item_id2tokens.npy, tokens2item.pkl, opq.npz, data.npz (id maps, titles, sequences: what
-recommend.py needs), checkpoint.pt (best), last.pt (to --resume), results.json.
+Files are read, filtered and split by data.py. Evaluation (README, "The evaluation protocol"):
+stable time sort, 5-core, leave-one-out (last item test, second-to-last validation), every
+earlier train position a training example, history = the last `max_history` items before the
+target, full ranking with beam search over real SIDs, Recall/NDCG@5/10, model selection on
+validation NDCG@10. Writes into out_dir: config.json, item_id2tokens.npy, tokens2item.pkl,
+opq.npz, data.npz (id maps, titles, sequences: what recommend.py needs), checkpoint.pt (best),
+last.pt (to --resume), results.json and curves.svg (loss and validation NDCG@10).
 
     python train.py --data=NEWER --init_from=out/RUN --out_dir=out/NEXT   # continue a finished run
 
@@ -357,7 +358,7 @@ def prepare_out_dir(out_dir: str, cfg: TrainConfig) -> None:
         raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found)}); continue it with "
                          "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
                          "or choose another --out_dir")
-    for name in os.listdir(out_dir):                    # ours: sid._atomic_write names them .tmp-<file>...
+    for name in os.listdir(out_dir):                    # ours: sid.atomic_write names them .tmp-<file>...
         if name.startswith(".tmp-") and name[5:].startswith(RUN_FILES + ("eval.json",)):
             os.remove(os.path.join(out_dir, name))
     if not os.access(out_dir, os.W_OK):
