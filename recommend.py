@@ -170,7 +170,7 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
     user, after = slot // k, slot % k
     fresh = ~(items[user] == cand[:, None]).any(1)                         # not generated already
     _, first = np.unique(user * index.n_items + cand, return_index=True)   # once, after its first match
-    fresh &= np.isin(np.arange(len(cand)), first)
+    fresh[np.setdiff1d(np.arange(len(cand)), first)] = False
     user, after, cand = user[fresh], after[fresh], cand[fresh]
     nth = np.arange(len(user)) - np.searchsorted(user, user)               # rank among the user's candidates
     keep = nth < n_new

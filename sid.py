@@ -338,6 +338,11 @@ def pack_codes(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0] << 24) | (codes[..., 1] << 16) | (codes[..., 2] << 8) | codes[..., 3]
 
 
+def unpack_keys(keys) -> np.ndarray:
+    """pack_codes undone: [...] packed keys -> [..., 4] int64 codes."""
+    return (np.asarray(keys, np.int64)[..., None] >> np.array([24, 16, 8, 0])) & 255
+
+
 class _TakenSIDs:
     """The SIDs in use, with O(1) updates and vectorised questions about them.
 
@@ -356,14 +361,14 @@ class _TakenSIDs:
         self.used = np.zeros((1024, CODEBOOK_SIZE), bool)
         self.row_count = np.zeros(1024, np.int64)
         self.n_rows = 0
-        self.finite_free = int(np.prod(has_centroid.sum(1), dtype=np.int64))
+        self.n_finite = int(np.prod(has_centroid.sum(1), dtype=np.int64))   # SIDs of real centroids only
+        self.finite_free = self.n_finite
         self.free = None                 # sorted [F] free finite SIDs, listed once they are few
         self.alive = None                # [F] bool, False once taken
 
     def free_finite(self):
         """The free finite SIDs as packed keys, or None while there are too many to list."""
-        if self.free is None and self.finite_free <= _FREE_LIST and \
-                np.prod(self.has_centroid.sum(1), dtype=np.int64) <= 1 << 24:
+        if self.free is None and self.finite_free <= _FREE_LIST and self.n_finite <= 1 << 24:
             codes = [np.flatnonzero(h) for h in self.has_centroid]
             grid = np.stack(np.meshgrid(*codes, indexing="ij"), -1).reshape(-1, 4)  # every finite SID
             keys = pack_codes(grid).astype(np.int64)
@@ -391,8 +396,7 @@ class _TakenSIDs:
         rows = self._rows(prefix3)[inverse]
         self.used[rows, keys & 255] = True
         np.add.at(self.row_count, rows, 1)
-        codes = (keys[:, None] >> np.array([24, 16, 8, 0])) & 255     # [n, 4]
-        self.finite_free -= int(self.has_centroid[np.arange(4), codes].all(1).sum())
+        self.finite_free -= int(self.has_centroid[np.arange(4), unpack_keys(keys)].all(1).sum())
         if self.free is not None:
             at = np.minimum(np.searchsorted(self.free, keys), len(self.free) - 1)
             self.alive[at[self.free[at] == keys]] = False
@@ -422,7 +426,7 @@ def _first_free_in_rank_order(order: np.ndarray, taken: _TakenSIDs) -> np.ndarra
         keys = (prefix << 8) | order[length - 1]                          # [256], in rank order
         blocked = taken.is_used(keys) if length == 4 else taken.prefix_full(keys, length)
         prefix = int(keys[np.argmin(blocked)])                            # first one not blocked
-    return (prefix >> np.array([24, 16, 8, 0])) & 255
+    return unpack_keys(prefix)
 
 
 def _cheapest_free(dist: np.ndarray, order: np.ndarray, sorted_dist: np.ndarray, taken: _TakenSIDs,
@@ -440,24 +444,28 @@ def _cheapest_free(dist: np.ndarray, order: np.ndarray, sorted_dist: np.ndarray,
     """
     free = taken.free_finite()
     if free is not None:                                                 # few left: price each of them
-        codes = (free[:, None] >> np.array([24, 16, 8, 0])) & 255        # [F, 4]
+        codes = unpack_keys(free)                                        # [F, 4]
+        # summed in digit order, as the bands sum, so that equal costs compare equal
         cost = dist[0, codes[:, 0]] + dist[1, codes[:, 1]] + dist[2, codes[:, 2]] + dist[3, codes[:, 3]]
         cheapest = np.flatnonzero(cost == cost.min())
         ranks = np.argsort(order, axis=1)[np.arange(4), codes[cheapest]]  # [c, 4] rank of each code
         best = cheapest[np.lexsort(ranks.T[::-1])[0]]
         return codes[best], cost[best], width
     finite = [d[np.isfinite(d)] for d in sorted_dist]                    # 4 sorted arrays
-    least, most = sum(f[0] for f in finite), sum(f[-1] for f in finite)  # cheapest and dearest finite SID
-    floor = (most - least) * 2.0 ** -40 or 1.0                           # bands never get thinner
+    # least[d] / most[d]: the cheapest / dearest cost of digits d..3 (least[0]: the cheapest SID)
+    least = np.concatenate([np.cumsum([f[0] for f in finite][::-1])[::-1], [0.0]])
+    most = np.concatenate([np.cumsum([f[-1] for f in finite][::-1])[::-1], [0.0]])
+    floor = (most[0] - least[0]) * 2.0 ** -40 or 1.0                     # bands never get thinner
     if width is None:
         width = min([f[1] - f[0] for f in finite if len(f) > 1 and f[1] > f[0]], default=1.0)
     width = max(width, floor)
-    hi, narrowed = (least if lo < least else lo + width), 0
+    hi, narrowed = (least[0] if lo < least[0] else lo + width), 0
     while True:
         # A band too big to list at once is narrowed. One that cannot be (the first, which holds the
         # ties of the cheapest cost, or one still too big after 30 tries) holds equal costs: it is
         # listed whole. Only an item equidistant from millions of code tuples makes that large.
-        band = _tuples_in_band(finite, lo, hi, _BAND_LIMIT if narrowed < 30 and lo >= least else np.inf)
+        limit = _BAND_LIMIT if narrowed < 30 and lo >= least[0] else np.inf
+        band = _tuples_in_band(finite, least, most, lo, hi, limit)
         if band is None:
             width, narrowed = max(width / 8, floor), narrowed + 1
             hi = lo + width
@@ -469,7 +477,7 @@ def _cheapest_free(dist: np.ndarray, order: np.ndarray, sorted_dist: np.ndarray,
             cheapest = np.flatnonzero(free & (cost == cost[free].min()))
             best = cheapest[np.lexsort(ranks[cheapest].T[::-1])[0]]
             return codes[best], cost[best], width / 4 if len(cost) > 4096 else width  # next time: narrower
-        if hi >= most:
+        if hi > most[0] + 1e-9 * abs(most[0]):                              # past the dearest: rounding aside
             raise RuntimeError("no free finite SID found although one is counted free (a bug)")
         lo, hi, width, narrowed = hi, hi + width, width * 4, 0
 
@@ -478,12 +486,10 @@ _BAND_LIMIT = 1 << 16
 _FREE_LIST = 1 << 16
 
 
-def _tuples_in_band(finite: list, lo: float, hi: float, limit: float):
+def _tuples_in_band(finite: list, least: np.ndarray, most: np.ndarray, lo: float, hi: float, limit: float):
     """All rank tuples whose cost is in (lo, hi]: (cost [m], ranks [m, 4]), or None if a step would
     list more than `limit`. A prefix is extended only by the ranks that leave it some completion
-    inside the band: its cheapest completion must be <= hi and its dearest > lo."""
-    least = np.concatenate([np.cumsum([f[0] for f in finite][::-1])[::-1], [0.0]])   # [5] digits d..3
-    most = np.concatenate([np.cumsum([f[-1] for f in finite][::-1])[::-1], [0.0]])
+    inside the band: its cheapest completion (least[d + 1] more) must be <= hi and its dearest > lo."""
     slack = 1e-9 * (abs(lo) if np.isfinite(lo) else 0.0) + 1e-9 * abs(hi)  # rounding: never drop one that fits
     cost, ranks = np.zeros(1), np.zeros((1, 0), np.int64)                 # [m], [m, digits so far]
     for d, f in enumerate(finite):

@@ -405,13 +405,14 @@ def curves_svg(progress: dict, title: str) -> str:
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         x_hi, y_lo, y_hi = max(max(xs), 1), min(ys), max(ys)
         y_lo, y_hi = (y_lo - 0.5, y_hi + 0.5) if y_hi == y_lo else (y_lo, y_hi)
-        sx = lambda x: x0 + w * x / x_hi                                             # noqa: E731
-        sy = lambda y: y0 + h - h * (y - y_lo) / (y_hi - y_lo)                         # noqa: E731
-        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+        px = [x0 + w * x / x_hi for x in xs]                                          # data -> pixels
+        py = [y0 + h - h * (y - y_lo) / (y_hi - y_lo) for y in ys]
+        line = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(px, py))
         parts.append(f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
-        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="#1f77b4"/>' for x, y in points] if k else []
-        for y in (y_lo, y_hi):                                                         # axis labels
-            parts.append(f'<text x="{x0 - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+        if name.startswith("validation"):                                             # few points: mark each
+            parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#1f77b4"/>' for x, y in zip(px, py)]
+        for y, label in ((y0 + h, y_lo), (y0, y_hi)):                                 # axis labels
+            parts.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end">{label:.3g}</text>')
         parts.append(f'<text x="{x0}" y="{y0 + h + 14}" text-anchor="middle">0</text>')
         parts.append(f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="middle">{x_hi:,}</text>')
     return "\n".join(parts + ["</svg>"]) + "\n"
