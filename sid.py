@@ -22,15 +22,16 @@ item_id2tokens.npy is the forward index [n_items, 4] uint8, tokens2item.pkl the 
 Only numpy is needed; torch tensors are accepted (and returned) by `SIDIndex.prefix_mask` and
 `SIDIndex.lookup` so the beam search can hand its tensors over directly.
 
-    python sid.py --emb items.npy --out DIR    # build and save an index from any [N, D] matrix
+    python sid.py --emb=items.npy --out=DIR   # build and save an index from any [N, D] matrix
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import io
 import os
 import pickle
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -777,17 +778,61 @@ def build_index(embeddings, seed: int = 0, n_iter: int = 10, kmeans_iter: int = 
     return SIDIndex(codes, opq), moved
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Build collision-free OPQ semantic IDs.")
-    parser.add_argument("--emb", required=True, help="[n_items, D] float .npy file")
-    parser.add_argument("--out", required=True, help="folder for item_id2tokens.npy, tokens2item.pkl, opq.npz")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_iter", type=int, default=10, help="OPQ iterations")
-    parser.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
-    args = parser.parse_args()
+# ----------------------------------------------------------------------------------------------
+# Command line: the one --key=value parser of every script in this project
+# ----------------------------------------------------------------------------------------------
+
+def _flag_value(name: str, text: str, kind: str):
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except (ValueError, KeyError):
+        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
+
+
+def parse_flags(argv: list, *configs) -> dict:
+    """`--key=value` arguments -> {key: value}, each value typed by its field in the dataclasses
+    `configs` (int, float, bool or str). Unknown, repeated and malformed flags are refused here,
+    naming the flag; each dataclass's __post_init__ then checks what its values allow."""
+    kinds = {f.name: f.type for cls in configs for f in dataclasses.fields(cls)}
+    given = {}
+    for arg in argv:
+        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not eq:
+            raise ValueError(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(kinds))})")
+        if key not in kinds:
+            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(kinds))}")
+        if key in given:
+            raise ValueError(f"--{key}: given twice ({given[key]!r} and {text!r}); expected it once")
+        given[key] = _flag_value(key, text, kinds[key])
+    return given
+
+
+@dataclass
+class IndexConfig:
+    """python sid.py --emb=E.npy --out=DIR [--seed=0] [--n_iter=10] [--overwrite=false]"""
+    emb: str = ""                    # [n_items, D] float .npy file
+    out: str = ""                    # folder for item_id2tokens.npy, tokens2item.pkl, opq.npz
+    seed: int = 0
+    n_iter: int = 10                 # OPQ iterations
+    overwrite: bool = False          # replace an index already in --out
+
+    def __post_init__(self):
+        for name in ("emb", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name}: expected a path, got nothing")
+        if self.seed < 0 or self.n_iter < 1:
+            raise ValueError(f"--seed, --n_iter: expected seed >= 0 and n_iter >= 1, got {self.seed}, {self.n_iter}")
+
+
+def main(argv: list) -> None:
+    args = IndexConfig(**parse_flags(argv, IndexConfig))
     if os.path.exists(os.path.join(args.out, "item_id2tokens.npy")) and not args.overwrite:
         raise ValueError(f"--out: {args.out} already holds an index (a run's SIDs?); choose another folder or "
-                         "pass --overwrite")
+                         "pass --overwrite=true")
     emb = load_embeddings(args.emb, "--emb")
     start = time.perf_counter()
     index, _ = build_index(emb.astype(np.float32), seed=args.seed, n_iter=args.n_iter, verbose=True)
@@ -797,6 +842,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     try:
-        main()
+        main(sys.argv[1:])
     except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
         raise SystemExit(f"error: {e}")
