@@ -53,6 +53,8 @@ def beam_search(model, batch: dict, beam_size: int, n_return: int, constraint,
     n_digit, n_codes = model.config.n_digit, model.config.codebook_size
     memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])   # (B, S, E), (B, S)
     B, device = memory.shape[0], memory.device
+    if B == 0:
+        raise ValueError("batch: expected at least one user, got 0")
     if use_cache:
         cache = model.new_cache(memory, memory_mask, beam_size)
     else:

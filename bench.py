@@ -1,37 +1,44 @@
 """Speed and memory of RPG_ED, each figure next to a baseline measured in the same run.
 
-    python bench.py            # seed-size model; a few minutes on a 2-core CPU
-    python bench.py --quick    # every section on tiny sizes (CI runs this; it asserts nothing)
+    python bench.py                 # the seed config's model; a few minutes on a 2-core CPU
+    python bench.py --quick=true    # every section on tiny sizes (CI runs this; it asserts nothing)
 
 Sections: 1 decoding (cache vs no cache, FLOP/s vs measured matmul peak), 2 training step
-(vs torch.nn.Transformer of the same shape), 3 history compression (50 vs 200 encoder tokens),
+(vs torch.nn.Transformer of the same shape, and vs the same step with the batch checks that
+generate() runs), 3 history compression (50 vs 200 encoder tokens),
 4 decoding-cache memory, 5 SID index at scale, 6 dynamic batches and bf16
 on Beauty-shaped histories, 7 (`--scale`) train.py's data path on up to 20M synthetic interactions
 and 1M items (peak memory, seconds per stage). Times are medians of several runs after warm-up.
 
-    python bench.py --scale    # section 7 alone: 1M, 5M and 20M interactions (about 15 minutes)
+    python bench.py --scale=true    # section 7 alone: 1M, 5M and 20M interactions
 """
 from __future__ import annotations
 
-import argparse
+import json
+import os
 import pickle
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import beam
+import data as data_py
 import sid
+import train
 from rpg_ed import RPG_ED, RPGEDConfig
 
 
 def recipe_model() -> RPGEDConfig:
     """The model `python train.py` trains on Beauty-like data: train.py's `sparse` preset."""
-    import train
-    return train.parse_args(["--preset=sparse"])[1]
+    return train.make_configs({"preset": "sparse"})[1]
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -129,19 +136,19 @@ class BuiltinSeq2Seq(nn.Module):
         c = model.config
         self.model = model                     # borrows embeddings, positions and the compressor
         self.core = nn.Transformer(c.n_embd, c.n_head, c.encoder_n_layer, c.decoder_n_layer, c.n_inner,
-                                   c.resid_pdrop, activation="gelu", batch_first=True, norm_first=True)
+                                   c.dropout, activation="gelu", batch_first=True, norm_first=True)
         self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(c.n_digit + 1))
 
     def forward(self, batch: dict) -> torch.Tensor:
         m, c = self.model, self.model.config
         items = m.history_compressor(m.token_emb(batch["history_sid"]))        # (B, L, E)
-        user = m.token_emb(3 + batch["user_ids"])[:, None]
+        user = m.token_emb(3 + batch["user_ids"])[:, None]                    # the user token is on
         src = torch.cat([user, items], 1) + m.encoder_pos.weight[: items.shape[1] + 1]
         tgt = m.token_emb(batch["decoder_input_ids"]) + m.decoder_pos.weight
         pad = torch.cat([torch.zeros_like(batch["history_sid"][:, :1, 0], dtype=torch.bool),
                          batch["history_sid"][:, :, 0] == 0], 1)
         hidden = self.core(src, tgt, tgt_mask=self.causal, src_key_padding_mask=pad, memory_key_padding_mask=pad)
-        weight = m.output_weight[c.sid_offset:].view(c.n_digit, c.codebook_size, c.n_embd)
+        weight = m.token_emb.weight[c.sid_offset:].view(c.n_digit, c.codebook_size, c.n_embd)
         logits = torch.einsum("btd,tcd->btc", hidden[:, : c.n_digit], weight)
         targets = batch["decoder_labels"][:, : c.n_digit] - m.digit_offsets
         return nn.functional.cross_entropy(logits.reshape(-1, c.codebook_size), targets.reshape(-1))
@@ -156,10 +163,12 @@ def bench_training(c: RPGEDConfig, B: int, repeats: int, peak: float):
     index = sid.SIDIndex(index.item_codes[np.unique(keys, return_index=True)[1]])
     batch = random_batch(ours, index, B)
 
-    def step_fn(module):
+    def step_fn(module, check: bool = False):
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
         def step():
+            if check:                                   # what forward() ran on every batch before
+                ours.check_batch(batch)
             loss = module(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -168,11 +177,14 @@ def bench_training(c: RPGEDConfig, B: int, repeats: int, peak: float):
 
     ours_s = median_time(step_fn(ours), repeats)
     builtin_s = median_time(step_fn(builtin), repeats)
+    checked_s = median_time(step_fn(ours, check=True), repeats)
     flops = 3 * (encoder_flops(c, B, c.max_history) + c.decoder_n_layer * B * (c.n_digit + 1) * 2 *
                  (6 * c.n_embd ** 2 + 2 * c.n_embd * c.n_inner) + c.decoder_n_layer * B * 4 * c.n_embd ** 2 * (c.max_history + 1))
     table(f"2. Training step: batch {B}, forward + backward + AdamW", [
         ("examples/s", f"{B / ours_s:.1f} (RPG_ED)", f"{B / builtin_s:.1f} (nn.Transformer)", f"{builtin_s / ours_s:.2f}x", ">= 0.9x"),
         ("step time", f"{ours_s:.2f} s", f"{builtin_s:.2f} s", "", ""),
+        ("step time, batch checks out of the step", f"{ours_s * 1e3:.1f} ms (unchecked)",
+         f"{checked_s * 1e3:.1f} ms (check_batch + step)", f"{checked_s / ours_s:.3f}x", "> 1x"),
         ("model FLOP utilisation", f"{flops / ours_s / 1e9 / peak:.0%}", f"{flops / builtin_s / 1e9 / peak:.0%}", "", f"peak {peak:.1f} GFLOP/s"),
     ])
     with torch.profiler.profile() as prof:
@@ -281,8 +293,6 @@ def beauty_shaped_lengths(n_users: int, max_history: int, seed: int = 0) -> np.n
 def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B: int, repeats: int):
     """Examples/s of training on Beauty-shaped histories: fixed random batches vs length-grouped
     dynamic batches; then each of the training step and beam search in bf16 vs fp32 autocast."""
-    import data as data_py                                                       # only this section needs them
-    import train
     torch.manual_seed(0)
     lengths = beauty_shaped_lengths(n_users, c.max_history)
     rng = np.random.default_rng(0)
@@ -295,8 +305,8 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     user_buckets = torch.zeros(1, dtype=torch.long)
     cpu = torch.device("cpu")
     cfg = train.TrainConfig(batch_size=B)
-    order = train.epoch_order(len(lengths), 0, 1)                               # one epoch, both ways
-    fixed = train.fixed_batches(order, B)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).numpy()
+    fixed = [order[start:start + B] for start in range(0, len(order), B)]       # random rows, any lengths
     dynamic = train.length_batches(lengths, B, B * c.max_history, torch.Generator().manual_seed(1))
     padded = sum(len(r) * lengths[r].max() for r in fixed) / sum(lengths[r].sum() for r in fixed)
 
@@ -307,7 +317,7 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
 
         def epoch(part=made):
             for batch in part:
-                train.train_step(model, opt, batch, 1.0, 1e-4, 1.0, cpu, dtype)
+                train.train_step(model, opt, batch, 1.0, 1e-4, cpu, dtype)
         epoch(made[:2])                                                          # warm-up
         return sum(map(len, batches)) / median_time(epoch, 1, warmup=0)
 
@@ -382,9 +392,6 @@ def write_csv(path: str, user: np.ndarray, item: np.ndarray, time_: np.ndarray, 
 
 def run_measured(argv: list) -> tuple[int, float, str]:
     """Run a command; return (exit status, its peak resident memory in GB, its output)."""
-    import os
-    import subprocess
-    import tempfile
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
@@ -394,10 +401,6 @@ def run_measured(argv: list) -> tuple[int, float, str]:
 
 def bench_scale(sizes: list, steps: int, eval_users: int) -> None:
     """`python train.py` on synthetic CSVs of growing size: peak memory and seconds per stage."""
-    import json
-    import os
-    import sys
-    import tempfile
     rows = []
     for n_interactions, n_users, n_items in sizes:
         with tempfile.TemporaryDirectory() as folder:
@@ -429,13 +432,19 @@ def bench_scale(sizes: list, steps: int, eval_users: int) -> None:
     print("\ntargets at 20M interactions / 1M items: peak RSS at most 8 GB, before training at most 600 s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that every section runs")
-    parser.add_argument("--only", type=int, default=0, help="run one section (1-6); 0 = all")
-    parser.add_argument("--scale", action="store_true", help="only section 7: train.py on 1M, 5M, 20M synthetic "
-                        "interactions (about 15 minutes)")
-    args = parser.parse_args()
+@dataclass
+class BenchConfig:
+    quick: bool = False              # tiny sizes, to check that every section runs
+    only: int = 0                    # run one section (1-6); 0 = all
+    scale: bool = False              # only section 7: train.py on 1M, 5M, 20M synthetic interactions
+
+    def __post_init__(self):
+        if not 0 <= self.only <= 7:
+            raise ValueError(f"--only: expected a section 1..7 or 0 (all), got {self.only}")
+
+
+def main(argv: list) -> None:
+    args = BenchConfig(**sid.parse_flags(argv, BenchConfig))
     if args.scale:
         bench_scale([(1_000_000, 50_000, 50_000), (5_000_000, 250_000, 250_000), (20_000_000, 1_000_000, 1_000_000)],
                     steps=100, eval_users=10_000)
@@ -449,7 +458,7 @@ def main() -> None:
         c = RPGEDConfig()
         sizes = dict(n_items=10_000, B=64, beam=10, repeats=3, train_B=256, index=(100_000, 128, 1_000_000, 10_000), peak_n=2048,
                      dynamic=(recipe_model(), 512, 3000, 256))
-    print(f"# bench.py{' --quick' if args.quick else ''}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"# bench.py{' --quick=true' if args.quick else ''}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU {platform.processor() or platform.machine()} ({_cpu_name()}), numpy {np.__version__}")
     peak = matmul_peak_gflops(sizes["peak_n"])
     print(f"measured fp32 matmul peak ({sizes['peak_n']}x{sizes['peak_n']} a@b): {peak:.1f} GFLOP/s")
@@ -475,4 +484,7 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:                     # a bad flag: one line, status 1
+        raise SystemExit(f"error: {e}")

@@ -500,8 +500,8 @@ def leave_one_out(data: Dataset, max_history: int) -> dict:
 class CSR:
     """A sparse matrix in compressed-row form, just enough for a randomised SVD: `A @ X` for a
     dense X, and `A.T`. Built and held with numpy; the product runs in torch's sparse CSR kernel
-    (float64, like the dense formula), measured 5-9x faster than numpy's best (gathering rows of
-    X per stored value and np.add.reduceat), which is what keeps a million items within minutes."""
+    (float64, like the dense formula), which is much faster than numpy's alternatives (gathering
+    rows of X per stored value and np.add.reduceat) and keeps a million items within minutes."""
 
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple,
                  symmetric: bool = False):
@@ -643,9 +643,12 @@ def read_item_emb(path: str, n_items: int, flag: str = "--item_emb") -> np.ndarr
     return emb.astype(np.float32)
 
 
+EMB_DIM = 64   # width of the text and co-occurrence embeddings built here
+
+
 def item_embeddings(cfg, data: Dataset, raw: RawData, train: Split) -> tuple[np.ndarray, str]:
-    """The embeddings the SIDs are built from, and their name for the log (cfg: emb_source,
-    emb_dim and seed, as in train.TrainConfig).
+    """The embeddings the SIDs are built from, and their name for the log (cfg: emb_source and
+    seed, as in train.TrainConfig).
 
     An embeddings file (--item_emb, or found beside the data) is used alone, or with
     --emb_source=both joined with co-occurrence (LETTER: content + collaborative signal).
@@ -656,14 +659,14 @@ def item_embeddings(cfg, data: Dataset, raw: RawData, train: Split) -> tuple[np.
         if cfg.emb_source != "both":
             return emb, f"file {path}"
     if cfg.emb_source == "both" and not path and not raw.item_text:
-        return cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed), "cf (no item text nor embeddings file for 'both')"
+        return cf_embeddings(train, n_items, EMB_DIM, cfg.seed), "cf (no item text nor embeddings file for 'both')"
     parts = []
     if path:                                                # emb_source "both": the file + cf
         parts.append(emb)
     elif cfg.emb_source in ("text", "both"):
-        parts.append(text_embeddings(data, raw.item_text, cfg.emb_dim, cfg.seed))
+        parts.append(text_embeddings(data, raw.item_text, EMB_DIM, cfg.seed))
     if cfg.emb_source in ("cf", "both"):
-        parts.append(cf_embeddings(train, n_items, cfg.emb_dim, cfg.seed))
+        parts.append(cf_embeddings(train, n_items, EMB_DIM, cfg.seed))
     parts = [p / max(np.linalg.norm(p, axis=1).mean(), 1e-12) for p in parts]  # equal weight in "both"
     name = f"file {path} + cf" if path else cfg.emb_source
     return np.concatenate(parts, axis=1), name
@@ -673,7 +676,7 @@ TITLE_CHARS = 120   # item text kept per item in data.npz, for recommend.py to s
 
 
 def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool) -> None:
-    """data.npz: what using a run needs beside the model and the SIDs (recommend.load_run reads it
+    """data.npz: what using a run needs beside the model and the SIDs (read_run_data reads it
     with allow_pickle=False): raw item and user ids in id order, the start of each item's text
     ("" without text), every user's sequence as one flat int32 array with offsets, and whether
     the SIDs came from an embeddings file alone (then new items can be placed by theirs)."""
@@ -684,6 +687,26 @@ def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool)
              offsets=data.offsets, items=data.items,
              content_sids=np.array(content_sids))
     sid.atomic_write(path, buf.getvalue())
+
+
+RUN_DATA_KEYS = ("item_raw", "user_raw", "item_title", "offsets", "items", "content_sids")
+
+
+def read_run_data(folder: str) -> dict:
+    """A run folder's data.npz -> {name: array}, refusing pickled objects and disagreeing lengths."""
+    path = os.path.join(folder, "data.npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:   # missing, truncated, or holding pickled objects
+        raise ValueError(f"{path}: not a readable run data file ({type(e).__name__}: {str(e)[:200]})") from None
+    missing = [k for k in RUN_DATA_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: expected the arrays {list(RUN_DATA_KEYS)}, missing {missing}")
+    if len(arrays["item_title"]) != len(arrays["item_raw"]) or len(arrays["offsets"]) != len(arrays["user_raw"]) + 1 \
+            or arrays["offsets"][-1] != len(arrays["items"]):
+        raise ValueError(f"{path}: its arrays disagree in length (item ids, titles, users, offsets, sequences)")
+    return arrays
 
 
 def extend_catalogue(data: Dataset, known: list) -> tuple[Dataset, np.ndarray]:

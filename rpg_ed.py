@@ -4,8 +4,9 @@ The encoder reads one hashed user token and the user's last `max_history` items;
 SID-token embeddings are reduced to one vector and passed through an MLP, so 50 items cost 50
 encoder positions, not 200. The decoder reads [BOS, s0, s1, s2, s3] and predicts
 [s0, s1, s2, s3, EOS], attending to the encoder output through cross-attention. It follows
-TIGER (Rajput et al., NeurIPS 2023) and the RPG_ED seed spec; the block layout follows GPT-2 /
-whisper (pre-LayerNorm).
+TIGER (Rajput et al., NeurIPS 2023) over OPQ semantic IDs as in RPG (Hou et al., 2025); the block
+layout follows GPT-2 / whisper (pre-LayerNorm). RPGEDConfig's defaults are the "seed config", the
+model size of the original design (for a GPU); train.py's presets shrink it for a CPU.
 
 One vocabulary, no overlapping ranges (the same layout as sid.py):
 
@@ -57,17 +58,10 @@ class RPGEDConfig:
     n_head: int = 8                  # attention heads
     n_embd: int = 448                # model width E (d is kept for a digit index)
     n_inner: int = 1024              # hidden width of every MLP
-    history_pdrop: float = 0.1       # dropout inside the history-compression MLP (the seed's "dropout")
-    embd_pdrop: float = 0.1          # dropout on embeddings + positions
-    attn_pdrop: float = 0.1          # dropout on attention weights
-    resid_pdrop: float = 0.1         # dropout on each residual branch
-    share_embeddings: bool = True    # output projection tied to the token embedding
+    dropout: float = 0.1             # on embeddings, each residual branch and the history MLP
+    attn_pdrop: float = 0.1          # on attention weights
     beam_size: int = 10              # beams in generate()
-    digit_logits: bool = True        # logits over the current digit's codes only (else whole vocab)
     use_user_token: bool = True      # prepend the user-bucket token to the encoder input
-    history_reduce: str = "mean"     # (L, 4, E) -> (L, E): "mean" of the 4 digits or "concat"+linear
-    layer_norm_eps: float = 1e-5     # LayerNorm epsilon
-    label_smoothing: float = 0.0     # cross-entropy label smoothing (0: plain cross-entropy)
 
     def __post_init__(self):
         for f in fields(self):
@@ -79,17 +73,13 @@ class RPGEDConfig:
                 raise ValueError(f"config.{f.name}: expected a positive int, got {value}")
             if expected is float and not math.isfinite(value):
                 raise ValueError(f"config.{f.name}: expected a finite number, got {value}")
-        for name in ("history_pdrop", "embd_pdrop", "attn_pdrop", "resid_pdrop", "label_smoothing"):
+        for name in ("dropout", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"config.{name}: expected a probability in [0, 1), got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise ValueError(f"config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.codebook_size > 256:
             raise ValueError(f"config.codebook_size: expected at most 256 (uint8 codes), got {self.codebook_size}")
-        if self.history_reduce not in ("mean", "concat"):
-            raise ValueError(f"config.history_reduce: expected 'mean' or 'concat', got {self.history_reduce!r}")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"config.layer_norm_eps: expected > 0, got {self.layer_norm_eps}")
 
     @property
     def sid_offset(self) -> int:
@@ -103,6 +93,16 @@ class RPGEDConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+def _check_ids(name: str, ids, shape_hint: str, ndim: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch tensor {shape_hint}, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"{name}: expected integer ids {shape_hint}, got dtype {ids.dtype}")
+    if ids.dim() != ndim:
+        raise ValueError(f"{name}: expected shape {shape_hint}, got {tuple(ids.shape)}")
+    return ids.long()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,11 +226,11 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, config: RPGEDConfig):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_attn = nn.LayerNorm(config.n_embd)
         self.attn = MultiHeadAttention(config)
-        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.mlp = MLP(config.n_embd, config.n_inner, config.resid_pdrop)
-        self.drop = nn.Dropout(config.resid_pdrop)
+        self.ln_mlp = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.dropout)
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_attn(x), mask))
@@ -242,13 +242,13 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, config: RPGEDConfig):
         super().__init__()
-        self.ln_self = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_self = nn.LayerNorm(config.n_embd)
         self.self_attn = MultiHeadAttention(config)
-        self.ln_cross = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_cross = nn.LayerNorm(config.n_embd)
         self.cross_attn = MultiHeadAttention(config)
-        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.mlp = MLP(config.n_embd, config.n_inner, config.resid_pdrop)
-        self.drop = nn.Dropout(config.resid_pdrop)
+        self.ln_mlp = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.dropout)
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, memory: torch.Tensor,
                 memory_mask: torch.Tensor, cache: DecoderCache | None = None, layer: int = 0,
@@ -261,26 +261,17 @@ class DecoderBlock(nn.Module):
 class HistoryCompressor(nn.Module):
     """(B, L, 4, E) SID-token embeddings -> (B, L, E): one encoder position per history item.
 
-    "mean": the average of the 4 digit embeddings. Each digit has its own token range, so the
-    average still tells the digits apart, costs nothing, and keeps the width at E.
-    "concat": the 4 embeddings side by side (4E), projected back to E (an ablation).
-    Either way a residual MLP follows (seed section 4).
+    The average of the 4 digit embeddings, then a residual MLP. Each digit has its own token
+    range, so the average still tells the digits apart, costs nothing, and keeps the width at E.
     """
 
     def __init__(self, config: RPGEDConfig):
         super().__init__()
-        self.reduce = config.history_reduce
-        if self.reduce == "concat":
-            self.project = nn.Linear(config.n_digit * config.n_embd, config.n_embd)
-        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.mlp = MLP(config.n_embd, config.n_inner, config.history_pdrop)
+        self.ln = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.n_inner, config.dropout)
 
     def forward(self, item_token_emb: torch.Tensor) -> torch.Tensor:
-        B, L, n_digit, E = item_token_emb.shape
-        if self.reduce == "mean":
-            items = item_token_emb.mean(dim=2)                                  # (B, L, E)
-        else:
-            items = self.project(item_token_emb.reshape(B, L, n_digit * E))    # (B, L, E)
+        items = item_token_emb.mean(dim=2)                                      # (B, L, E)
         return items + self.mlp(self.ln(items))
 
 
@@ -297,13 +288,11 @@ class RPG_ED(nn.Module):
         self.encoder_pos = nn.Embedding(1 + c.max_history, c.n_embd)            # user token + items
         self.decoder_pos = nn.Embedding(1 + c.n_digit, c.n_embd)                # BOS + digits
         self.history_compressor = HistoryCompressor(c)
-        self.drop = nn.Dropout(c.embd_pdrop)
+        self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(c) for _ in range(c.encoder_n_layer))
-        self.ln_encoder = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
+        self.ln_encoder = nn.LayerNorm(c.n_embd)
         self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.decoder_n_layer))
-        self.ln_decoder = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
-        if not c.share_embeddings:
-            self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.ln_decoder = nn.LayerNorm(c.n_embd)
         # (T, T) causal mask, built once: query t sees keys 0..t
         self.register_buffer("causal", torch.ones(1 + c.n_digit, 1 + c.n_digit, dtype=torch.bool).tril(),
                              persistent=False)
@@ -327,32 +316,23 @@ class RPG_ED(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        """(V, E): the output projection (the token embedding itself when shared)."""
-        return self.token_emb.weight if self.config.share_embeddings else self.lm_head.weight
+    # -- input checks (for a caller's batch; the training loop's batches are valid by construction) --
+    def check_batch(self, batch: dict) -> None:
+        """Raise ValueError unless `batch` has the layout of the module docstring.
 
-    # -- input checks ---------------------------------------------------------------------------
-    def _check_ids(self, name: str, ids, shape_hint: str, ndim: int) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch tensor {shape_hint}, got {type(ids).__name__}")
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise ValueError(f"{name}: expected integer ids {shape_hint}, got dtype {ids.dtype}")
-        if ids.dim() != ndim:
-            raise ValueError(f"{name}: expected shape {shape_hint}, got {tuple(ids.shape)}")
-        return ids.long()
-
-    def _check_history(self, user_ids, history_sid):
+        generate() calls it on every request; the data layer builds training batches from checked
+        tables, so forward() does not re-check them (each check is a host sync on a GPU).
+        """
         c = self.config
-        user_ids = self._check_ids("user_ids", user_ids, "[B]", 1)
-        history_sid = self._check_ids("history_sid", history_sid, f"[B, L<={c.max_history}, {c.n_digit}]", 3)
+        user_ids = _check_ids("user_ids", batch["user_ids"], "[B]", 1)
+        history_sid = _check_ids("history_sid", batch["history_sid"], f"[B, L<={c.max_history}, {c.n_digit}]", 3)
         B, L, D = history_sid.shape
         if B == 0:
             raise ValueError("user_ids: expected at least one user in the batch, got 0")
         if L > c.max_history or D != c.n_digit or B != user_ids.shape[0]:
             raise ValueError(f"history_sid: expected shape [{user_ids.shape[0]}, L<={c.max_history}, {c.n_digit}], "
                              f"got {tuple(history_sid.shape)}")
-        if user_ids.numel() and (user_ids.min() < 0 or user_ids.max() >= c.n_user_buckets):
+        if user_ids.min() < 0 or user_ids.max() >= c.n_user_buckets:
             raise ValueError(f"user_ids: expected bucket indices in [0, {c.n_user_buckets}), "
                              f"got values in [{int(user_ids.min())}, {int(user_ids.max())}]")
         codes = history_sid - self.digit_offsets
@@ -364,23 +344,25 @@ class RPG_ED(nn.Module):
             raise ValueError(f"history_sid[{b}, {l}]: expected PAD in all {c.n_digit} digits or digit-d tokens in "
                              f"[{c.sid_offset} + {c.codebook_size}*d, +{c.codebook_size}), got "
                              f"{history_sid[b, l].tolist()}")
-        return user_ids, history_sid
+        for name, special_first in (("decoder_input_ids", True), ("decoder_labels", False)):
+            if name in batch:
+                self._check_decoder_ids(name, batch[name], B, special_first)
 
-    def _check_decoder_ids(self, name: str, ids, special: int, special_first: bool) -> torch.Tensor:
-        """ids (B, n_digit+1): [special, s0..s3] or [s0..s3, special], digit d in digit d's range."""
+    def _check_decoder_ids(self, name: str, ids, B: int, special_first: bool) -> None:
+        """ids (B, n_digit+1): [BOS, s0..s3] or [s0..s3, EOS], digit d in digit d's range."""
         c = self.config
-        ids = self._check_ids(name, ids, f"[B, {c.n_digit + 1}]", 2)
-        if ids.shape[1] != c.n_digit + 1:
-            raise ValueError(f"{name}: expected shape [B, {c.n_digit + 1}], got {tuple(ids.shape)}")
-        codes = (ids[:, 1:] if special_first else ids[:, :-1]) - self.digit_offsets
-        bad = ((codes < 0) | (codes >= c.codebook_size)).any(1) | ((ids[:, 0] if special_first else ids[:, -1]) != special)
+        ids = _check_ids(name, ids, f"[{B}, {c.n_digit + 1}]", 2)
+        if tuple(ids.shape) != (B, c.n_digit + 1):
+            raise ValueError(f"{name}: expected shape [{B}, {c.n_digit + 1}], got {tuple(ids.shape)}")
+        special, codes = (ids[:, 0], ids[:, 1:]) if special_first else (ids[:, -1], ids[:, :-1])
+        codes = codes - self.digit_offsets
+        bad = ((codes < 0) | (codes >= c.codebook_size)).any(1) | (special != (BOS if special_first else EOS))
         if bad.any():
             row = int(bad.nonzero()[0])
             layout = "[BOS, s0, s1, s2, s3]" if special_first else "[s0, s1, s2, s3, EOS]"
             raise ValueError(f"{name}[{row}]: expected {layout} with digit d in [{c.sid_offset} + "
                              f"{c.codebook_size}*d, +{c.codebook_size}) (vocab size {c.vocab_size}), "
                              f"got {ids[row].tolist()}")
-        return ids
 
     # -- encoder --------------------------------------------------------------------------------
     def encode(self, user_ids: torch.Tensor, history_sid: torch.Tensor):
@@ -389,7 +371,6 @@ class RPG_ED(nn.Module):
         S = 1 + L with the user token, else L. History is left-padded: position embeddings are
         indexed so that the most recent item always sits at position max_history, whatever L.
         """
-        user_ids, history_sid = self._check_history(user_ids, history_sid)
         c = self.config
         B, L, _ = history_sid.shape
         items = self.history_compressor(self.token_emb(history_sid))           # (B, L, E)
@@ -426,29 +407,23 @@ class RPG_ED(nn.Module):
     def code_logits(self, hidden: torch.Tensor, digit: int) -> torch.Tensor:
         """hidden (N, E) -> (N, codebook_size) logits over digit `digit`'s codes."""
         start = self.config.sid_offset + digit * self.config.codebook_size
-        return hidden @ self.output_weight[start:start + self.config.codebook_size].T
+        return hidden @ self.token_emb.weight[start:start + self.config.codebook_size].T
 
     def logits(self, batch: dict) -> torch.Tensor:
-        """Teacher-forced logits: (B, 5, V) over the vocabulary, or (B, 4, 256) per digit."""
+        """Teacher-forced logits (B, 4, 256): position d scores digit d's codes only (a digit-d
+        token is never right at position d', so the other 10k+ rows would only add cost)."""
         memory, memory_mask = self.encode(batch["user_ids"], batch["history_sid"])
-        ids = self._check_decoder_ids("decoder_input_ids", batch["decoder_input_ids"], BOS, True)
-        hidden = self.decode(ids, memory, memory_mask)                          # (B, 5, E)
-        if not self.config.digit_logits:
-            return hidden @ self.output_weight.T                                # (B, 5, V)
+        hidden = self.decode(batch["decoder_input_ids"], memory, memory_mask)   # (B, 5, E)
         c = self.config
-        weight = self.output_weight[c.sid_offset:].view(c.n_digit, c.codebook_size, c.n_embd)
+        weight = self.token_emb.weight[c.sid_offset:].view(c.n_digit, c.codebook_size, c.n_embd)
         return torch.einsum("bte,tce->btc", hidden[:, :c.n_digit], weight)     # (B, 4, 256)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Mean next-token cross-entropy of the batch (the seed's batch keys)."""
-        labels = self._check_decoder_ids("decoder_labels", batch["decoder_labels"], EOS, False)
-        logits = self.logits(batch)
-        if self.config.digit_logits:  # EOS always follows the 4th digit: nothing to learn there
-            targets = labels[:, :self.config.n_digit] - self.digit_offsets    # (B, 4) codes
-        else:
-            targets = labels                                                    # (B, 5) token ids
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               label_smoothing=self.config.label_smoothing)
+        """Mean cross-entropy of the 4 SID digits, teacher-forced."""
+        logits = self.logits(batch)                                             # (B, 4, 256)
+        # EOS always follows the 4th digit: nothing to learn there
+        targets = batch["decoder_labels"][:, :self.config.n_digit] - self.digit_offsets  # (B, 4) codes
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
     # -- inference interface (beam.py) ----------------------------------------------------------
     def new_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, n_beams: int) -> DecoderCache:
@@ -492,7 +467,7 @@ class RPG_ED(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, index, beam_size: int | None = None, n_return: int | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Top items per user, (B, n_return, 1) long, best first (the seed's output shape).
+        """Top items per user, (B, n_return, 1) long, best first.
 
         Beams are constrained to prefixes of real SIDs in `index` (sid.SIDIndex or anything with
         prefix_mask/lookup), so every item exists and appears once; -1 pads a catalogue smaller
@@ -501,7 +476,8 @@ class RPG_ED(nn.Module):
         """
         beam_size = self.config.beam_size if beam_size is None else beam_size
         n_return = beam_size if n_return is None else n_return
-        _, history_sid = self._check_history(batch["user_ids"], batch["history_sid"])
+        self.check_batch({"user_ids": batch["user_ids"], "history_sid": batch["history_sid"]})
+        history_sid = batch["history_sid"].long()
         real = history_sid[:, :, 0] != PAD                                      # (B, L)
         items = index.lookup(history_sid[real] - self.digit_offsets)            # (n_real,)
         if (items < 0).any():

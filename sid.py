@@ -15,14 +15,18 @@ The token-id layout shared with the model (one vocabulary, no overlapping ranges
 
     0 PAD | 1 BOS | 2 EOS | 3 .. 3+U-1 user buckets | 3+U + d*256 + c for digit d, code c
 
-Files (named as in the seed spec, though both hold codes 0..255, not token ids):
-item_id2tokens.npy is the forward index [n_items, 4] uint8, tokens2item.pkl the inverted index
-{(c0, c1, c2, c3): item_id}, opq.npz the quantiser (to encode new items).
+Files of an index folder: item_id2tokens.npy is the forward index [n_items, 4] uint8,
+tokens2item.pkl the inverted index {(c0, c1, c2, c3): item_id}, opq.npz the quantiser (to encode
+new items). Both index files hold codes 0..255, not token ids; their names are kept for
+compatibility with the original design.
 
 Only numpy is needed; torch tensors are accepted (and returned) by `SIDIndex.prefix_mask` and
 `SIDIndex.lookup` so the beam search can hand its tensors over directly.
 
     python sid.py --emb=items.npy --out=DIR   # build and save an index from any [N, D] matrix
+
+The file reads top-down: k-means and OPQ (the quantiser), the SIDs (token ids, packed keys,
+input checks), the index (SIDIndex, its files, build_index), collision resolution, command line.
 """
 from __future__ import annotations
 
@@ -38,99 +42,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PAD, BOS, EOS = 0, 1, 2
-N_SPECIAL = 3
-N_DIGIT = 4
-CODEBOOK_SIZE = 256
-INDEX_VERSION = 1
+# ----------------------------------------------------------------------------------------------
+# Constants: the token-id layout and the shape of a SID
+# ----------------------------------------------------------------------------------------------
+
+PAD, BOS, EOS = 0, 1, 2          # special token ids
+N_SPECIAL = 3                    # number of special tokens: user-bucket ids start here
+N_DIGIT = 4                      # codes per SID
+CODEBOOK_SIZE = 256              # codes per digit (0..255, stored as uint8)
+INDEX_VERSION = 1                # format of opq.npz; load refuses any other version
 
 
 # ----------------------------------------------------------------------------------------------
-# Token-id layout and user buckets
+# k-means: squared distances, k-means++ seeding, Lloyd steps (used per subspace by OPQ)
 # ----------------------------------------------------------------------------------------------
-
-def _as_int_array(values, name: str) -> np.ndarray:
-    """Integer numpy view of `values` (numpy, torch or list); floats and bools are an error."""
-    array = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name}: expected an integer array, got dtype {array.dtype}")
-    return array
-
-
-def _check_range(array: np.ndarray, low: int, high: int, name: str) -> None:
-    """Raise unless every value is in [low, high)."""
-    if array.size and (array.min() < low or array.max() >= high):
-        bad = array[(array < low) | (array >= high)].ravel()[0]
-        raise ValueError(f"{name}: expected values in [{low}, {high}), got {int(bad)}")
-
-
-def codes_to_tokens(codes, n_user_buckets: int, codebook_size: int = CODEBOOK_SIZE) -> np.ndarray:
-    """SID codes [..., n_digit] in 0..codebook_size-1 -> token ids [..., n_digit] (int64)."""
-    codes = _as_int_array(codes, "codes").astype(np.int64)
-    _check_range(codes, 0, codebook_size, "codes")
-    digit = np.arange(codes.shape[-1], dtype=np.int64)
-    return N_SPECIAL + n_user_buckets + digit * codebook_size + codes
-
-
-def tokens_to_codes(tokens, n_user_buckets: int, codebook_size: int = CODEBOOK_SIZE) -> np.ndarray:
-    """Token ids [..., n_digit] -> SID codes [..., n_digit] (int64). Each digit has its own range."""
-    tokens = _as_int_array(tokens, "tokens").astype(np.int64)
-    digit = np.arange(tokens.shape[-1], dtype=np.int64)
-    codes = tokens - (N_SPECIAL + n_user_buckets + digit * codebook_size)
-    if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
-        bad = np.argwhere((codes < 0) | (codes >= codebook_size))[0]
-        raise ValueError(f"tokens: digit {bad[-1]} expects ids in "
-                         f"[{N_SPECIAL + n_user_buckets + bad[-1] * codebook_size}, "
-                         f"{N_SPECIAL + n_user_buckets + (bad[-1] + 1) * codebook_size}), "
-                         f"got {int(tokens[tuple(bad)])}")
-    return codes
-
-
-def user_bucket(raw_user_id, n_user_buckets: int) -> int:
-    """Stable hash of a raw user id (hashed by its str form) into [0, n_user_buckets).
-
-    Python's hash() of a str is salted per process, so it would give every process, and every
-    run, different buckets. blake2b is the same everywhere.
-    """
-    if n_user_buckets <= 0:
-        raise ValueError(f"n_user_buckets: expected a positive int, got {n_user_buckets}")
-    digest = hashlib.blake2b(str(raw_user_id).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % n_user_buckets
-
-
-# ----------------------------------------------------------------------------------------------
-# k-means
-# ----------------------------------------------------------------------------------------------
-
-def _check_embeddings(x, name: str = "embeddings") -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array [n_items, dim], got shape {x.shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name}: expected at least one item and one dimension, got shape {x.shape}")
-    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name}: expected a numeric array, got dtype {x.dtype} (floats or ints; not bool, "
-                         "complex or strings)")
-    if not np.isfinite(x).all():
-        row = int(np.argwhere(~np.isfinite(x))[0, 0])
-        raise ValueError(f"{name}: expected finite values, got NaN or inf in row {row}")
-    scale = float(np.abs(x).max())
-    if scale > 1e15 or 0 < scale < 1e-15:      # squared distances would overflow or underflow float32
-        raise ValueError(f"{name}: expected values of a usable scale (largest |value| between 1e-15 and 1e15), "
-                         f"got {scale:.3g}; rescale the embeddings")
-    return x
-
-
-def load_embeddings(path: str, name: str = "embeddings") -> np.ndarray:
-    """An [N, D] numeric .npy file, checked: never a pickle, never a .npz archive."""
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{name}: {path} is not a readable .npy array ({e})") from None
-    if not isinstance(emb, np.ndarray):                                   # np.load of a .npz: an archive
-        raise ValueError(f"{name}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
-    return _check_embeddings(emb, f"{name} ({path})")
-
 
 def _partial_distance_blocks(x: np.ndarray, centroids: np.ndarray, chunk_rows: int = 8192):
     """Yield (start, block) with block = |c|^2 - 2 x.c for rows start:start+chunk_rows.
@@ -237,7 +162,7 @@ def kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, max_points_pe
 
 
 # ----------------------------------------------------------------------------------------------
-# OPQ
+# OPQ: a rotation, then one k-means codebook per subspace; an item's codes are its nearest centroids
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -330,8 +255,57 @@ def train_opq(x, n_digit: int = N_DIGIT, codebook_size: int = CODEBOOK_SIZE, n_i
 
 
 # ----------------------------------------------------------------------------------------------
-# Collision resolution
+# SIDs: token ids and user buckets, packed uint32 keys, checks of the inputs
 # ----------------------------------------------------------------------------------------------
+
+def _as_int_array(values, name: str) -> np.ndarray:
+    """Integer numpy view of `values` (numpy, torch or list); floats and bools are an error."""
+    array = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name}: expected an integer array, got dtype {array.dtype}")
+    return array
+
+
+def _check_range(array: np.ndarray, low: int, high: int, name: str) -> None:
+    """Raise unless every value is in [low, high)."""
+    if array.size and (array.min() < low or array.max() >= high):
+        bad = array[(array < low) | (array >= high)].ravel()[0]
+        raise ValueError(f"{name}: expected values in [{low}, {high}), got {int(bad)}")
+
+
+def codes_to_tokens(codes, n_user_buckets: int, codebook_size: int = CODEBOOK_SIZE) -> np.ndarray:
+    """SID codes [..., n_digit] in 0..codebook_size-1 -> token ids [..., n_digit] (int64)."""
+    codes = _as_int_array(codes, "codes").astype(np.int64)
+    _check_range(codes, 0, codebook_size, "codes")
+    digit = np.arange(codes.shape[-1], dtype=np.int64)
+    return N_SPECIAL + n_user_buckets + digit * codebook_size + codes
+
+
+def tokens_to_codes(tokens, n_user_buckets: int, codebook_size: int = CODEBOOK_SIZE) -> np.ndarray:
+    """Token ids [..., n_digit] -> SID codes [..., n_digit] (int64). Each digit has its own range."""
+    tokens = _as_int_array(tokens, "tokens").astype(np.int64)
+    digit = np.arange(tokens.shape[-1], dtype=np.int64)
+    codes = tokens - (N_SPECIAL + n_user_buckets + digit * codebook_size)
+    if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+        bad = np.argwhere((codes < 0) | (codes >= codebook_size))[0]
+        raise ValueError(f"tokens: digit {bad[-1]} expects ids in "
+                         f"[{N_SPECIAL + n_user_buckets + bad[-1] * codebook_size}, "
+                         f"{N_SPECIAL + n_user_buckets + (bad[-1] + 1) * codebook_size}), "
+                         f"got {int(tokens[tuple(bad)])}")
+    return codes
+
+
+def user_bucket(raw_user_id, n_user_buckets: int) -> int:
+    """Stable hash of a raw user id (hashed by its str form) into [0, n_user_buckets).
+
+    Python's hash() of a str is salted per process, so it would give every process, and every
+    run, different buckets. blake2b is the same everywhere.
+    """
+    if n_user_buckets <= 0:
+        raise ValueError(f"n_user_buckets: expected a positive int, got {n_user_buckets}")
+    digest = hashlib.blake2b(str(raw_user_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n_user_buckets
+
 
 def pack_codes(codes: np.ndarray) -> np.ndarray:
     """[..., 4] codes in 0..255 -> [...] uint32 keys, c0 in the high byte (sorts like the tuple)."""
@@ -344,267 +318,40 @@ def unpack_keys(keys) -> np.ndarray:
     return (np.asarray(keys, np.int64)[..., None] >> np.array([24, 16, 8, 0])) & 255
 
 
-class _TakenSIDs:
-    """The SIDs in use, with O(1) updates and vectorised questions about them.
-
-    count1 [256] and count2 [65536] count used SIDs per 1- and 2-code prefix; a 3-code prefix gets a
-    row of `used` [rows, 256] (which last codes are taken) the first time one of its SIDs is used,
-    found through `slot` [2**24] (-1: none used). Fixed memory: 64 MB for `slot`, then 256 bytes per
-    3-code prefix in use. `has_centroid` [4, 256] says which codes are real centroids: a SID made of
-    those only is "finite", and `finite_free` counts the finite SIDs still free.
-    """
-
-    def __init__(self, has_centroid: np.ndarray):
-        self.has_centroid = has_centroid
-        self.count1 = np.zeros(1 << 8, np.int64)
-        self.count2 = np.zeros(1 << 16, np.int64)
-        self.slot = np.full(1 << 24, -1, np.int32)
-        self.used = np.zeros((1024, CODEBOOK_SIZE), bool)
-        self.row_count = np.zeros(1024, np.int64)
-        self.n_rows = 0
-        self.n_finite = int(np.prod(has_centroid.sum(1), dtype=np.int64))   # SIDs of real centroids only
-        self.finite_free = self.n_finite
-        self.free = None                 # sorted [F] free finite SIDs, listed once they are few
-        self.alive = None                # [F] bool, False once taken
-
-    def free_finite(self):
-        """The free finite SIDs as packed keys, or None while there are too many to list."""
-        if self.free is None and self.finite_free <= _FREE_LIST and self.n_finite <= 1 << 24:
-            codes = [np.flatnonzero(h) for h in self.has_centroid]
-            grid = np.stack(np.meshgrid(*codes, indexing="ij"), -1).reshape(-1, 4)  # every finite SID
-            keys = pack_codes(grid).astype(np.int64)
-            self.free = np.sort(keys[~self.is_used(keys)])
-            self.alive = np.ones(len(self.free), bool)
-        return None if self.free is None else self.free[self.alive]
-
-    def _rows(self, prefix3: np.ndarray) -> np.ndarray:
-        """Rows of `used` for these distinct 3-code prefixes, made where missing."""
-        new = prefix3[self.slot[prefix3] < 0]
-        if new.size:
-            while self.n_rows + new.size > len(self.used):           # grow by doubling
-                self.used = np.concatenate([self.used, np.zeros_like(self.used)])
-                self.row_count = np.concatenate([self.row_count, np.zeros_like(self.row_count)])
-            self.slot[new] = np.arange(self.n_rows, self.n_rows + new.size)
-            self.n_rows += new.size
-        return self.slot[prefix3]
-
-    def add(self, keys: np.ndarray) -> None:
-        """Mark distinct packed SIDs [n] as used (none of them may be used already)."""
-        keys = keys.astype(np.int64)
-        np.add.at(self.count1, keys >> 24, 1)
-        np.add.at(self.count2, keys >> 16, 1)
-        prefix3, inverse = np.unique(keys >> 8, return_inverse=True)
-        rows = self._rows(prefix3)[inverse]
-        self.used[rows, keys & 255] = True
-        np.add.at(self.row_count, rows, 1)
-        self.finite_free -= int(self.has_centroid[np.arange(4), unpack_keys(keys)].all(1).sum())
-        if self.free is not None:
-            at = np.minimum(np.searchsorted(self.free, keys), len(self.free) - 1)
-            self.alive[at[self.free[at] == keys]] = False
-
-    def is_used(self, keys: np.ndarray) -> np.ndarray:
-        """[n] packed SIDs -> [n] bool."""
-        rows = self.slot[keys >> 8]
-        return (rows >= 0) & self.used[np.maximum(rows, 0), keys & 255]
-
-    def prefix_full(self, prefixes: np.ndarray, length: int) -> np.ndarray:
-        """[n] packed prefixes of `length` codes -> [n] bool: every SID below it is used."""
-        if length == 1:
-            return self.count1[prefixes] == 1 << 24
-        if length == 2:
-            return self.count2[prefixes] == 1 << 16
-        rows = self.slot[prefixes]
-        return (rows >= 0) & (self.row_count[np.maximum(rows, 0)] == CODEBOOK_SIZE)
+def _check_embeddings(x, name: str = "embeddings") -> np.ndarray:
+    """x as a numpy [N, D] array, checked: numeric, finite, non-empty and of a usable scale."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array [n_items, dim], got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one item and one dimension, got shape {x.shape}")
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a numeric array, got dtype {x.dtype} (floats or ints; not bool, "
+                         "complex or strings)")
+    if not np.isfinite(x).all():
+        row = int(np.argwhere(~np.isfinite(x))[0, 0])
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in row {row}")
+    scale = float(np.abs(x).max())
+    if scale > 1e15 or 0 < scale < 1e-15:      # squared distances would overflow or underflow float32
+        raise ValueError(f"{name}: expected values of a usable scale (largest |value| between 1e-15 and 1e15), "
+                         f"got {scale:.3g}; rescale the embeddings")
+    return x
 
 
-def _first_free_in_rank_order(order: np.ndarray, taken: _TakenSIDs) -> np.ndarray:
-    """The free SID whose tuple of ranks is smallest (lexicographically); order [4, 256] lists one
-    item's codes per digit, nearest first. Used once every finite SID is taken: all costs are
-    then +inf and the ranks alone decide. A prefix that is not full has a free SID below it, so
-    one pass down the digits finds it, skipping full prefixes 256 at a time."""
-    prefix = 0
-    for length in range(1, 5):
-        keys = (prefix << 8) | order[length - 1]                          # [256], in rank order
-        blocked = taken.is_used(keys) if length == 4 else taken.prefix_full(keys, length)
-        prefix = int(keys[np.argmin(blocked)])                            # first one not blocked
-    return unpack_keys(prefix)
-
-
-def _cheapest_free(dist: np.ndarray, order: np.ndarray, sorted_dist: np.ndarray, taken: _TakenSIDs,
-                   lo: float = -np.inf, width: float | None = None):
-    """The free finite SID of least total distance, ties to the smallest tuple of ranks.
-
-    dist [4, 256] is one item's float64 distance to every code (+inf: no centroid), order [4, 256]
-    its codes nearest first and sorted_dist [4, 256] = dist in that order. The caller may know that
-    every SID costing <= lo is used. Returns (codes [4], their cost, the band width that found it).
-
-    When few finite SIDs are free, each is priced. Otherwise tuples are listed in bands of cost
-    (lo, hi], cheapest band first, each built digit by digit in numpy (a prefix is extended only by
-    ranks that can still fit under hi); the first band holding a free SID holds the answer. So the
-    work is about the number of used SIDs that cost between lo and the answer, vectorised.
-    """
-    free = taken.free_finite()
-    if free is not None:                                                 # few left: price each of them
-        codes = unpack_keys(free)                                        # [F, 4]
-        # summed in digit order, as the bands sum, so that equal costs compare equal
-        cost = dist[0, codes[:, 0]] + dist[1, codes[:, 1]] + dist[2, codes[:, 2]] + dist[3, codes[:, 3]]
-        cheapest = np.flatnonzero(cost == cost.min())
-        ranks = np.argsort(order, axis=1)[np.arange(4), codes[cheapest]]  # [c, 4] rank of each code
-        best = cheapest[np.lexsort(ranks.T[::-1])[0]]
-        return codes[best], cost[best], width
-    finite = [d[np.isfinite(d)] for d in sorted_dist]                    # 4 sorted arrays
-    # least[d] / most[d]: the cheapest / dearest cost of digits d..3 (least[0]: the cheapest SID)
-    least = np.concatenate([np.cumsum([f[0] for f in finite][::-1])[::-1], [0.0]])
-    most = np.concatenate([np.cumsum([f[-1] for f in finite][::-1])[::-1], [0.0]])
-    floor = (most[0] - least[0]) * 2.0 ** -40 or 1.0                     # bands never get thinner
-    if width is None:
-        width = min([f[1] - f[0] for f in finite if len(f) > 1 and f[1] > f[0]], default=1.0)
-    width = max(width, floor)
-    hi, narrowed = (least[0] if lo < least[0] else lo + width), 0
-    while True:
-        # A band too big to list at once is narrowed. One that cannot be (the first, which holds the
-        # ties of the cheapest cost, or one still too big after 30 tries) holds equal costs: it is
-        # listed whole. Only an item equidistant from millions of code tuples makes that large.
-        limit = _BAND_LIMIT if narrowed < 30 and lo >= least[0] else np.inf
-        band = _tuples_in_band(finite, least, most, lo, hi, limit)
-        if band is None:
-            width, narrowed = max(width / 8, floor), narrowed + 1
-            hi = lo + width
-            continue
-        cost, ranks = band
-        codes = order[np.arange(4), ranks]                                # [m, 4]
-        free = ~taken.is_used(pack_codes(codes).astype(np.int64))
-        if free.any():
-            cheapest = np.flatnonzero(free & (cost == cost[free].min()))
-            best = cheapest[np.lexsort(ranks[cheapest].T[::-1])[0]]
-            return codes[best], cost[best], width / 4 if len(cost) > 4096 else width  # next time: narrower
-        if hi > most[0] + 1e-9 * abs(most[0]):                              # past the dearest: rounding aside
-            raise RuntimeError("no free finite SID found although one is counted free (a bug)")
-        lo, hi, width, narrowed = hi, hi + width, width * 4, 0
-
-
-_BAND_LIMIT = 1 << 16
-_FREE_LIST = 1 << 16
-
-
-def _tuples_in_band(finite: list, least: np.ndarray, most: np.ndarray, lo: float, hi: float, limit: float):
-    """All rank tuples whose cost is in (lo, hi]: (cost [m], ranks [m, 4]), or None if a step would
-    list more than `limit`. A prefix is extended only by the ranks that leave it some completion
-    inside the band: its cheapest completion (least[d + 1] more) must be <= hi and its dearest > lo."""
-    slack = 1e-9 * (abs(lo) if np.isfinite(lo) else 0.0) + 1e-9 * abs(hi)  # rounding: never drop one that fits
-    cost, ranks = np.zeros(1), np.zeros((1, 0), np.int64)                 # [m], [m, digits so far]
-    for d, f in enumerate(finite):
-        first = np.searchsorted(f, lo - cost - most[d + 1] - slack, side="right")
-        stop = np.searchsorted(f, hi - cost - least[d + 1] + slack, side="right")
-        n_fit = np.maximum(stop - first, 0)                               # ranks first..stop-1, per prefix
-        if n_fit.sum() > limit:
-            return None
-        parent = np.repeat(np.arange(len(cost)), n_fit)
-        rank = np.arange(len(parent)) - np.repeat(np.cumsum(n_fit) - n_fit - first, n_fit)
-        cost, ranks = cost[parent] + f[rank], np.concatenate([ranks[parent], rank[:, None]], 1)
-    keep = (cost > lo) & (cost <= hi)
-    return cost[keep], ranks[keep]
-
-
-def resolve_collisions(codes: np.ndarray, distances_of, taken_keys: np.ndarray | None = None):
-    """Give every item a SID of its own. Returns (codes [N, 4] int64, number of moved items).
-
-    codes [N, 4] are the nearest codes; distances_of(item_ids [M]) returns those items' squared
-    distances to every code, [M, 4, 256], +inf for a code without a centroid (asked in blocks of
-    the items that must move, so memory stays small); `taken_keys` are packed SIDs already in use
-    (when adding items). Within a collision group the item with the lowest id keeps its SID; the
-    others, in id order, move to the free SID with the least added distance, ties to the
-    smallest tuple of ranks (rank r = the r-th nearest code of a digit). Each choice changes which
-    SIDs are free for the next, so the order matters and is fixed.
-
-    Time: one pass over the movers; each search costs about the number of used SIDs cheaper than
-    its answer (vectorised), and once every SID made of real centroids is used, a pass down the
-    four digits that skips full prefixes (`_first_free_in_rank_order`).
-    """
-    codes = codes.astype(np.int64).copy()
-    keys = pack_codes(codes)
-    taken_keys = np.zeros(0, np.uint32) if taken_keys is None else taken_keys
-    _, first = np.unique(keys, return_index=True)
-    keeps = np.zeros(len(keys), bool)
-    keeps[first] = True
-    keeps &= ~np.isin(keys, taken_keys)
-    movers = np.flatnonzero(~keeps)
-    if len(taken_keys) + len(keys) > CODEBOOK_SIZE ** codes.shape[1]:
-        raise ValueError(f"too many items: {len(taken_keys) + len(keys)} for "
-                         f"{CODEBOOK_SIZE ** codes.shape[1]} SIDs")
-    if movers.size == 0:
-        return codes, 0
-    taken, last = None, {}            # last: nearest SID -> (dist, cost, band width) of its last mover
-    for block in np.array_split(movers, -(-len(movers) // 4096)):
-        dist = distances_of(block).astype(np.float64)                    # [m, 4, 256]
-        has_centroid = np.isfinite(dist[0])
-        if not (np.isfinite(dist) == has_centroid).all():
-            raise ValueError("distances: every item must have +inf for the same codes (those without a centroid)")
-        if taken is None:
-            taken = _TakenSIDs(has_centroid)
-            taken.add(np.concatenate([taken_keys, keys[keeps]]))
-        order = np.argsort(dist, axis=2, kind="stable")                 # [m, 4, 256] codes, nearest first
-        sorted_dist = np.take_along_axis(dist, order, 2)
-        for item, item_dist, item_order, item_sorted in zip(block, dist, order, sorted_dist):  # id order
-            if taken.finite_free == 0:
-                codes[item] = _first_free_in_rank_order(item_order, taken)
-            else:
-                # Near-duplicates search the same region one after another. If the last mover from
-                # this item's nearest SID found every SID cheaper than `cost` used, then for this
-                # item every SID cheaper than cost - eps is used (eps bounds how much any SID's cost
-                # differs between the two), so its search may start there.
-                lo, width = -np.inf, None
-                if keys[item] in last:
-                    prev_dist, prev_cost, width = last[keys[item]]
-                    change = np.subtract(item_dist, prev_dist, where=has_centroid, out=np.zeros_like(item_dist))
-                    eps = np.abs(change).max(1).sum()
-                    lo = np.nextafter(prev_cost - eps - 1e-9 * (abs(prev_cost) + eps), -np.inf)  # < cost: ties stay in
-                codes[item], cost, width = _cheapest_free(item_dist, item_order, item_sorted, taken, lo, width)
-                last[keys[item]] = (item_dist, cost, width)
-            taken.add(pack_codes(codes[item][None]))
-    return codes, len(movers)
-
-
-# ----------------------------------------------------------------------------------------------
-# The index
-# ----------------------------------------------------------------------------------------------
-
-class _RefuseGlobals(pickle.Unpickler):
-    """Unpickler for plain dict/tuple/int data: every class or function reference is refused,
-    so a crafted file cannot run code (its __reduce__ needs a global such as os.system)."""
-
-    def find_class(self, module, name):
-        raise ValueError(f"tokens2item.pkl: refusing to load {module}.{name}; only a plain "
-                         "{(c0, c1, c2, c3): item_id} dict is allowed")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+def load_embeddings(path: str, name: str = "embeddings") -> np.ndarray:
+    """An [N, D] numeric .npy file, checked: never a pickle, never a .npz archive."""
     try:
-        os.chmod(tmp, 0o666 & ~_umask())                       # mkstemp's 0600 -> what open() would give
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)      # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: {path} is not a readable .npy array ({e})") from None
+    if not isinstance(emb, np.ndarray):                                   # np.load of a .npz: an archive
+        raise ValueError(f"{name}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
+    return _check_embeddings(emb, f"{name} ({path})")
 
+
+# ----------------------------------------------------------------------------------------------
+# The index: lookups and prefix constraints, its files, and build_index (embeddings -> index)
+# ----------------------------------------------------------------------------------------------
 
 class SIDIndex:
     """Forward index (item -> codes), inverted index (codes -> item) and prefix constraints.
@@ -689,7 +436,7 @@ class SIDIndex:
         return SIDIndex(np.concatenate([self.item_codes, new_codes.astype(np.uint8)]), self.quantizer), moved
 
     def inverted_dict(self) -> dict:
-        """The seed's inverted index: {(c0, c1, c2, c3): item_id} with plain ints."""
+        """The inverted index as saved in tokens2item.pkl: {(c0, c1, c2, c3): item_id}, plain ints."""
         return {tuple(int(c) for c in row): i for i, row in enumerate(self.item_codes.tolist())}
 
     # -- files ----------------------------------------------------------------------------------
@@ -765,6 +512,44 @@ def _like(array: np.ndarray, reference):
     return torch.from_numpy(array).to(reference.device)
 
 
+class _RefuseGlobals(pickle.Unpickler):
+    """Unpickler for plain dict/tuple/int data: every class or function reference is refused,
+    so a crafted file cannot run code (its __reduce__ needs a global such as os.system)."""
+
+    def find_class(self, module, name):
+        raise ValueError(f"tokens2item.pkl: refusing to load {module}.{name}; only a plain "
+                         "{(c0, c1, c2, c3): item_id} dict is allowed")
+
+
+def _umask() -> int:
+    """The process's umask (os.umask can only read it by setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())                       # mkstemp's 0600 -> what open() would give
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)      # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def build_index(embeddings, seed: int = 0, n_iter: int = 10, kmeans_iter: int = 5,
                 codebook_size: int = CODEBOOK_SIZE, verbose: bool = False) -> tuple[SIDIndex, int]:
     """Embeddings [N, D] -> (collision-free SIDIndex, number of items moved by resolution)."""
@@ -776,6 +561,272 @@ def build_index(embeddings, seed: int = 0, n_iter: int = 10, kmeans_iter: int = 
         print(f"OPQ error per iteration: {' '.join(f'{e:.4g}' for e in opq.errors)}")
         print(f"collisions resolved: {moved} of {len(codes)} items moved to their nearest free SID")
     return SIDIndex(codes, opq), moved
+
+
+# ----------------------------------------------------------------------------------------------
+# Collision resolution: items whose nearest SID is taken move to the cheapest free one
+# ----------------------------------------------------------------------------------------------
+
+_BAND_LIMIT = 1 << 16   # most rank tuples one cost band may list at once (bounds memory) before it is narrowed
+_FREE_LIST = 1 << 16    # once at most this many SIDs of real centroids are free, list them and price each one
+
+
+def resolve_collisions(codes: np.ndarray, distances_of, taken_keys: np.ndarray | None = None):
+    """Give every item a SID of its own. Returns (codes [N, 4] int64, number of moved items).
+
+    codes [N, 4] are the nearest codes; distances_of(item_ids [M]) returns those items' squared
+    distances to every code, [M, 4, 256], +inf for a code without a centroid (asked in blocks of
+    the items that must move, so memory stays small); `taken_keys` are packed SIDs already in use
+    (when adding items).
+
+    The rule:
+      1. Of the items that share a nearest SID, the one with the lowest id keeps it, unless the SID
+         is in `taken_keys`. Every kept SID is reserved before any item moves.
+      2. The other items (the movers) go one at a time, in increasing id. Each takes, among all
+         free code tuples (not in `taken_keys`, not kept, not taken by an earlier mover), the one
+         of least cost = dist[0, c0] + dist[1, c1] + dist[2, c2] + dist[3, c3] (float64, summed in
+         that order), i.e. the least added quantization error.
+      3. Equal costs go to the smallest tuple of ranks, compared digit 0 first; a code's rank is
+         its place among its digit's codes sorted by distance (a stable sort: equal distances rank
+         by code). A code without a centroid costs +inf, so a tuple using one is taken only once
+         every tuple of real centroids is used, and then the ranks alone decide.
+    So each mover gets what a best-first search gives that pops (cost, ranks) from a heap, one
+    tuple at a time from its nearest tuple, until a free one comes up. Each choice changes which
+    tuples are free for the next mover, so the order matters. The cost bands, the free list, the
+    near-duplicate start hints and the rank pass below are only a faster way to the same answer.
+
+    Time: one pass over the movers; each search costs about the number of used SIDs cheaper than
+    its answer (vectorised), and once every SID made of real centroids is used, a pass down the
+    four digits that skips full prefixes (`_first_free_in_rank_order`).
+    """
+    codes = codes.astype(np.int64).copy()
+    keys = pack_codes(codes)
+    taken_keys = np.zeros(0, np.uint32) if taken_keys is None else taken_keys
+    keeps = _keepers(keys, taken_keys)
+    movers = np.flatnonzero(~keeps)
+    if len(taken_keys) + len(keys) > CODEBOOK_SIZE ** codes.shape[1]:
+        raise ValueError(f"too many items: {len(taken_keys) + len(keys)} for "
+                         f"{CODEBOOK_SIZE ** codes.shape[1]} SIDs")
+    if movers.size == 0:
+        return codes, 0
+    taken, last = None, {}            # last: nearest SID -> (dist, cost, band width) of its last mover
+    for block in np.array_split(movers, -(-len(movers) // 4096)):
+        dist = distances_of(block).astype(np.float64)                    # [m, 4, 256]
+        has_centroid = np.isfinite(dist[0])
+        if not (np.isfinite(dist) == has_centroid).all():
+            raise ValueError("distances: every item must have +inf for the same codes (those without a centroid)")
+        if taken is None:
+            taken = _TakenSIDs(has_centroid)
+            taken.add(np.concatenate([taken_keys, keys[keeps]]))
+        _place_movers(block, dist, has_centroid, codes, keys, taken, last)
+    return codes, len(movers)
+
+
+def _keepers(keys: np.ndarray, taken_keys: np.ndarray) -> np.ndarray:
+    """[N] bool: the item keeps its nearest SID (lowest id at that SID, and the SID not in use)."""
+    _, first = np.unique(keys, return_index=True)
+    keeps = np.zeros(len(keys), bool)
+    keeps[first] = True
+    keeps &= ~np.isin(keys, taken_keys)
+    return keeps
+
+
+def _place_movers(block: np.ndarray, dist: np.ndarray, has_centroid: np.ndarray, codes: np.ndarray,
+                  keys: np.ndarray, taken: _TakenSIDs, last: dict) -> None:
+    """Move the items `block` (ids, increasing) one at a time, writing their new SIDs into `codes`
+    and marking them in `taken`. dist [m, 4, 256] are their distances; `last` carries start hints."""
+    order = np.argsort(dist, axis=2, kind="stable")                 # [m, 4, 256] codes, nearest first
+    sorted_dist = np.take_along_axis(dist, order, 2)
+    for item, item_dist, item_order, item_sorted in zip(block, dist, order, sorted_dist):  # id order
+        if taken.finite_free == 0:
+            codes[item] = _first_free_in_rank_order(item_order, taken)
+        else:
+            lo, width = _search_start(item_dist, has_centroid, last.get(keys[item]))
+            codes[item], cost, width = _cheapest_free(item_dist, item_order, item_sorted, taken, lo, width)
+            last[keys[item]] = (item_dist, cost, width)
+        taken.add(pack_codes(codes[item][None]))
+
+
+def _search_start(item_dist: np.ndarray, has_centroid: np.ndarray, hint):
+    """(lo, band width) to start a search from: every SID costing <= lo is known to be used.
+
+    Near-duplicates search the same region one after another. If the last mover from this item's
+    nearest SID (hint = its (dist, cost, band width)) found every SID cheaper than `cost` used, then
+    for this item every SID cheaper than cost - eps is used (eps bounds how much any SID's cost
+    differs between the two), so its search may start there. No hint: start from scratch.
+    """
+    if hint is None:
+        return -np.inf, None
+    prev_dist, prev_cost, width = hint
+    change = np.subtract(item_dist, prev_dist, where=has_centroid, out=np.zeros_like(item_dist))
+    eps = np.abs(change).max(1).sum()
+    lo = np.nextafter(prev_cost - eps - 1e-9 * (abs(prev_cost) + eps), -np.inf)  # < cost: ties stay in
+    return lo, width
+
+
+class _TakenSIDs:
+    """The SIDs in use, with O(1) updates and vectorised questions about them.
+
+    count1 [256] and count2 [65536] count used SIDs per 1- and 2-code prefix; a 3-code prefix gets a
+    row of `used` [rows, 256] (which last codes are taken) the first time one of its SIDs is used,
+    found through `slot` [2**24] (-1: none used). So memory is fixed (`slot`: 2**24 int32) plus 256
+    bytes per 3-code prefix in use. `has_centroid` [4, 256] says which codes are real centroids: a
+    SID made of those only is "finite", and `finite_free` counts the finite SIDs still free.
+    """
+
+    def __init__(self, has_centroid: np.ndarray):
+        self.has_centroid = has_centroid
+        self.count1 = np.zeros(1 << 8, np.int64)
+        self.count2 = np.zeros(1 << 16, np.int64)
+        self.slot = np.full(1 << 24, -1, np.int32)
+        self.used = np.zeros((1024, CODEBOOK_SIZE), bool)
+        self.row_count = np.zeros(1024, np.int64)
+        self.n_rows = 0
+        self.n_finite = int(np.prod(has_centroid.sum(1), dtype=np.int64))   # SIDs of real centroids only
+        self.finite_free = self.n_finite
+        self.free = None                 # sorted [F] free finite SIDs, listed once they are few
+        self.alive = None                # [F] bool, False once taken
+
+    def free_finite(self):
+        """The free finite SIDs as packed keys, or None while there are too many to list."""
+        if self.free is None and self.finite_free <= _FREE_LIST and self.n_finite <= 1 << 24:
+            codes = [np.flatnonzero(h) for h in self.has_centroid]
+            grid = np.stack(np.meshgrid(*codes, indexing="ij"), -1).reshape(-1, 4)  # every finite SID
+            keys = pack_codes(grid).astype(np.int64)
+            self.free = np.sort(keys[~self.is_used(keys)])
+            self.alive = np.ones(len(self.free), bool)
+        return None if self.free is None else self.free[self.alive]
+
+    def _rows(self, prefix3: np.ndarray) -> np.ndarray:
+        """Rows of `used` for these distinct 3-code prefixes, made where missing."""
+        new = prefix3[self.slot[prefix3] < 0]
+        if new.size:
+            while self.n_rows + new.size > len(self.used):           # grow by doubling
+                self.used = np.concatenate([self.used, np.zeros_like(self.used)])
+                self.row_count = np.concatenate([self.row_count, np.zeros_like(self.row_count)])
+            self.slot[new] = np.arange(self.n_rows, self.n_rows + new.size)
+            self.n_rows += new.size
+        return self.slot[prefix3]
+
+    def add(self, keys: np.ndarray) -> None:
+        """Mark distinct packed SIDs [n] as used (none of them may be used already)."""
+        keys = keys.astype(np.int64)
+        np.add.at(self.count1, keys >> 24, 1)
+        np.add.at(self.count2, keys >> 16, 1)
+        prefix3, inverse = np.unique(keys >> 8, return_inverse=True)
+        rows = self._rows(prefix3)[inverse]
+        self.used[rows, keys & 255] = True
+        np.add.at(self.row_count, rows, 1)
+        self.finite_free -= int(self.has_centroid[np.arange(4), unpack_keys(keys)].all(1).sum())
+        if self.free is not None:
+            at = np.minimum(np.searchsorted(self.free, keys), len(self.free) - 1)
+            self.alive[at[self.free[at] == keys]] = False
+
+    def is_used(self, keys: np.ndarray) -> np.ndarray:
+        """[n] packed SIDs -> [n] bool."""
+        rows = self.slot[keys >> 8]
+        return (rows >= 0) & self.used[np.maximum(rows, 0), keys & 255]
+
+    def prefix_full(self, prefixes: np.ndarray, length: int) -> np.ndarray:
+        """[n] packed prefixes of `length` codes -> [n] bool: every SID below it is used."""
+        if length == 1:
+            return self.count1[prefixes] == 1 << 24
+        if length == 2:
+            return self.count2[prefixes] == 1 << 16
+        rows = self.slot[prefixes]
+        return (rows >= 0) & (self.row_count[np.maximum(rows, 0)] == CODEBOOK_SIZE)
+
+
+def _cheapest_free(dist: np.ndarray, order: np.ndarray, sorted_dist: np.ndarray, taken: _TakenSIDs,
+                   lo: float = -np.inf, width: float | None = None):
+    """The free finite SID of least total distance, ties to the smallest tuple of ranks.
+
+    dist [4, 256] is one item's float64 distance to every code (+inf: no centroid), order [4, 256]
+    its codes nearest first and sorted_dist [4, 256] = dist in that order. The caller may know that
+    every SID costing <= lo is used. Returns (codes [4], their cost, the band width that found it).
+
+    When few finite SIDs are free, each is priced. Otherwise tuples are listed in bands of cost
+    (lo, hi], cheapest band first, each built digit by digit in numpy (a prefix is extended only by
+    ranks that can still fit under hi); the first band holding a free SID holds the answer. So the
+    work is about the number of used SIDs that cost between lo and the answer, vectorised.
+    """
+    free = taken.free_finite()
+    if free is not None:                                                 # few left: price each of them
+        best_codes, best_cost = _cheapest_listed(free, dist, order)
+        return best_codes, best_cost, width
+    finite = [d[np.isfinite(d)] for d in sorted_dist]                    # 4 sorted arrays
+    # least[d] / most[d]: the cheapest / dearest cost of digits d..3 (least[0]: the cheapest SID)
+    least = np.concatenate([np.cumsum([f[0] for f in finite][::-1])[::-1], [0.0]])
+    most = np.concatenate([np.cumsum([f[-1] for f in finite][::-1])[::-1], [0.0]])
+    floor = (most[0] - least[0]) * 2.0 ** -40 or 1.0                     # bands never get thinner
+    if width is None:
+        width = min([f[1] - f[0] for f in finite if len(f) > 1 and f[1] > f[0]], default=1.0)
+    width = max(width, floor)
+    hi, narrowed = (least[0] if lo < least[0] else lo + width), 0
+    while True:
+        # A band too big to list at once is narrowed. One that cannot be (the first, which holds the
+        # ties of the cheapest cost, or one still too big after 30 tries) holds equal costs: it is
+        # listed whole. Only an item equidistant from millions of code tuples makes that large.
+        limit = _BAND_LIMIT if narrowed < 30 and lo >= least[0] else np.inf
+        band = _tuples_in_band(finite, least, most, lo, hi, limit)
+        if band is None:
+            width, narrowed = max(width / 8, floor), narrowed + 1
+            hi = lo + width
+            continue
+        cost, ranks = band
+        codes = order[np.arange(4), ranks]                                # [m, 4]
+        free = ~taken.is_used(pack_codes(codes).astype(np.int64))
+        if free.any():
+            cheapest = np.flatnonzero(free & (cost == cost[free].min()))
+            best = cheapest[np.lexsort(ranks[cheapest].T[::-1])[0]]
+            return codes[best], cost[best], width / 4 if len(cost) > 4096 else width  # next time: narrower
+        if hi > most[0] + 1e-9 * abs(most[0]):                              # past the dearest: rounding aside
+            raise RuntimeError("no free finite SID found although one is counted free (a bug)")
+        lo, hi, width, narrowed = hi, hi + width, width * 4, 0
+
+
+def _cheapest_listed(free: np.ndarray, dist: np.ndarray, order: np.ndarray):
+    """The cheapest of the free SIDs `free` [F] (packed keys), ties to the smallest tuple of ranks.
+    Returns (codes [4], their cost)."""
+    codes = unpack_keys(free)                                            # [F, 4]
+    # summed in digit order, as the bands sum, so that equal costs compare equal
+    cost = dist[0, codes[:, 0]] + dist[1, codes[:, 1]] + dist[2, codes[:, 2]] + dist[3, codes[:, 3]]
+    cheapest = np.flatnonzero(cost == cost.min())
+    ranks = np.argsort(order, axis=1)[np.arange(4), codes[cheapest]]      # [c, 4] rank of each code
+    best = cheapest[np.lexsort(ranks.T[::-1])[0]]
+    return codes[best], cost[best]
+
+
+def _tuples_in_band(finite: list, least: np.ndarray, most: np.ndarray, lo: float, hi: float, limit: float):
+    """All rank tuples whose cost is in (lo, hi]: (cost [m], ranks [m, 4]), or None if a step would
+    list more than `limit`. A prefix is extended only by the ranks that leave it some completion
+    inside the band: its cheapest completion (least[d + 1] more) must be <= hi and its dearest > lo."""
+    slack = 1e-9 * (abs(lo) if np.isfinite(lo) else 0.0) + 1e-9 * abs(hi)  # rounding: never drop one that fits
+    cost, ranks = np.zeros(1), np.zeros((1, 0), np.int64)                 # [m], [m, digits so far]
+    for d, f in enumerate(finite):
+        first = np.searchsorted(f, lo - cost - most[d + 1] - slack, side="right")
+        stop = np.searchsorted(f, hi - cost - least[d + 1] + slack, side="right")
+        n_fit = np.maximum(stop - first, 0)                               # ranks first..stop-1, per prefix
+        if n_fit.sum() > limit:
+            return None
+        parent = np.repeat(np.arange(len(cost)), n_fit)
+        rank = np.arange(len(parent)) - np.repeat(np.cumsum(n_fit) - n_fit - first, n_fit)
+        cost, ranks = cost[parent] + f[rank], np.concatenate([ranks[parent], rank[:, None]], 1)
+    keep = (cost > lo) & (cost <= hi)
+    return cost[keep], ranks[keep]
+
+
+def _first_free_in_rank_order(order: np.ndarray, taken: _TakenSIDs) -> np.ndarray:
+    """The free SID whose tuple of ranks is smallest (lexicographically); order [4, 256] lists one
+    item's codes per digit, nearest first. Used once every finite SID is taken: all costs are
+    then +inf and the ranks alone decide. A prefix that is not full has a free SID below it, so
+    one pass down the digits finds it, skipping full prefixes 256 at a time."""
+    prefix = 0
+    for length in range(1, 5):
+        keys = (prefix << 8) | order[length - 1]                          # [256], in rank order
+        blocked = taken.is_used(keys) if length == 4 else taken.prefix_full(keys, length)
+        prefix = int(keys[np.argmin(blocked)])                            # first one not blocked
+    return unpack_keys(prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,8 +846,9 @@ def _flag_value(name: str, text: str, kind: str):
 
 def parse_flags(argv: list, *configs) -> dict:
     """`--key=value` arguments -> {key: value}, each value typed by its field in the dataclasses
-    `configs` (int, float, bool or str). Unknown, repeated and malformed flags are refused here,
-    naming the flag; each dataclass's __post_init__ then checks what its values allow."""
+    `configs` (int, float, bool or str); a flag given twice takes its last value, as in argparse.
+    Unknown and malformed flags are refused here, naming the flag; each dataclass's __post_init__
+    then checks what its values allow."""
     kinds = {f.name: f.type for cls in configs for f in dataclasses.fields(cls)}
     given = {}
     for arg in argv:
@@ -805,8 +857,6 @@ def parse_flags(argv: list, *configs) -> dict:
             raise ValueError(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(kinds))})")
         if key not in kinds:
             raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(kinds))}")
-        if key in given:
-            raise ValueError(f"--{key}: given twice ({given[key]!r} and {text!r}); expected it once")
         given[key] = _flag_value(key, text, kinds[key])
     return given
 

@@ -7,11 +7,13 @@ Sizes are tiny and seeded; hypothesis generates shapes, catalogues, lengths and 
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -445,9 +447,9 @@ def test_padding_is_invisible(lengths, seed, t):
 
 
 @FAST
-@given(histories, st.integers(0, 1000), st.booleans())
-def test_rows_are_independent(lengths, seed, digit_logits):
-    model = tiny_model(seed, digit_logits=digit_logits)
+@given(histories, st.integers(0, 1000))
+def test_rows_are_independent(lengths, seed):
+    model = tiny_model(seed)
     batch = make_batch(model, lengths, seed=seed)
     with torch.no_grad():
         together = model.logits(batch)
@@ -478,11 +480,9 @@ def test_cache_reorder_equals_permuted_inputs(B, n_beams, pos, seed):
             assert torch.allclose(got, model.step_uncached(permuted, memory, memory_mask), atol=1e-5)
 
 
-@pytest.mark.parametrize("digit_logits", [True, False])
-def test_tiny_model_memorises_a_batch(digit_logits):
+def test_tiny_model_memorises_a_batch():
     torch.manual_seed(0)
-    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "n_embd": 32, "n_inner": 64}, digit_logits=digit_logits,
-                                             history_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "n_embd": 32, "n_inner": 64}, dropout=0.0, attn_pdrop=0.0))
     batch = make_batch(model, [6, 3, 0, 5, 6, 1, 2, 4], seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = model(batch).item()
@@ -497,7 +497,7 @@ def test_tiny_model_memorises_a_batch(digit_logits):
 def _bad(key, value):
     model = tiny_model()
     batch = make_batch(model, [2, 3])
-    return lambda: model(dict(batch, **{key: value(batch[key])}))
+    return lambda: model.check_batch(dict(batch, **{key: value(batch[key])}))
 
 
 @pytest.mark.parametrize("make, fragment", [
@@ -510,7 +510,7 @@ def _bad(key, value):
     (_bad("user_ids", lambda u: u + 7), "user_ids: expected bucket indices in [0, 7)"),
     (_bad("user_ids", lambda u: u.float()), "user_ids: expected integer ids"),
     (_bad("decoder_input_ids", lambda d: torch.cat([d[:, :2], d[:, 2:] + 5000], 1)), "decoder_input_ids[0]"),
-    (_bad("decoder_input_ids", lambda d: d[:, :4]), "decoder_input_ids: expected shape [B, 5]"),
+    (_bad("decoder_input_ids", lambda d: d[:, :4]), "decoder_input_ids: expected shape [2, 5]"),
     (_bad("decoder_labels", lambda d: d + 1), "decoder_labels[0]: expected [s0, s1, s2, s3, EOS]"),
     (lambda: rpg_ed.RPGEDConfig(n_embd=30, n_head=8), "divisible by n_head"),
     (lambda: rpg_ed.RPGEDConfig(attn_pdrop=1.0), "attn_pdrop"),
@@ -795,32 +795,46 @@ def test_markov_baseline_by_hand():
 @pytest.mark.parametrize("argv, fragment", [
     (["--no_such_key=1"], "unknown option --no_such_key"),
     (["--epochs=two"], "--epochs: expected int, got 'two'"),
-    (["--compile=maybe"], "--compile: expected bool"),
+    (["--overwrite=maybe"], "--overwrite: expected bool"),
     (["--preset=huge"], "--preset: expected one of"),
     (["epochs=2"], "expected --key=value"),
-    (["--n_embd=30", "--n_head=4"], "divisible by n_head"),
+    (["--n_embd=30", "--n_head=4"], "--n_embd (30) must be divisible by n_head (4)"),
     (["--emb_source=image"], "--emb_source: expected one of"),
     (["--dtype=fp16"], "--dtype: expected one of ('auto', 'bf16', 'fp32'), got 'fp16'"),
-    (["--batch_tokens=-1"], "--batch_tokens: expected 0 (no limit beyond batch_size) or a positive int, got -1"),
-    (["--batch_tokens=10", "--max_history=20"], "--batch_tokens: expected 0 or at least max_history (20)"),
+    (["--seed=-1"], "--seed: expected 0 or a positive int, got -1"),
     (["--batch_size=0"], "--batch_size: expected a positive int, got 0"),
     (["--beam_size=5"], "--beam_size: expected at least 10 (evaluation ranks 10 items), got 5"),   # before any epoch
     (["--report_beam_size=5"], "--report_beam_size: expected 0 (off) or at least 10"),
-    (["--label_smoothing=1.0"], "config.label_smoothing: expected a probability in [0, 1), got 1.0"),
-    (["--sid_codes=300"], "--sid_codes: expected 1..codebook_size (256), got 300"),
+    (["--dropout=1.0"], "--dropout: expected a probability in [0, 1), got 1.0"),
 ])
 def test_cli_rejects_bad_arguments(argv, fragment):
     with pytest.raises(ValueError, match=re_escape(fragment)):
-        train.parse_args(argv)
+        configs(argv)
+
+
+def configs(argv: list, auto_preset: str | None = None) -> tuple:
+    """train.py's flags -> (TrainConfig, RPGEDConfig), as train.main makes them."""
+    return train.make_configs(train.parse_args(argv), auto_preset)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: train.TrainConfig(dtype="fp64"), "--dtype: expected one of"),
+    (lambda: train.TrainConfig(epochs="7"), "--epochs: expected int, got '7'"),
+    (lambda: train.TrainConfig(lr=float("nan")), "--lr: expected a finite number"),
+    (lambda: train.TrainConfig(preset="huge"), "--preset: expected one of"),
+])
+def test_train_config_checks_its_fields(make, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        make()
 
 
 def test_cli_overrides_and_presets():
-    cfg, mcfg = train.parse_args(["--preset=seed", "--lr=0.5", "--n_embd=64", "--digit_logits=false"])
-    assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.digit_logits is False
+    cfg, mcfg = configs(["--preset=seed", "--lr=0.5", "--n_embd=64", "--attn_pdrop=0"])
+    assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.attn_pdrop == 0
     assert mcfg.encoder_n_layer == 4 and mcfg.n_inner == 1024                 # seed architecture
-    cfg, mcfg = train.parse_args(["--epochs=3"], auto_preset="sparse")         # auto: the data's preset, flags win
+    cfg, mcfg = configs(["--epochs=3"], auto_preset="sparse")         # auto: the data's preset, flags win
     assert cfg.preset == "sparse" and cfg.epochs == 3 and mcfg.n_embd == 128 and cfg.dtype == "bf16"
-    cfg, _ = train.parse_args(["--preset=cpu"], auto_preset="sparse")          # an explicit preset wins
+    cfg, _ = configs(["--preset=cpu"], auto_preset="sparse")          # an explicit preset wins
     assert cfg.preset == "cpu" and cfg.epochs == 7
 
 
@@ -830,9 +844,9 @@ def test_both_joins_the_embeddings_file_with_cf(tmp_path):
     content = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
     np.save(tmp_path / "e.npy", content)
     raw = data_py.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
-    cfg = train.TrainConfig(emb_source="both", emb_dim=4)
+    cfg = train.TrainConfig(emb_source="both")
     joined, name = data_py.item_embeddings(cfg, data, raw, split)
-    cf = data_py.cf_embeddings(split, 9, 4, cfg.seed)
+    cf = data_py.cf_embeddings(split, 9, data_py.EMB_DIM, cfg.seed)
     norm = lambda x: x / np.linalg.norm(x, axis=1).mean()                    # equal weight for each part
     assert name.endswith("+ cf") and np.allclose(joined, np.concatenate([norm(content), norm(cf)], 1), atol=1e-6)
     alone, name = data_py.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
@@ -1004,29 +1018,27 @@ BAD_INPUTS = [
     ("codes of the wrong dtype (sid.py)", lambda d: sid.SIDIndex(np.zeros((3, 4))), "integer"),
     ("history item id with no SID (train batch)", _train_batch_with_unknown_item, "history: item 7 has no SID (the index has 3 items)"),
     ("history SID of no item (generate)", _generate_with_unknown_sid, "expected the SID of an item in the index"),
-    ("history_sid of floats (model)", lambda d: tiny_model()(dict(make_batch(tiny_model(), [2]),
+    ("history_sid of floats (model)", lambda d: tiny_model().check_batch(dict(make_batch(tiny_model(), [2]),
                                                                   history_sid=torch.zeros(1, 2, 4))), "expected integer ids"),
-    ("user id out of range (model)", lambda d: tiny_model()(dict(make_batch(tiny_model(), [2]), user_ids=torch.tensor([7]))),
+    ("user id out of range (model)", lambda d: tiny_model().check_batch(dict(make_batch(tiny_model(), [2]), user_ids=torch.tensor([7]))),
      "user_ids: expected bucket indices in [0, 7)"),
     ("beam_size 0 (beam search)", lambda d: beam.beam_search(tiny_model(), make_batch(tiny_model(), [2]), 0, 1, None),
      "beam_size: expected a positive int"),
     ("checkpoint config != this run's", _check_other_config, "model.n_embd is 16 there, 32 here"),
     ("checkpoint SIDs != the index on disk", _check_other_sids, "made with other SIDs than the index on disk"),
     ("checkpoint of another version", lambda d: train.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
-     "checkpoint version 0, this code reads version 2"),
+     "checkpoint version 0, this code reads version 3"),
     ("truncated checkpoint", lambda d: train.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
      "not a readable checkpoint, truncated or corrupt"),
     ("missing checkpoint", lambda d: train.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
     ("opq.npz of another version", _old_index, "index version 99, this code reads 1"),
-    ("CLI unknown --key", lambda d: train.parse_args(["--learning_rate=1"]), "unknown option --learning_rate"),
-    ("CLI value of the wrong type", lambda d: train.parse_args(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),
-    ("CLI zero epochs", lambda d: train.parse_args(["--epochs=0"]), "--epochs: expected a positive int, got 0"),
-    ("CLI --resume with --eval_only", lambda d: train.parse_args(["--resume=true", "--eval_only=true"]), "at most one"),
+    ("CLI unknown --key", lambda d: configs(["--learning_rate=1"]), "unknown option --learning_rate"),
+    ("CLI value of the wrong type", lambda d: configs(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),
+    ("CLI zero epochs", lambda d: configs(["--epochs=0"]), "--epochs: expected a positive int, got 0"),
+    ("CLI --resume with --eval_only", lambda d: configs(["--resume=true", "--eval_only=true"]), "at most one"),
     # issue 16: every numeric flag finite, null ids, .npz for .npy, empty batches, dtypes, devices
-    ("CLI --lr=inf", lambda d: train.parse_args(["--lr=inf"]), "--lr: expected a finite number, got inf"),
-    ("CLI --weight_decay=nan", lambda d: train.parse_args(["--weight_decay=nan"]), "--weight_decay: expected a finite number"),
-    ("CLI --layer_norm_eps=inf", lambda d: train.parse_args(["--layer_norm_eps=inf"]), "config.layer_norm_eps: expected a finite number"),
-    ("CLI --min_lr_ratio=nan", lambda d: train.parse_args(["--min_lr_ratio=nan"]), "--min_lr_ratio: expected a finite number"),
+    ("CLI --lr=inf", lambda d: configs(["--lr=inf"]), "--lr: expected a finite number, got inf"),
+    ("CLI --attn_pdrop=nan", lambda d: configs(["--attn_pdrop=nan"]), "--attn_pdrop: expected a finite number"),
     ("Amazon reviewerID null", lambda d: _load(d, "d.json", '{"reviewerID": null, "asin": "a", "unixReviewTime": 1}\n'),
      "d.json:1: expected reviewerID to be a string or a number, got null"),
     ("Amazon asin a list", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": ["a"], "unixReviewTime": 1}\n'),
@@ -1044,7 +1056,7 @@ BAD_INPUTS = [
     ("tiny embeddings (sid)", lambda d: sid.build_index(np.full((4, 2), 1e-30)), "expected values of a usable scale"),
     ("complex codes (lookup)", lambda d: sid.SIDIndex(np.zeros((1, 4), np.uint8)).lookup(np.zeros((1, 4), complex)),
      "expected an integer array"),
-    ("batch of 0 users (model)", lambda d: tiny_model()({k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()}),
+    ("batch of 0 users (model)", lambda d: tiny_model().check_batch({k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()}),
      "expected at least one user in the batch, got 0"),
     ("batch of 0 users (generate)", lambda d: beam.beam_search(tiny_model(), {k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()},
                                                                2, 1, None), "expected at least one user"),
@@ -1187,7 +1199,7 @@ def test_crafted_checkpoint_is_refused_and_its_payload_does_not_run(tmp_path):
 
 RESUME_RUN = ["--epochs=3", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
               "--decoder_n_layer=1", "--max_history=5", "--batch_size=16", "--warmup_steps=5", "--n_user_buckets=50",
-              "--log_every=1000", "--patience=5", "--resid_pdrop=0.3", "--embd_pdrop=0.3",   # dropout uses the RNG
+              "--log_every=1000", "--patience=5", "--dropout=0.3",   # dropout uses the RNG
               "--dtype=fp32"]
 
 # the run that is killed sleeps after writing its first last.pt, so SIGKILL always lands there
@@ -1252,8 +1264,7 @@ def _free_port() -> int:
 def _step_setup():
     """A tiny model without dropout, its optimiser and a small training split (the same in every process)."""
     torch.manual_seed(0)
-    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "history_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                                                "resid_pdrop": 0.0}))
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**{**TINY, "dropout": 0.0, "attn_pdrop": 0.0}))
     optimizer = train.make_optimizer(model, train.TrainConfig())
     rng = np.random.default_rng(0)
     history = np.where(rng.random((13, 6)) < 0.3, -1, rng.integers(0, 9, (13, 6)))
@@ -1272,7 +1283,7 @@ def _run_steps(model, optimizer, split, item_tokens, buckets, net, dist):
     for rows in STEPS:
         local, weight = train.shard(rows, dist)
         batch = train.make_batch(split, local, item_tokens, buckets, torch.device("cpu"))
-        train.train_step(net, optimizer, batch, weight, lr=1e-2, grad_clip=1.0,
+        train.train_step(net, optimizer, batch, weight, lr=1e-2,
                          device=torch.device("cpu"), dtype=torch.float32)
 
 
@@ -1343,7 +1354,7 @@ def test_batch_loss_does_not_depend_on_grouping(seed, batch_size, batch_tokens):
 
 
 def test_evaluation_does_not_depend_on_grouping():
-    """Beam-search metrics with users grouped by history length equal those of plain batches."""
+    """Beam-search metrics do not depend on how users are cut into length-grouped batches."""
     data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(3, n_users=30, n_items=12)))), five_core=False)
     splits = data_py.leave_one_out(data, 6)
     index, _ = sid.build_index(np.random.default_rng(0).normal(size=(len(data.item_raw), 8)), seed=0)
@@ -1352,8 +1363,8 @@ def test_evaluation_does_not_depend_on_grouping():
     buckets = torch.arange(len(data.user_raw)) % TINY["n_user_buckets"]
     model = tiny_model(3)
     results = []
-    for dynamic, size in ((False, 256), (True, 256), (True, 3), (False, 7)):
-        cfg = train.TrainConfig(dynamic_batches=dynamic, eval_batch_size=size)
+    for size in (256, 3, 7, 1):
+        cfg = train.TrainConfig(eval_batch_size=size)
         run = train.Run(cfg, {}, train.Dist(0, 1, torch.device("cpu")), "", splits, index, item_tokens, buckets)
         results.append(train.evaluate(model, run, "test"))
     assert results[0]["ndcg@10"] > 0 and all(r == results[0] for r in results[1:])
@@ -1401,6 +1412,7 @@ def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
 # recommend.py: load a finished run, recommend, add items, continue training
 # ----------------------------------------------------------------------------------------------
 
+import experiments
 import recommend
 
 N_GROUPS, N_SLOTS = 12, 4
@@ -1458,7 +1470,7 @@ def _files(folder) -> dict:
 @pytest.mark.slow
 def test_added_items_are_recommended_when_the_history_points_to_their_group(group_run, tmp_path):
     out = _copy_run(group_run, tmp_path / "run")
-    before = recommend.load_run(out)
+    before = train.load_run(out)
     new_ids = [group_raw(g, s) for g, s in group_run["held_out"]]
     new_emb = group_run["emb"][[g * N_SLOTS + s for g, s in group_run["held_out"]]]
     histories = [before.item_ids([group_raw(g, (s + 1) % N_SLOTS), group_raw(g, (s + 2) % N_SLOTS)])
@@ -1466,7 +1478,7 @@ def test_added_items_are_recommended_when_the_history_points_to_their_group(grou
     users = [f"new{g}" for g in range(N_GROUPS)]
     old_items, _ = recommend.recommend(before, histories, users)
     assert recommend.add_items(out, new_emb, new_ids, [f"added {i}" for i in new_ids]) == 0
-    after = recommend.load_run(out)
+    after = train.load_run(out)
     assert after.index.n_items == before.index.n_items + N_GROUPS
     assert np.array_equal(after.index.item_codes[:before.index.n_items], before.index.item_codes)  # old SIDs kept
     assert (after.index.item_codes[before.index.n_items:, :3] ==
@@ -1517,7 +1529,7 @@ def test_new_item_rule_equals_the_per_user_loop(seed, k, n_new):
 
 @pytest.mark.slow
 def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
-    run = recommend.load_run(group_run["out"])
+    run = train.load_run(group_run["out"])
     rng = np.random.default_rng(1)
     histories = [rng.integers(0, run.index.n_items, rng.integers(1, 9)) for _ in range(13)]
     users = [f"u{k}" for k in range(13)]
@@ -1544,37 +1556,37 @@ def test_load_run_refuses_missing_or_mismatched_files(group_run, tmp_path):
         out = _copy_run(group_run, tmp_path / f"no_{name}")
         os.remove(os.path.join(out, name))
         with pytest.raises(ValueError, match=f"missing.*{name}"):
-            recommend.load_run(out)
+            train.load_run(out)
     out = _copy_run(group_run, tmp_path / "fewer_items")                    # the item map of another run
     z = dict(np.load(os.path.join(out, "data.npz")))
     z["item_raw"], z["item_title"] = z["item_raw"][:-1], z["item_title"][:-1]
     np.savez(os.path.join(out, "data.npz"), **z)
     with pytest.raises(ValueError, match="index has 36 items, data.npz maps 35"):
-        recommend.load_run(out)
+        train.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_sids")                      # SIDs the model was not trained on
     codes = np.load(os.path.join(good, "item_id2tokens.npy"))
     sid.SIDIndex(codes[::-1].copy()).save(out)
     with pytest.raises(ValueError, match="opq.npz: belongs to another index"):
-        recommend.load_run(out)
+        train.load_run(out)
     os.remove(os.path.join(out, "opq.npz"))                                 # then the checkpoint's digest says it
     with pytest.raises(ValueError, match="other SIDs"):
-        recommend.load_run(out)
+        train.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_model")                     # config.json of another model
     config = json.loads(open(os.path.join(out, "config.json")).read())
     config["model"]["n_embd"] = 32
     open(os.path.join(out, "config.json"), "w").write(json.dumps(config))
     with pytest.raises(ValueError, match="model.n_embd is 16 there, 32 here"):
-        recommend.load_run(out)
+        train.load_run(out)
     out = _copy_run(group_run, tmp_path / "pickled")                         # an object array needs a pickle
     np.savez(os.path.join(out, "data.npz"), **{**z, "item_raw": np.array([object()] * 36, dtype=object)})
     with pytest.raises(ValueError, match="data.npz: not a readable run data file"):
-        recommend.load_run(out)
+        train.load_run(out)
 
 
 @pytest.mark.slow
 def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_path):
     out = _copy_run(group_run, tmp_path / "run")
-    run = recommend.load_run(out)
+    run = train.load_run(out)
     with pytest.raises(ValueError, match="'nobody' is not a user"):
         run.sequence("nobody")
     with pytest.raises(ValueError, match="item 'x9' is not an item"):
@@ -1589,11 +1601,11 @@ def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_pat
         with pytest.raises(ValueError, match=match):
             recommend.add_items(out, array, ids)
         assert _files(out) == before
-    for argv, match in ((["--run=" + out, "--user=nobody"], "'nobody' is not a user"),
-                        (["--run=" + out, "--history=i001,zz"], "'zz' is not an item"),
-                        (["--run=" + out, "--all"], "--all: expected --out"),
-                        (["--run=" + out, "--user=u000", "--all"], "exactly one of"),
-                        (["--run=" + str(tmp_path / "none"), "--user=u000"], "not a finished run folder")):
+    for argv, match in ((["--run_dir=" + out, "--user=nobody"], "'nobody' is not a user"),
+                        (["--run_dir=" + out, "--history=i001,zz"], "'zz' is not an item"),
+                        (["--run_dir=" + out, "--all=true"], "--all: expected --out"),
+                        (["--run_dir=" + out, "--user=u000", "--all=true"], "exactly one of"),
+                        (["--run_dir=" + str(tmp_path / "none"), "--user=u000"], "not a finished run folder")):
         cli = subprocess.run([sys.executable, os.path.join(HERE, "recommend.py")] + argv, capture_output=True,
                              text=True, cwd=HERE, timeout=120)
         assert cli.returncode == 1 and cli.stderr.startswith("error: ") and match.replace("\\", "") in cli.stderr, cli.stderr
@@ -1613,7 +1625,7 @@ def test_a_cf_run_cannot_place_items_without_interactions(tmp_path):
 
 @pytest.mark.slow
 def test_recommend_all_under_torchrun_writes_the_file_of_one_process(group_run, tmp_path):
-    args = [f"--run_dir={group_run['out']}", "--all", "--batch_size=7"]
+    args = [f"--run_dir={group_run['out']}", "--all=true", "--batch_size=7"]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}        # as torchrun gives each process: same arithmetic
     one = subprocess.run([sys.executable, os.path.join(HERE, "recommend.py")] + args + [f"--out={tmp_path / 'one.jsonl'}"],
                          capture_output=True, text=True, cwd=HERE, timeout=300, env=one_thread)
@@ -1639,15 +1651,15 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
     (newer / "d.inter").write_text(INTER_HEADER + "\n".join(rows) + "\n")
     every = sorted((g, s) for g in range(N_GROUPS) for s in range(N_SLOTS))
     np.save(newer / "d_content.npy", emb[[g * N_SLOTS + s for g, s in sorted(every, key=lambda p: group_raw(*p))]])
-    base = recommend.load_run(group_run["out"])
+    base = train.load_run(group_run["out"])
     out = tmp_path / "continued"
     args = [f"--data={newer / 'd.inter'}", f"--init_from={group_run['out']}", f"--out_dir={out}"]
     with pytest.raises(ValueError, match="--n_embd: the model of --init_from has n_embd=16, got 32"):
         train.main(args + ["--n_embd=32"])
     with pytest.raises(ValueError, match="--out_dir: expected a folder other than --init_from"):
         train.main(args[:2] + [f"--out_dir={group_run['out']}"])
-    results = train.main(args + ["--epochs=1", "--lr=1e-9", "--warmup_steps=0", "--min_lr_ratio=1", "--log_every=1000"])
-    cont = recommend.load_run(str(out))
+    results = train.main(args + ["--epochs=1", "--lr=1e-9", "--warmup_steps=0", "--log_every=1000"])
+    cont = train.load_run(str(out))
     assert cont.item_raw[:base.index.n_items].tolist() == base.item_raw.tolist()     # old items keep their ids ...
     assert np.array_equal(cont.index.item_codes[:base.index.n_items], base.index.item_codes)  # ... and SIDs
     assert sorted(cont.item_raw[base.index.n_items:].tolist()) == sorted(group_raw(g, s) for g, s in group_run["held_out"])
@@ -1664,9 +1676,9 @@ def test_cold_start_experiment_adds_the_held_out_items_and_scores_their_users(tm
     (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
     np.save(tmp_path / "d_content.npy", emb[np.argsort([group_raw(g, s) for g in range(N_GROUPS) for s in range(N_SLOTS)])])
     out = tmp_path / "cold"
-    results = recommend.cold_start(str(tmp_path / "d.txt"), str(out), fraction=0.1, train_args=GROUP_RUN)
+    results = experiments.cold_start(str(tmp_path / "d.txt"), str(out), fraction=0.1, train_args=GROUP_RUN)
     warm = (out / "warm" / "d.txt").read_text()
-    run = recommend.load_run(str(out / "run"))
+    run = train.load_run(str(out / "run"))
     added = run.item_raw[run.index.n_items - results["held_out_items"]:].tolist()
     assert results["held_out_items"] == 5 and not any(f" {i} " in f" {line} " for i in added for line in warm.splitlines())
     assert results["items"] == N_GROUPS * N_SLOTS and results["users"] > 0
@@ -1816,7 +1828,7 @@ def test_max_steps_and_eval_users(tmp_path):
     every = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'all'}", "--max_steps=1"] + TINY_RUN)
     assert every["baselines"] != runs[0]["baselines"] and "eval_users" not in every["dataset"]
     with pytest.raises(ValueError, match="--max_steps: expected 0 .* got -1"):
-        train.parse_args(["--max_steps=-1"])
+        configs(["--max_steps=-1"])
 
 
 @pytest.mark.slow
@@ -1828,11 +1840,11 @@ def test_continue_experiment_runs_base_continued_and_scratch(tmp_path):
                                      "".join(f"{100 + i}\tfilm {'red blue green'.split()[i % 3]} {i % 4}\n" for i in range(15)))
     out = tmp_path / "continue"
     args = [a for a in TINY_RUN if not a.startswith("--emb_source")] + ["--epochs=1"]
-    results = recommend.continue_experiment(str(out), cut=0.7, train_args=args, data_path=str(data_path))
+    results = experiments.continue_experiment(str(out), cut=0.7, train_args=args, data_path=str(data_path))
     assert results["interactions"]["early"] < results["interactions"]["all"]
     for name in ("continued", "scratch"):
         assert set(results[name]["later"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
-    base, cont = recommend.load_run(str(out / "base")), recommend.load_run(str(out / "continued"))
+    base, cont = train.load_run(str(out / "base")), train.load_run(str(out / "continued"))
     assert np.array_equal(cont.index.item_codes[:base.index.n_items], base.index.item_codes)
 
 
@@ -1931,6 +1943,188 @@ def test_timestamps_are_exact_integers(tmp_path):
     assert [data.item_raw[i] for i in data.items] == ["i3", "i2", "i1", "i0", "i9"]     # 1 ns apart, in time order
     mixed = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
     assert mixed.times.typecode == "d" and list(mixed.times) == [5.0, 5.5]   # a fraction: the file is float64
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's examples, computed here so that they cannot drift; the layers of the modules
+# ----------------------------------------------------------------------------------------------
+
+TOY_DIGITS, TOY_CODES, TOY_BEAM = 2, 3, 2          # the README's worked beam search
+TOY_CATALOGUE = [(0, 0), (0, 2), (2, 1), (2, 2)]                  # item id i has SID TOY_CATALOGUE[i]
+P_DIGIT0 = [0.30, 0.50, 0.20]                                   # p(c0)
+P_DIGIT1 = {0: [0.25, 0.60, 0.15], 1: [0.10, 0.10, 0.80], 2: [0.05, 0.90, 0.05]}   # p(c1 | c0)
+
+
+class ToyCache:
+    """Holds, per beam row, the codes the toy decoder has read (a real KV cache holds their K/V)."""
+
+    def __init__(self, n_rows: int):
+        self.codes_read = torch.zeros(n_rows, 0, dtype=torch.long)    # (N, steps so far)
+        self.reorders = []
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.reorders.append(rows.tolist())
+        self.codes_read = self.codes_read[rows]
+
+
+class ToyModel:
+    """Fixed probabilities: p(c0) for digit 0, p(c1 | c0) for digit 1; logits = log p."""
+
+    config = SimpleNamespace(n_digit=TOY_DIGITS, codebook_size=TOY_CODES)
+
+    def __init__(self):
+        self.logits_seen = []                                         # (N, K) per step
+
+    def encode(self, user_ids: torch.Tensor, history_sid: torch.Tensor):
+        B = user_ids.shape[0]
+        return torch.zeros(B, 1, 1), torch.ones(B, 1, dtype=torch.bool)   # memory, memory_mask
+
+    def new_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, beam_size: int) -> ToyCache:
+        self.cache = ToyCache(memory.shape[0] * beam_size)
+        return self.cache
+
+    def step(self, prev_codes, cache: ToyCache, digit: int) -> torch.Tensor:
+        n_rows = cache.codes_read.shape[0]
+        if digit == 0:
+            probs = torch.tensor([P_DIGIT0] * n_rows)
+        else:
+            cache.codes_read = torch.cat([cache.codes_read, prev_codes[:, None]], 1)
+            probs = torch.tensor([P_DIGIT1[int(c)] for c in cache.codes_read[:, -1]])
+        logits = probs.log()
+        self.logits_seen.append(logits)
+        return logits
+
+
+class ToyCatalogue:
+    """The constraint: the 4 SIDs of TOY_CATALOGUE, searched by brute force; records each prefix mask."""
+
+    def __init__(self):
+        self.codes = torch.tensor(TOY_CATALOGUE)                          # (n_items, TOY_DIGITS)
+        self.masks = []                                               # (prefixes, mask) per step
+
+    def prefix_mask(self, prefix: torch.Tensor) -> torch.Tensor:
+        l = prefix.shape[1]
+        match = (self.codes[None, :, :l] == prefix[:, None, :]).all(-1)              # (N, n_items)
+        nxt = torch.nn.functional.one_hot(self.codes[:, l], TOY_CODES).bool()          # (n_items, K)
+        mask = (match[:, :, None] & nxt[None]).any(1)                                 # (N, K)
+        self.masks.append((prefix.clone(), mask.clone()))
+        return mask
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        same = (codes[:, None, :] == self.codes[None]).all(-1)
+        return torch.where(same.any(1), same.float().argmax(1), -1)
+
+
+def fmt_score(x: float) -> str:
+    return "  -inf" if x == float("-inf") else f"{x:6.3f}"
+
+
+def sid_text(codes) -> str:
+    return "(" + ",".join(str(int(c)) for c in codes) + ")" if len(codes) else "()"
+
+
+def worked_beam_example() -> str:
+    """Run beam.beam_search on the toy model and describe every step; returns the README's text."""
+    model, catalogue = ToyModel(), ToyCatalogue()
+    batch = {"user_ids": torch.zeros(1, dtype=torch.long), "history_sid": torch.zeros(1, 1, TOY_DIGITS, dtype=torch.long)}
+    result = beam.beam_search(model, batch, beam_size=TOY_BEAM, n_return=TOY_BEAM, constraint=catalogue)
+
+    lines = [f"{len(TOY_CATALOGUE)} items of {TOY_DIGITS} digits, {TOY_CODES} codes per digit: "
+             + ", ".join(f"item {i} {sid_text(s)}" for i, s in enumerate(TOY_CATALOGUE)) + f"; beam size {TOY_BEAM}"]
+    beam_scores = [0.0] + [float("-inf")] * (TOY_BEAM - 1)        # as beam_search starts
+    for digit in range(TOY_DIGITS):
+        prefixes, mask = catalogue.masks[digit]
+        log_probs = torch.log_softmax(model.logits_seen[digit], -1)
+        lines.append("")
+        lines.append((f"step {digit}: digit {digit}        " + "".join(f"  code {c:<3}" for c in range(TOY_CODES))).rstrip())
+        candidates = []
+        for j in range(TOY_BEAM):
+            prefix = prefixes[j].tolist()
+            row = []
+            for c in range(TOY_CODES):
+                total = beam_scores[j] + float(log_probs[j, c]) if mask[j, c] else float("-inf")
+                row.append(total)
+                candidates.append((total, j, c))
+            if beam_scores[j] == float("-inf"):                       # not live: a copy of beam 0
+                lines.append(f"beam {j} {sid_text(prefix):<6} score -inf: not live, so every candidate is -inf")
+                continue
+            lines.append(f"beam {j} {sid_text(prefix):<6} score {fmt_score(beam_scores[j]).strip()}")
+            lines.append("  log p(code)          " + "".join(f"  {fmt_score(float(v)):>8}" for v in log_probs[j]))
+            lines.append("  leads to an item?    " + "".join(f"  {'yes' if m else 'no':>8}" for m in mask[j]))
+            lines.append("  score + log p, masked" + "".join(f"  {fmt_score(v):>8}" for v in row))
+        # beam_search keeps the TOY_BEAM best by a stable sort: ties keep (parent, code) order
+        kept = sorted(candidates, key=lambda t: -t[0])[:TOY_BEAM]
+        parents = [j for _, j, _ in kept]
+        lines.append(f"keep the best {TOY_BEAM}: " + ", ".join(
+            f"{sid_text(prefixes[j].tolist() + [c])} {fmt_score(s).strip()} from beam {j}" for s, j, c in kept))
+        if digit < TOY_DIGITS - 1:
+            assert model.cache.reorders[digit] == parents, (model.cache.reorders, parents)
+            lines.append(f"parents {parents} -> cache.reorder({parents}): new beam j takes the cache row of beam parents[j]")
+        else:
+            lines.append(f"parents {parents}: the SIDs are reordered; no step follows, so no cache.reorder")
+        beam_scores = [s for s, _, _ in kept]
+
+    assert [round(s, 5) for s in beam_scores] == [round(float(s), 5) for s in result.scores[0]]
+    lines.append("")
+    lines.append("result, best first: " + ", ".join(
+        f"item {int(i)} {sid_text(s.tolist())} {float(v):.3f}"
+        for i, s, v in zip(result.items[0], result.sids[0], result.scores[0])))
+    exact = sorted(((math.log(P_DIGIT0[a]) + math.log(P_DIGIT1[a][b]), i) for i, (a, b) in enumerate(TOY_CATALOGUE)),
+                   reverse=True)
+    lines.append("exact, every item:  " + ", ".join(f"item {i} {s:.3f}" for s, i in exact))
+    return "\n".join(lines) + "\n"
+
+
+def readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_worked_beam_example_matches_readme():
+    assert worked_beam_example() in readme()
+
+
+def test_python_rpg_ed_prints_the_readme_walk_through():
+    import contextlib, io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rpg_ed.shape_demo()
+    assert out.getvalue() in readme()
+
+
+LAYERS = ["sid", "beam", "rpg_ed", "data", "train", "recommend", "experiments"]   # lowest first
+
+
+def test_no_module_imports_one_above_it():
+    """sid, beam < rpg_ed < data < train < recommend < experiments, and beam.py and sid.py import
+    no project module; an import inside a function counts too."""
+    import ast
+    for i, name in enumerate(LAYERS):
+        allowed = set() if name in ("sid", "beam") else set(LAYERS[:i])
+        with open(os.path.join(HERE, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module.split(".")[0]] if isinstance(node, ast.ImportFrom) and node.module else []
+            wrong = [n for n in names if n in LAYERS and n not in allowed]
+            assert not wrong, f"{name}.py:{node.lineno} imports {wrong}; it may import only {sorted(allowed)}"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--emb=a.npy", "out"], "argument 'out': expected --key=value"),
+    (["--emb"], "argument '--emb': expected --key=value"),
+    (["--nope=1"], "unknown option --nope"),
+    (["--seed=x"], "--seed: expected int, got 'x'"),
+    (["--overwrite=yes"], "--overwrite: expected bool, got 'yes'"),
+])
+def test_parse_flags_refuses_what_it_cannot_read(argv, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        sid.parse_flags(argv, sid.IndexConfig)
+
+
+def test_parse_flags_types_values_and_the_last_one_wins():
+    given = sid.parse_flags(["--emb=a.npy", "--seed=3", "--overwrite=true", "--seed=4"], sid.IndexConfig)
+    assert given == {"emb": "a.npy", "seed": 4, "overwrite": True}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train and evaluate RPG_ED end to end: data -> item embeddings -> SIDs -> model -> Recall/NDCG.
 
-    python train.py                                   # MovieLens-100K, the cpu preset (about 5 min)
-    python train.py --data=PATH/Beauty.txt            # Amazon Beauty, the sparse preset (< 80 min)
+    python train.py                                   # MovieLens-100K, the cpu preset
+    python train.py --data=PATH/Beauty.txt            # Amazon Beauty, the sparse preset
     python train.py --key=value ...                   # any field of TrainConfig or RPGEDConfig
 
 --preset=auto (the default) picks the preset from the data and says why in the log.
@@ -40,7 +40,7 @@ import torch
 import beam
 import sid
 from data import (EVAL_SAMPLE_SEED, Dataset, Split, extend_catalogue, item_embeddings, leave_one_out, load_data,
-                  prepare, ragged_arange, read_item_emb, sample_users, save_run_data)
+                  prepare, ragged_arange, read_item_emb, read_run_data, sample_users, save_run_data)
 from rpg_ed import RPG_ED, RPGEDConfig
 
 
@@ -55,25 +55,17 @@ class TrainConfig:
                                      # file NAME_*.npy beside data file NAME.ext, if any; "none": no file
     emb_source: str = "cf"           # text | cf | both (text + cf); with item_emb: both = file + cf,
                                      # anything else = the file alone
-    emb_dim: int = 64                # width of built embeddings
-    sid_codes: int = 256             # k-means centroids per SID digit (<= codebook_size; fewer = coarser groups)
     out_dir: str = ""                # default out/<dataset>
     preset: str = "auto"             # auto (chosen from the data: cpu or sparse) | cpu | sparse | seed
     seed: int = 0
     device: str = "auto"             # auto (cuda, mps, cpu) | cpu | cuda | mps
-    compile: bool = False            # torch.compile the model
     epochs: int = 7                  # maximum epochs
-    batch_size: int = 512            # most rows (examples) in a training batch
-    dynamic_batches: bool = True     # group rows by history length (little padding); false: random batches
-    batch_tokens: int = 0            # most history positions in a batch (rows x its longest history);
-                                     # 0 = batch_size * max_history, so only batch_size binds
+    batch_size: int = 512            # most rows (examples) in a training batch; rows are grouped by
+                                     # history length, so a batch pads (almost) nothing
     dtype: str = "auto"              # auto (bf16 on cuda, fp32 elsewhere) | bf16 | fp32: autocast compute
                                      # dtype; weights and optimizer state stay fp32
     lr: float = 4e-3                 # peak learning rate
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.05       # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
     eval_every: int = 2              # epochs between validation runs (and the last epoch)
     patience: int = 3                # validation runs without improvement before stopping
     eval_batch_size: int = 256       # users per beam-search batch
@@ -91,61 +83,65 @@ class TrainConfig:
                                      # data's new items to its index, train on this data (recommend.py)
 
     def __post_init__(self):
-        if self.batch_tokens < 0:
-            raise ValueError(f"--batch_tokens: expected 0 (no limit beyond batch_size) or a positive int, "
-                             f"got {self.batch_tokens}")
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+            if type(value) is not expected and not (expected is float and type(value) is int):
+                raise ValueError(f"--{f.name}: expected {f.type}, got {value!r}")
+            if expected is float and not math.isfinite(value):
+                raise ValueError(f"--{f.name}: expected a finite number, got {value}")
+        for name, allowed in (("format", ("auto", "inter", "csv", "amazon", "s3rec")),
+                              ("emb_source", ("text", "cf", "both")), ("device", ("auto", "cpu", "cuda", "mps")),
+                              ("dtype", ("auto", "bf16", "fp32")), ("preset", ("auto", *PRESETS))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.report_beam_size < 0 or 0 < self.report_beam_size < 10:
             raise ValueError(f"--report_beam_size: expected 0 (off) or at least 10 (10 items are ranked), "
                              f"got {self.report_beam_size}")
-        for name in ("max_steps", "eval_users"):
+        for name in ("max_steps", "eval_users", "warmup_steps", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name}: expected 0 (off) or a positive int, got {getattr(self, name)}")
-        for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "log_every", "emb_dim"):
+                raise ValueError(f"--{name}: expected 0 or a positive int, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: expected a positive int, got {getattr(self, name)}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "float" and not math.isfinite(value):
-                raise ValueError(f"--{f.name}: expected a finite number, got {value}")
-        for name, ok, expected in (("lr", self.lr > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
-                                   ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-                                   ("weight_decay", self.weight_decay >= 0, ">= 0"),
-                                   ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")):
-            if not ok:
-                raise ValueError(f"--{name}: expected {expected}, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr: expected > 0, got {self.lr}")
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval_only: expected at most one of them")
 
 
+# Fixed settings (each was a flag; docs/results.md has what other values gave)
+WEIGHT_DECAY = 0.05                  # AdamW, on weight matrices only
+MIN_LR_RATIO = 0.05                  # the cosine schedule ends at lr * MIN_LR_RATIO
+GRAD_CLIP = 1.0                      # gradient-norm clipping
+
 PRESETS = {
-    # sized for `python train.py` to finish within 10 minutes on a 2-core CPU (README, ablations):
-    # no user token (validation NDCG@10 0.0710 without, 0.0653 with); 7 epochs of batch 512 at
-    # lr 4e-3 (0.0744) instead of 6 of 256 at 3e-3 (0.0646); history 20, not 50 (2.4x faster);
-    # width 96, MLP 384 (3-seed mean 0.0761) over 64/256 (0.0694), 128/512 and 10 epochs.
-    # (TrainConfig's defaults are this preset's training settings)
+    # sized for `python train.py` on MovieLens-100K within 10 minutes on a 2-core CPU; each choice
+    # won on validation (docs/results.md): no user token, 7 epochs of batch 512 at lr 4e-3,
+    # 20 history items, width 96 with MLP 384
     "cpu": dict(n_embd=96, n_head=4, n_inner=384, encoder_n_layer=2, decoder_n_layer=1, max_history=20,
                 attn_pdrop=0.0, use_user_token=False),
-    # short histories (Amazon-like, under 20 items a user on average) cost little with dynamic
-    # batches, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP and depth)
-    # trained for longer (README, the recipe table)
+    # short histories (under 20 items a user on average, as on Amazon) cost little with batches
+    # grouped by length, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP
+    # and depth) trained for longer
     "sparse": dict(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
                    attn_pdrop=0.1, use_user_token=False, epochs=32, eval_every=4, patience=3, batch_size=512,
                    lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both"),
-    # the seed's architecture (RPGEDConfig's defaults), for a GPU
+    # the seed config (RPGEDConfig's defaults, the original design's size), for a GPU
     "seed": dict(epochs=200, eval_every=5, patience=4, batch_size=256, lr=1e-3, warmup_steps=2000),
 }
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: data -> SIDs -> model -> training loop -> evaluation
+# The run, in stages: data -> configs -> split -> SIDs -> model -> training -> report
 # ----------------------------------------------------------------------------------------------
 
 def main(argv: list) -> dict:
     start_time = time.time()
-    cfg, _ = parse_args(argv)                  # checks every flag before anything is read or written
+    given = parse_args(argv)                   # the only parse of argv in this process
+    cfg, _ = make_configs(given)               # checks every flag before anything is read or written
     dist = init_distributed(cfg.device)
     try:
-        results = train_and_evaluate(argv, dist, start_time)
+        results = train_and_evaluate(given, dist, start_time)
         dist.barrier()   # no process tears gloo/nccl down while another still talks to it
         return results
     finally:
@@ -153,64 +149,100 @@ def main(argv: list) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
+def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     log = print if dist.is_main else (lambda *args, **kwargs: None)
-    cfg, _ = parse_args(argv)
-    seconds, tick = {}, time.time()            # per stage, into results.json (bench.py --scale reads them)
-    if not dist.is_main:
-        dist.barrier()                         # rank 0 reads (and if needed fetches) the data first
-    raw = load_data(cfg)
-    if dist.is_main:
-        dist.barrier()
-    seconds["load"], tick = time.time() - tick, time.time()
-    log(f"data: {raw.source} ({seconds['load']:.1f} s)")
-    data = prepare(raw, cfg.five_core)
-    raw.users, raw.items, raw.times, raw.names = [], [], array("d"), {}   # now in `data`: free them
-    base = None
-    if cfg.init_from:
-        import recommend                       # here, not at the top: recommend.py imports this module
-        base = recommend.load_run(cfg.init_from)
-        cfg, mcfg = continue_config(argv, base.config)
-        n_own = len(data.item_raw)             # rows of an embeddings file for this data
-        data, new_rows = extend_catalogue(data, list(base.item_raw))
-        index, moved = add_new_items(base, raw.item_emb, n_own, new_rows)
-        log(f"init from {cfg.init_from}: its weights and SIDs; {len(new_rows)} new items in this data get "
-            f"SIDs from their embeddings ({moved} moved by collision resolution)")
-    elif cfg.preset == "auto":
-        preset, why = choose_preset(data)
-        log(f"preset: {preset}, chosen from the data: {why}")
-        cfg, mcfg = parse_args(argv, auto_preset=preset)
-    else:
-        cfg, mcfg = parse_args(argv)
-    name = cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
-    out_dir = cfg.out_dir or os.path.join("out", name)
+    seconds = {}                               # per stage, into results.json (bench.py --scale reads them)
+    raw, data = load_stage(make_configs(given)[0], dist, log, seconds)
+    cfg, mcfg, base, index, data = config_stage(given, raw, data, log)
+    out_dir = cfg.out_dir or os.path.join("out", run_name(cfg))
     if base is not None and os.path.realpath(out_dir) == os.path.realpath(cfg.init_from):
         raise ValueError(f"--out_dir: expected a folder other than --init_from ({cfg.init_from}), which it "
                          "would overwrite")
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
     log("config:", json.dumps(resolved))
-    log(f"processes: {dist.world}, device {dist.device}, compute dtype {str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
+    log(f"processes: {dist.world}, device {dist.device}, compute dtype "
+        f"{str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
     if dist.is_main:
         prepare_out_dir(out_dir, cfg)
         if not (cfg.resume or cfg.eval_only):
             sid.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
+    splits, stats = split_stage(cfg, mcfg, data, log, seconds)
+    index = sids_stage(cfg, dist, raw, data, splits, base, index, out_dir, log, seconds)
+    item_tokens = item_token_table(index, mcfg)
+    user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
+    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
+    model = model_stage(mcfg, run, base, log)
+    trained = None if cfg.eval_only else train_model(model, run)
+    return report_stage(model, run, data, trained, stats, raw.source, seconds, start_time)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
+
+
+def load_stage(cfg: TrainConfig, dist: Dist, log, seconds: dict) -> tuple:
+    """Read and 5-core the interactions (rank 0 first: it may fetch the data) -> (RawData, Dataset)."""
+    tick = time.time()
+    if not dist.is_main:
+        dist.barrier()
+    raw = load_data(cfg)
+    if dist.is_main:
+        dist.barrier()
+    seconds["load"] = time.time() - tick
+    log(f"data: {raw.source} ({seconds['load']:.1f} s)")
+    data = prepare(raw, cfg.five_core)
+    raw.users, raw.items, raw.times, raw.names = [], [], array("d"), {}   # now in `data`: free them
+    return raw, data
+
+
+def config_stage(given: dict, raw, data: Dataset, log) -> tuple:
+    """The run's configs: the preset chosen from the data, or (--init_from) the base run's model,
+    with its catalogue extended by this data's new items -> (cfg, mcfg, base, index, data)."""
+    cfg, _ = make_configs(given)
+    if cfg.init_from:
+        base = load_run(cfg.init_from)
+        cfg, mcfg = continue_config(given, base.config)
+        n_own = len(data.item_raw)             # rows of an embeddings file for this data
+        data, new_rows = extend_catalogue(data, list(base.item_raw))
+        index, moved = add_new_items(base, raw.item_emb, n_own, new_rows)
+        log(f"init from {cfg.init_from}: its weights and SIDs; {len(new_rows)} new items in this data get "
+            f"SIDs from their embeddings ({moved} moved by collision resolution)")
+        return cfg, mcfg, base, index, data
+    if cfg.preset == "auto":
+        preset, why = choose_preset(data)
+        log(f"preset: {preset}, chosen from the data: {why}")
+        cfg, mcfg = make_configs(given, auto_preset=preset)
+    else:
+        cfg, mcfg = make_configs(given)
+    return cfg, mcfg, None, None, data
+
+
+def split_stage(cfg: TrainConfig, mcfg: RPGEDConfig, data: Dataset, log, seconds: dict) -> tuple:
+    """Leave-one-out split (and the --eval_users sample) -> (splits, dataset stats)."""
+    tick = time.time()
     splits = leave_one_out(data, mcfg.max_history)
     stats = {"users": len(data.user_raw), "items": len(data.item_raw), "interactions": data.n_interactions,
              "train_examples": len(splits["train"].pos)}
     if cfg.eval_users and cfg.eval_users < len(data.user_raw):
         splits, stats["eval_users"] = sample_users(splits, cfg.eval_users), cfg.eval_users
-    seconds["split"], tick = time.time() - tick, time.time()
+    seconds["split"] = time.time() - tick
     log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()) + f" ({seconds['split']:.1f} s)")
     if "eval_users" in stats:
         log(f"evaluation: {cfg.eval_users:,} of {len(data.user_raw):,} users, a random sample fixed by "
             f"EVAL_SAMPLE_SEED={EVAL_SAMPLE_SEED} (the same for the model and the baselines, whatever --seed)")
+    return splits, stats
 
-    # SIDs: rank 0 builds and saves them; the other processes, a resume and --eval_only load them
+
+def sids_stage(cfg: TrainConfig, dist: Dist, raw, data: Dataset, splits: dict, base, index,
+               out_dir: str, log, seconds: dict) -> sid.SIDIndex:
+    """Rank 0 builds (or, with --init_from, extends) the SIDs and saves them with data.npz; the other
+    processes, a resume and --eval_only load them from out_dir."""
     if dist.is_main and not (cfg.resume or cfg.eval_only):
         if base is None:
+            tick = time.time()
             emb, emb_name = item_embeddings(cfg, data, raw, splits["train"])
             seconds["embeddings"], tick = time.time() - tick, time.time()
-            index, moved = sid.build_index(emb, seed=cfg.seed, codebook_size=cfg.sid_codes)
+            index, moved = sid.build_index(emb, seed=cfg.seed)
             seconds["sids"] = time.time() - tick
             log(f"SIDs: from {emb_name} embeddings {emb.shape} ({seconds['embeddings']:.1f} s), OPQ error "
                 f"{index.quantizer.errors[0]:.4g} -> {index.quantizer.errors[-1]:.4g}, {moved} items moved by "
@@ -224,23 +256,31 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
         if index.n_items != len(data.item_raw):
             raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {len(data.item_raw)}")
         log(f"SIDs: loaded from {out_dir}")
-    item_tokens = item_token_table(index, mcfg)
-    user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
-    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
+    return index
 
+
+def model_stage(mcfg: RPGEDConfig, run: "Run", base, log) -> RPG_ED:
+    """The model, initialised from cfg.seed (or from --init_from's weights), on the run's device."""
+    cfg, dist = run.cfg, run.dist
     torch.manual_seed(cfg.seed)
     model = RPG_ED(mcfg).to(dist.device)
     if base is not None and not (cfg.resume or cfg.eval_only):
         model.load_state_dict(base.model.state_dict())
     torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
     log(f"model: {model.num_parameters():,} parameters on {dist.device}")
-    trained = None if cfg.eval_only else train_model(model, run)
+    return model
 
+
+def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None, stats: dict, source: str,
+                 seconds: dict, start_time: float) -> dict:
+    """Evaluate the selected checkpoint on valid and test (and the baselines); write results.json
+    (eval.json for --eval_only) and curves.svg; print the table."""
+    cfg, dist = run.cfg, run.dist
     state = load_checkpoint(run.path("checkpoint.pt"), dist.device)
-    check_checkpoint(state, run.path("checkpoint.pt"), resolved, sids_digest(index), to_resume=False)
+    check_checkpoint(state, run.path("checkpoint.pt"), run.resolved, sids_digest(run.index), to_resume=False)
     model.load_state_dict(state["model"])
     tick = time.time()
-    results = {"config": resolved, "dataset": {**stats, "source": raw.source}, "processes": dist.world,
+    results = {"config": run.resolved, "dataset": {**stats, "source": source}, "processes": dist.world,
                "best_epoch": state["best_epoch"], "valid_history": (trained or state)["valid_history"],
                "loss_history": (trained or state)["loss_history"],
                "valid": evaluate(model, run, "valid"), "test": evaluate(model, run, "test"),
@@ -251,14 +291,15 @@ def train_and_evaluate(argv: list, dist: Dist, start_time: float) -> dict:
         results[f"beam{cfg.report_beam_size}"] = {split: evaluate(model, run, split, cfg.report_beam_size)
                                                   for split in ("valid", "test")}
     if dist.is_main:
-        results["baselines"] = {split: baseline_rankings(data, splits, split) for split in ("valid", "test")}
+        results["baselines"] = {split: baseline_rankings(data, run.splits, split) for split in ("valid", "test")}
         results["total_seconds"] = round(time.time() - start_time, 1)
         out_name = "eval.json" if cfg.eval_only else "results.json"
         sid.atomic_write(run.path(out_name), json.dumps(results, indent=2).encode())
         if trained:
-            sid.atomic_write(run.path("curves.svg"), curves_svg(trained, f"{name}, preset {cfg.preset}, seed {cfg.seed}").encode())
+            title = f"{run_name(cfg)}, preset {cfg.preset}, seed {cfg.seed}"
+            sid.atomic_write(run.path("curves.svg"), curves_svg(trained, title).encode())
         print_table(results)
-        log(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
+        print(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
     return results
 
 
@@ -274,8 +315,6 @@ def train_model(model: RPG_ED, run: Run) -> dict:
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
     lengths = run.splits["train"].lengths()
     max_history = run.resolved["model"]["max_history"]
     steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
@@ -294,8 +333,7 @@ def train_model(model: RPG_ED, run: Run) -> dict:
                 break
             local, weight = shard(rows, dist)
             lr = lr_at(progress["step"], total_steps, cfg)
-            loss = train_step(net, optimizer, run.batch("train", local), weight, lr, cfg.grad_clip,
-                              dist.device, dtype)
+            loss = train_step(net, optimizer, run.batch("train", local), weight, lr, dist.device, dtype)
             progress["step"] += 1
             finite = torch.tensor([float(math.isfinite(loss.item()))])
             if dist.sum(finite).item() < dist.world:                           # every process stops together
@@ -311,40 +349,54 @@ def train_model(model: RPG_ED, run: Run) -> dict:
                 progress["loss_history"].append({"step": progress["step"], "examples": progress["examples"],
                                                  "loss": round(loss_sum / loss_rows, 5)})   # this process's rows
                 loss_sum, loss_rows = 0.0, 0
-        improved = False
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or progress["step"] >= total_steps:
-            eval_start = time.time()
-            metrics = evaluate(model, run, "valid")
-            progress["valid_history"].append({"epoch": epoch, "examples": progress["examples"], **metrics})
-            run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
-                    f" | {time.time() - eval_start:.0f} s", flush=True)
-            if metrics["ndcg@10"] > progress["best"]:
-                progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
-                improved = True
-            else:
-                progress["bad_evals"] += 1
-                progress["done"] = progress["bad_evals"] >= cfg.patience
-        progress["epoch"] = epoch
-        progress["train_seconds"] = seconds_before + time.time() - session_start
-        rng = dist.gather(rng_state(dist.device))
-        if dist.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
-                     "sids_sha256": sids_digest(run.index), "sids_items": run.index.n_items, "rng": rng, **progress}
-            if improved:
-                save_checkpoint(run.path("checkpoint.pt"), state)
-            save_checkpoint(run.path("last.pt"), state)   # after the best: a resume never lacks its best
-        dist.barrier()
-        if progress["done"]:
-            run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
+        improved = validate(model, run, progress, epoch, last=progress["step"] >= total_steps)
+        progress["epoch"], progress["train_seconds"] = epoch, seconds_before + time.time() - session_start
+        save_epoch(model, optimizer, run, progress, improved)
     return progress
+
+
+def validate(model: RPG_ED, run: Run, progress: dict, epoch: int, last: bool) -> bool:
+    """Every eval_every epochs and at the end: validation metrics into progress, early stopping.
+    Returns whether validation NDCG@10 improved."""
+    cfg = run.cfg
+    improved = False
+    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or last:
+        eval_start = time.time()
+        metrics = evaluate(model, run, "valid")
+        progress["valid_history"].append({"epoch": epoch, "examples": progress["examples"], **metrics})
+        run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+                f" | {time.time() - eval_start:.0f} s", flush=True)
+        if metrics["ndcg@10"] > progress["best"]:
+            progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
+            improved = True
+        else:
+            progress["bad_evals"] += 1
+            progress["done"] = progress["bad_evals"] >= cfg.patience
+    return improved
+
+
+def save_epoch(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict, improved: bool) -> None:
+    """last.pt after every epoch (everything --resume needs), checkpoint.pt when validation improved."""
+    cfg, dist = run.cfg, run.dist
+    rng = dist.gather(rng_state(dist.device))
+    if dist.is_main:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
+                 "sids_sha256": sids_digest(run.index), "sids_items": run.index.n_items, "rng": rng, **progress}
+        if improved:
+            save_checkpoint(run.path("checkpoint.pt"), state)
+        save_checkpoint(run.path("last.pt"), state)   # after the best: a resume never lacks its best
+    dist.barrier()
+    if progress["done"]:
+        run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
 
 
 # ----------------------------------------------------------------------------------------------
 # Around the loop: the output folder, resuming, the results table
 # ----------------------------------------------------------------------------------------------
 
-RUN_FILES = ("config.json", "checkpoint.pt", "last.pt", "item_id2tokens.npy", "tokens2item.pkl", "opq.npz",
-             "data.npz", "results.json", "curves.svg")
+# every file of a run folder; load_run needs the first four
+RUN_FILES = ("config.json", "checkpoint.pt", "item_id2tokens.npy", "data.npz", "tokens2item.pkl", "opq.npz",
+             "last.pt", "results.json", "curves.svg")
 
 
 def prepare_out_dir(out_dir: str, cfg: TrainConfig) -> None:
@@ -434,17 +486,6 @@ def print_table(results: dict) -> None:
 # Training steps: batch order, precision, learning rate, optimiser
 # ----------------------------------------------------------------------------------------------
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch, a function of (seed, epoch) only: the same on every
-    process and after a resume (torch's DistributedSampler seeds the same way)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
-
-
-def fixed_batches(order: np.ndarray, batch_size: int) -> list:
-    """Consecutive slices of `order`, batch_size rows each (the last one may be shorter)."""
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 def length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int,
                    generator: torch.Generator | None = None) -> list:
     """Dynamic batches: rows of one history length together, so a batch pads (almost) nothing.
@@ -472,10 +513,8 @@ def length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int,
 def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, max_history: int, epoch: int) -> list:
     """The global batches of one epoch, a function of (seed, epoch) only: the same on every
     process and after a resume (torch's DistributedSampler seeds the same way)."""
-    if not cfg.dynamic_batches:
-        return fixed_batches(epoch_order(len(lengths), cfg.seed, epoch), cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    return length_batches(lengths, cfg.batch_size, cfg.batch_tokens or cfg.batch_size * max_history, generator)
+    return length_batches(lengths, cfg.batch_size, cfg.batch_size * max_history, generator)
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -492,12 +531,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio. A function of the step, so the
+    """Linear warmup, then cosine decay to lr * MIN_LR_RATIO. A function of the step, so the
     step is the whole scheduler state."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(model: RPG_ED, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -505,12 +544,12 @@ def make_optimizer(model: RPG_ED, cfg: TrainConfig) -> torch.optim.Optimizer:
     decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n}
     decay = [p for n, p in model.named_parameters() if n in decayed]
     no_decay = [p for n, p in model.named_parameters() if n not in decayed]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_clip: float,
-               device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def train_step(model, optimizer, batch: dict, weight: float, lr: float, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
     """One optimiser step on this process's batch; `weight` comes from shard(). Returns the loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -518,7 +557,7 @@ def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_cli
         loss = model(batch)
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     optimizer.step()
     return loss.detach()
 
@@ -527,11 +566,8 @@ def train_step(model, optimizer, batch: dict, weight: float, lr: float, grad_cli
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
-CHECKPOINT_VERSION = 2       # 2: loss history and examples seen; history_compressor
-
-
-RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "compile", "log_every", "eval_batch_size", "out_dir",
-                     "report_beam_size")
+CHECKPOINT_VERSION = 3       # checkpoints of another version are refused, not misread
+RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "log_every", "eval_batch_size", "out_dir", "report_beam_size")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -586,6 +622,80 @@ def check_checkpoint(state: dict, path: str, resolved: dict, digest: str, to_res
 def rng_state(device: torch.device) -> dict:
     return {"cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# A finished run, read back from its folder (recommend.py and --init_from)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainedRun:
+    """A finished run, loaded from its folder."""
+    folder: str
+    config: dict                     # config.json: {"train": {...}, "model": {...}}
+    model: RPG_ED                    # the best checkpoint's weights, eval mode
+    index: sid.SIDIndex
+    item_raw: np.ndarray             # (n_items,) str: raw id of item id i
+    item_title: np.ndarray           # (n_items,) str: start of the item's text, "" when none
+    user_raw: np.ndarray             # (n_users,) str
+    offsets: np.ndarray              # (n_users + 1,) int64: user u's items are items[offsets[u]:offsets[u + 1]]
+    items: np.ndarray                # (n_interactions,) int32 item ids, oldest first per user
+    content_sids: bool               # SIDs from an embeddings file alone: new items can be placed
+    trained_items: int               # items the model was trained with; ids from here on were added later
+
+    def __post_init__(self):
+        self.item_id = {raw: i for i, raw in enumerate(self.item_raw.tolist())}
+        self.user_id = {raw: u for u, raw in enumerate(self.user_raw.tolist())}
+
+    def sequence(self, user_raw: str) -> np.ndarray:
+        """A user's items in the run's data, oldest first; ValueError for an unknown user."""
+        if user_raw not in self.user_id:
+            raise ValueError(f"--user: {user_raw!r} is not a user of {self.folder} ({len(self.user_raw)} users, "
+                             f"e.g. {', '.join(map(repr, self.user_raw[:3].tolist()))})")
+        u = self.user_id[user_raw]
+        return self.items[self.offsets[u]:self.offsets[u + 1]].astype(np.int64)
+
+    def item_ids(self, raw_ids: list) -> np.ndarray:
+        """Raw item ids -> item ids; ValueError naming the first unknown one."""
+        unknown = [r for r in raw_ids if r not in self.item_id]
+        if unknown:
+            raise ValueError(f"item {unknown[0]!r} is not an item of {self.folder} ({len(self.item_raw)} items)")
+        return np.array([self.item_id[r] for r in raw_ids], np.int64)
+
+
+def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
+    """A run folder -> TrainedRun: the model with the best weights, its SIDs and id maps, from the
+    folder's files alone. A missing file, or files that disagree, give a ValueError naming them."""
+    missing = [f for f in RUN_FILES[:4] if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise ValueError(f"{folder}: not a finished run folder, missing {missing} (train.py writes them)")
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        mcfg = RPGEDConfig(**config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder}/config.json: not a run config ({type(e).__name__}: {e})") from None
+    index = sid.SIDIndex.load(folder)
+    data = read_run_data(folder)
+    if len(data["item_raw"]) != index.n_items:
+        raise ValueError(f"{folder}: the SID index has {index.n_items} items, data.npz maps {len(data['item_raw'])}; "
+                         "the files come from different runs or an interrupted update")
+    if data["items"].size and int(data["items"].max()) >= index.n_items:
+        raise ValueError(f"{folder}/data.npz: a sequence holds item {int(data['items'].max())}, the index has "
+                         f"{index.n_items} items")
+    if (mcfg.n_digit, mcfg.codebook_size) != (index.item_codes.shape[1], sid.CODEBOOK_SIZE):
+        raise ValueError(f"{folder}: the model has {mcfg.n_digit} digits of {mcfg.codebook_size} codes, the index "
+                         f"{index.item_codes.shape[1]} of {sid.CODEBOOK_SIZE}")
+    path = os.path.join(folder, "checkpoint.pt")
+    state = load_checkpoint(path)
+    trained_items = state.get("sids_items", index.n_items)             # items added later keep the digest
+    if trained_items > index.n_items:
+        raise ValueError(f"{path}: trained on {trained_items} items, the index has only {index.n_items}")
+    check_checkpoint(state, path, config, sids_digest(index, trained_items), to_resume=False)
+    model = RPG_ED(mcfg)
+    model.load_state_dict(state["model"])
+    return TrainedRun(folder, config, model.to(device).eval(), index, data["item_raw"], data["item_title"],
+                      data["user_raw"], data["offsets"], data["items"], bool(data["content_sids"]), trained_items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,11 +808,8 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
     split, cfg = run.splits[split_name], run.cfg
     target = split.target
     rank = np.zeros(len(target), np.int64)                                      # 0 = not in the top 10
-    if cfg.dynamic_batches:                                                     # users grouped by history length
-        tokens = cfg.batch_tokens or cfg.eval_batch_size * model.config.max_history
-        batches = length_batches(split.lengths(), cfg.eval_batch_size, tokens)
-    else:
-        batches = fixed_batches(np.arange(len(target)), cfg.eval_batch_size)
+    batches = length_batches(split.lengths(), cfg.eval_batch_size,   # users grouped by history length
+                             cfg.eval_batch_size * model.config.max_history)
     dtype = compute_dtype(cfg, run.dist.device)
     for j, rows in enumerate(batches):
         if j % run.dist.world != run.dist.rank:
@@ -820,31 +927,17 @@ class Run:
 # Command line: --key=value for every field of TrainConfig and RPGEDConfig; presets; --init_from
 # ----------------------------------------------------------------------------------------------
 
-def _parse_value(name: str, text: str, kind: str):
-    try:
-        if kind == "bool":
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        return {"int": int, "float": float, "str": str}[kind](text)
-    except ValueError:
-        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
+def parse_args(argv: list) -> dict:
+    """--key=value pairs -> {key: typed value} for fields of TrainConfig and RPGEDConfig."""
+    return sid.parse_flags(argv, TrainConfig, RPGEDConfig)
 
 
-def parse_args(argv: list, auto_preset: str | None = None) -> tuple[TrainConfig, RPGEDConfig]:
-    """--key=value pairs -> (TrainConfig, RPGEDConfig). Preset first, then explicit values.
-    `--preset=auto` (the default) stands for `auto_preset`, which the run picks from the data
-    (choose_preset), and the config records the preset used; before the data is read
-    (auto_preset None) it keeps the name "auto" with the cpu preset's values."""
-    kinds = {f.name: f.type for cls in (TrainConfig, RPGEDConfig) for f in dataclasses.fields(cls)}
-    given = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(kinds))})")
-        key, text = arg[2:].split("=", 1)
-        if key not in kinds:
-            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(kinds))}")
-        given[key] = _parse_value(key, text, kinds[key])
+def make_configs(given: dict, auto_preset: str | None = None) -> tuple[TrainConfig, RPGEDConfig]:
+    """Flags -> (TrainConfig, RPGEDConfig): the preset's values, then the flags'. `--preset=auto` (the
+    default) stands for `auto_preset`, which the run picks from the data (choose_preset), and the
+    config records the preset used; before the data is read (auto_preset None) it keeps the name
+    "auto" with the cpu preset's values. Each dataclass checks its own values."""
+    given = dict(given)
     preset = given.get("preset", TrainConfig.preset)
     if preset == "auto":
         preset = "cpu" if auto_preset is None else auto_preset
@@ -854,19 +947,12 @@ def parse_args(argv: list, auto_preset: str | None = None) -> tuple[TrainConfig,
     values = {**PRESETS[preset], **given}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
-    mcfg = RPGEDConfig(**{k: v for k, v in values.items() if k not in train_keys})
-    for name, allowed in (("format", ("auto", "inter", "csv", "amazon", "s3rec")),
-                          ("emb_source", ("text", "cf", "both")), ("device", ("auto", "cpu", "cuda", "mps")),
-                          ("dtype", ("auto", "bf16", "fp32"))):
-        if getattr(tcfg, name) not in allowed:
-            raise ValueError(f"--{name}: expected one of {allowed}, got {getattr(tcfg, name)!r}")
+    try:
+        mcfg = RPGEDConfig(**{k: v for k, v in values.items() if k not in train_keys})
+    except ValueError as e:              # "config.n_embd: ..." -> "--n_embd: ...", the flag the user typed
+        raise ValueError(str(e).replace("config.", "--", 1)) from None
     if mcfg.beam_size < 10:
         raise ValueError(f"--beam_size: expected at least 10 (evaluation ranks 10 items), got {mcfg.beam_size}")
-    if not 1 <= tcfg.sid_codes <= mcfg.codebook_size:
-        raise ValueError(f"--sid_codes: expected 1..codebook_size ({mcfg.codebook_size}), got {tcfg.sid_codes}")
-    if tcfg.batch_tokens and tcfg.batch_tokens < mcfg.max_history:
-        raise ValueError(f"--batch_tokens: expected 0 or at least max_history ({mcfg.max_history}) so that a "
-                         f"batch holds one row of the longest history, got {tcfg.batch_tokens}")
     return tcfg, mcfg
 
 
@@ -884,14 +970,13 @@ def choose_preset(data: Dataset) -> tuple[str, str]:
     return "cpu", f"{per_user:.1f} interactions per user (>= {SPARSE_BELOW}): long histories, the small model"
 
 
-def continue_config(argv: list, base_config: dict) -> tuple[TrainConfig, RPGEDConfig]:
+def continue_config(given: dict, base_config: dict) -> tuple[TrainConfig, RPGEDConfig]:
     """--init_from: training settings from the flags (preset auto = the base run's preset); the
     model config is the base run's, and a model flag that contradicts it is an error."""
-    cfg, _ = parse_args(argv)
+    cfg, _ = make_configs(given)
     preset = base_config["train"]["preset"] if cfg.preset == "auto" else cfg.preset
-    cfg, mcfg = parse_args(argv, auto_preset=preset)
+    cfg, mcfg = make_configs(given, auto_preset=preset)
     base_model = RPGEDConfig(**base_config["model"])
-    given = {arg[2:].split("=", 1)[0] for arg in argv}
     for key, value in dataclasses.asdict(mcfg).items():
         if key in given and value != getattr(base_model, key):
             raise ValueError(f"--{key}: the model of --init_from has {key}={getattr(base_model, key)!r}, "
