@@ -118,7 +118,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     dist = dist or train.Dist(0, 1, next(run.model.parameters()).device)
     split = request_split(histories, mcfg.max_history)
     item_tokens = train.item_token_table(run.index, mcfg)
-    buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in users], dtype=torch.long)
+    buckets = train.user_bucket_table(users, mcfg.n_user_buckets)
     items = torch.zeros(len(histories), n_return, dtype=torch.long)
     scores = torch.zeros(len(histories), n_return)
     codes = torch.zeros(len(histories), n_return, mcfg.n_digit, dtype=torch.long)

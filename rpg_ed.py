@@ -12,7 +12,7 @@ One vocabulary, no overlapping ranges (the same layout as sid.py):
 
     0 PAD | 1 BOS | 2 EOS | 3 .. 3+U-1 user buckets | 3+U + d*256 + c for SID digit d, code c
 
-Batch (all token ids except `user_ids`, which are bucket indices in [0, U)):
+Batch (all token ids except `user_ids`, which are bucket indices in [0, U), read only when U > 0):
 
     user_ids          [B]        long
     history_sid       [B, L, 4]  long, L <= max_history, oldest first, LEFT-padded with PAD (0)
@@ -51,7 +51,7 @@ N_SPECIAL = 3
 class RPGEDConfig:
     n_digit: int = 4                 # SID length (tokens per item)
     codebook_size: int = 256         # codes per digit
-    n_user_buckets: int = 10000      # users are hashed into this many tokens
+    n_user_buckets: int = 10000      # users are hashed into this many tokens; 0: no user token
     max_history: int = 50            # history items read by the encoder
     encoder_n_layer: int = 4         # encoder blocks
     decoder_n_layer: int = 4         # decoder blocks
@@ -61,7 +61,6 @@ class RPGEDConfig:
     dropout: float = 0.1             # on embeddings, each residual branch and the history MLP
     attn_pdrop: float = 0.1          # on attention weights
     beam_size: int = 10              # beams in generate()
-    use_user_token: bool = True      # prepend the user-bucket token to the encoder input
 
     def __post_init__(self):
         for f in fields(self):
@@ -69,7 +68,7 @@ class RPGEDConfig:
             expected = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
             if type(value) is not expected and not (expected is float and type(value) is int):
                 raise ValueError(f"config.{f.name}: expected {f.type}, got {value!r}")
-            if expected is int and value <= 0:
+            if expected is int and value <= 0 and not (f.name == "n_user_buckets" and value == 0):
                 raise ValueError(f"config.{f.name}: expected a positive int, got {value}")
             if expected is float and not math.isfinite(value):
                 raise ValueError(f"config.{f.name}: expected a finite number, got {value}")
@@ -332,7 +331,7 @@ class RPG_ED(nn.Module):
         if L > c.max_history or D != c.n_digit or B != user_ids.shape[0]:
             raise ValueError(f"history_sid: expected shape [{user_ids.shape[0]}, L<={c.max_history}, {c.n_digit}], "
                              f"got {tuple(history_sid.shape)}")
-        if user_ids.min() < 0 or user_ids.max() >= c.n_user_buckets:
+        if c.n_user_buckets and (user_ids.min() < 0 or user_ids.max() >= c.n_user_buckets):
             raise ValueError(f"user_ids: expected bucket indices in [0, {c.n_user_buckets}), "
                              f"got values in [{int(user_ids.min())}, {int(user_ids.max())}]")
         codes = history_sid - self.digit_offsets
@@ -378,7 +377,7 @@ class RPG_ED(nn.Module):
         positions = torch.arange(c.max_history - L + 1, c.max_history + 1, device=items.device)
         x = items + self.encoder_pos(positions)
         mask = item_mask
-        if c.use_user_token:
+        if c.n_user_buckets:                                                    # the user token
             user = self.token_emb(N_SPECIAL + user_ids)[:, None] + self.encoder_pos.weight[0]  # (B, 1, E)
             x = torch.cat([user, x], dim=1)                                     # (B, 1+L, E)
             mask = torch.cat([item_mask.new_ones(B, 1), item_mask], dim=1)         # (B, 1+L)

@@ -377,7 +377,7 @@ def make_batch(model, lengths, width=None, seed=0, targets=None):
     if targets is None:
         targets = torch.randint(0, c.codebook_size, (len(lengths), c.n_digit), generator=g)
     tokens = targets + model.digit_offsets
-    return dict(user_ids=torch.randint(0, c.n_user_buckets, (len(lengths),), generator=g),
+    return dict(user_ids=torch.randint(0, max(c.n_user_buckets, 1), (len(lengths),), generator=g),
                 history_sid=history,
                 decoder_input_ids=torch.cat([torch.full((len(lengths), 1), rpg_ed.BOS), tokens], 1),
                 decoder_labels=torch.cat([tokens, torch.full((len(lengths), 1), rpg_ed.EOS)], 1))
@@ -393,10 +393,21 @@ def trim(batch, row):
 histories = st.lists(st.integers(0, TINY["max_history"]), min_size=1, max_size=4)
 
 
+def test_no_user_token_means_no_user_rows_and_user_ids_unread():
+    model = tiny_model(0, n_user_buckets=0)
+    assert model.token_emb.weight.shape[0] == rpg_ed.N_SPECIAL + 4 * 256 == model.config.vocab_size
+    batch = make_batch(model, [3, 0, 6])
+    with torch.no_grad():
+        memory, mask = model.encode(batch["user_ids"], batch["history_sid"])
+        again, _ = model.encode(batch["user_ids"] + 12345, batch["history_sid"])
+    assert memory.shape[1] == batch["history_sid"].shape[1] and torch.equal(memory, again)
+    assert torch.equal(train.user_bucket_table(["a", "b"], 0), torch.zeros(2, dtype=torch.long))
+
+
 @FAST
 @given(histories, st.integers(1, 3), st.integers(0, 1000), st.booleans())
 def test_cached_decoding_equals_full_forward(lengths, n_beams, seed, user_token):
-    model = tiny_model(seed, use_user_token=user_token)
+    model = tiny_model(seed, n_user_buckets=TINY["n_user_buckets"] if user_token else 0)
     batch = make_batch(model, lengths, seed=seed)
     with torch.no_grad():
         memory, memory_mask = model.encode(batch["user_ids"], batch["history_sid"])

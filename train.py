@@ -119,12 +119,12 @@ PRESETS = {
     # won on validation (docs/results.md): no user token, 7 epochs of batch 512 at lr 4e-3,
     # 20 history items, width 96 with MLP 384
     "cpu": dict(n_embd=96, n_head=4, n_inner=384, encoder_n_layer=2, decoder_n_layer=1, max_history=20,
-                attn_pdrop=0.0, use_user_token=False),
+                attn_pdrop=0.0, n_user_buckets=0),
     # short histories (under 20 items a user on average, as on Amazon) cost little with batches
     # grouped by length, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP
     # and depth) trained for longer
     "sparse": dict(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
-                   attn_pdrop=0.1, use_user_token=False, epochs=32, eval_every=4, patience=3, batch_size=512,
+                   attn_pdrop=0.1, n_user_buckets=0, epochs=32, eval_every=4, patience=3, batch_size=512,
                    lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both"),
     # the seed config (RPGEDConfig's defaults, the original design's size), for a GPU
     "seed": dict(epochs=200, eval_every=5, patience=4, batch_size=256, lr=1e-3, warmup_steps=2000),
@@ -169,7 +169,7 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     splits, stats = split_stage(cfg, mcfg, data, log, seconds)
     index = sids_stage(cfg, dist, raw, data, splits, base, index, out_dir, log, seconds)
     item_tokens = item_token_table(index, mcfg)
-    user_buckets = torch.tensor([sid.user_bucket(u, mcfg.n_user_buckets) for u in data.user_raw])
+    user_buckets = user_bucket_table(data.user_raw, mcfg.n_user_buckets)
     run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
     model = model_stage(mcfg, run, base, log)
     trained = None if cfg.eval_only else train_model(model, run)
@@ -706,6 +706,13 @@ def item_token_table(index: sid.SIDIndex, mcfg: RPGEDConfig) -> torch.Tensor:
     """(n_items + 1, n_digit) SID tokens of each item; the last row is PAD (make_batch's padding)."""
     return torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, mcfg.n_user_buckets)),
                       torch.full((1, mcfg.n_digit), sid.PAD)])
+
+
+def user_bucket_table(user_raw: list, n_user_buckets: int) -> torch.Tensor:
+    """(n_users,) the user-token bucket of each raw user id; zeros when there is no user token."""
+    if n_user_buckets == 0:
+        return torch.zeros(len(user_raw), dtype=torch.long)
+    return torch.tensor([sid.user_bucket(u, n_user_buckets) for u in user_raw], dtype=torch.long)
 
 
 def make_batch(split: Split, rows: np.ndarray, item_tokens: torch.Tensor, user_buckets: torch.Tensor,
