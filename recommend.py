@@ -94,13 +94,13 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
 
 @torch.no_grad()
 def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10, beam_size: int | None = None,
-              dtype: str = "fp32", batch_size: int = 256, batch_tokens: int = 0,
-              dist: train.Dist | None = None, new_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+              dtype: str = "fp32", batch_size: int = 256, dist: train.Dist | None = None,
+              new_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Top n_return items for each history (item ids, oldest first) of each raw user id.
 
     Returns (items (U, n_return) int64, scores (U, n_return) float32), best first. Users are
-    grouped by history length into batches of at most batch_size rows and batch_tokens history
-    positions (train.length_batches, as in evaluation). With several processes, batch j runs on
+    grouped by history length into batches of at most batch_size rows (train.length_batches, as in
+    evaluation). With several processes, batch j runs on
     rank j % world and the results are summed over processes, so each batch is the one a single
     process runs and the output is identical. `new_share` > 0 applies TIGER's cold-start rule
     (with_new_items) to at most round(new_share * n_return) slots; scores of inserted items are NaN.
@@ -123,7 +123,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     scores = torch.zeros(len(histories), n_return)
     codes = torch.zeros(len(histories), n_return, mcfg.n_digit, dtype=torch.long)
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-    batches = train.length_batches(split.lengths(), batch_size, batch_tokens or batch_size * mcfg.max_history)
+    batches = train.length_batches(split.lengths(), batch_size, batch_size * mcfg.max_history)
     for j, rows in enumerate(batches):
         if j % dist.world != dist.rank:
             continue

@@ -440,13 +440,11 @@ class SIDIndex:
         return {tuple(int(c) for c in row): i for i, row in enumerate(self.item_codes.tolist())}
 
     # -- files ----------------------------------------------------------------------------------
-    def save(self, folder: str) -> None:
-        """item_id2tokens.npy, tokens2item.pkl and (if trained here) opq.npz, each written atomically."""
-        os.makedirs(folder, exist_ok=True)
+    def files(self) -> dict:
+        """{file name: bytes}: item_id2tokens.npy, tokens2item.pkl and (if trained here) opq.npz."""
         buf = io.BytesIO()
         np.save(buf, self.item_codes, allow_pickle=False)
-        atomic_write(os.path.join(folder, "item_id2tokens.npy"), buf.getvalue())
-        atomic_write(os.path.join(folder, "tokens2item.pkl"), pickle.dumps(self.inverted_dict(), protocol=4))
+        out = {"item_id2tokens.npy": buf.getvalue(), "tokens2item.pkl": pickle.dumps(self.inverted_dict(), protocol=4)}
         if self.quantizer is not None:
             q = self.quantizer
             buf = io.BytesIO()
@@ -456,7 +454,14 @@ class SIDIndex:
             np.savez(buf, version=INDEX_VERSION, mean=q.mean, rotation=q.rotation, codebooks=books,
                      n_centroids=np.array([len(b) for b in q.codebooks]), errors=np.array(q.errors),
                      placed_items=np.array(q.placed[0]), placed_sha256=np.array(q.placed[1]))
-            atomic_write(os.path.join(folder, "opq.npz"), buf.getvalue())
+            out["opq.npz"] = buf.getvalue()
+        return out
+
+    def save(self, folder: str) -> None:
+        """The files() into `folder`, each written atomically."""
+        os.makedirs(folder, exist_ok=True)
+        for name, data in self.files().items():
+            atomic_write(os.path.join(folder, name), data)
 
     @classmethod
     def load(cls, folder: str) -> "SIDIndex":

@@ -7,27 +7,59 @@ Sizes are tiny and seeded; hypothesis generates shapes, catalogues, lengths and 
 """
 from __future__ import annotations
 
+import ast
+import contextlib
+import dataclasses
+import gzip
+import heapq
+import io
+import json
 import math
 import os
 import pickle
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import xml.dom.minidom
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import beam
+import bench
+import data as data_py  # data.py (the name `data` is taken by datasets here)
+import experiments
+import recommend
+import rpg_ed
 import sid
+import train
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def re_escape(text: str) -> str:
+    return re.escape(text)
+
+
 # ----------------------------------------------------------------------------------------------
-# sid.py
+# sid.py: k-means, OPQ, collision-free SIDs, token layout, prefix masks, adding items, --key=value flags
 # ----------------------------------------------------------------------------------------------
 
 @st.composite
@@ -99,7 +131,6 @@ def best_first_resolve(codes: np.ndarray, dist: np.ndarray, taken_keys: np.ndarr
     """The slow oracle (sid.py's earlier algorithm). The first item at each nearest SID keeps it
     (unless already used); then per mover, in id order, a best-first search over (cost, tuple of
     ranks) from its nearest tuple, stepping past used SIDs one at a time."""
-    import heapq
     codes = codes.astype(np.int64).copy()
     keys = sid.pack_codes(codes).tolist()
     taken = set(taken_keys.tolist())
@@ -173,7 +204,6 @@ def test_collision_resolution_equals_best_first_search(problem, price_free_list)
 @given(st.integers(1, 50), st.integers(1, 256), st.integers(1, 6), st.integers(0, 2**16))
 def test_token_layout_is_the_same_in_sid_and_the_model(n_user_buckets, codebook_size, n_digit, seed):
     """sid.py and rpg_ed.py each define the vocabulary (so each can be copied alone); they must agree."""
-    import rpg_ed
     config = rpg_ed.RPGEDConfig(n_user_buckets=n_user_buckets, codebook_size=codebook_size, n_digit=n_digit,
                                 n_embd=8, n_head=2, n_inner=8, encoder_n_layer=1, decoder_n_layer=1)
     assert (sid.PAD, sid.BOS, sid.EOS, sid.N_SPECIAL) == (rpg_ed.PAD, rpg_ed.BOS, rpg_ed.EOS, rpg_ed.N_SPECIAL)
@@ -206,7 +236,6 @@ def test_prefix_mask_equals_brute_force(x, data):
 
 
 def test_prefix_mask_and_lookup_accept_torch():
-    import torch
     index, _ = small_index(np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32))
     prefixes = torch.from_numpy(index.item_codes[:5, :2].astype(np.int64))
     assert torch.equal(index.prefix_mask(prefixes), torch.from_numpy(index.prefix_mask(prefixes.numpy())))
@@ -342,14 +371,26 @@ def test_user_bucket_is_stable_across_processes():
     assert all(0 <= b < 10000 for b in here)
 
 
-# ----------------------------------------------------------------------------------------------
-# rpg_ed.py
-# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, fragment", [
+    (["--emb=a.npy", "out"], "argument 'out': expected --key=value"),
+    (["--emb"], "argument '--emb': expected --key=value"),
+    (["--nope=1"], "unknown option --nope"),
+    (["--seed=x"], "--seed: expected int, got 'x'"),
+    (["--overwrite=yes"], "--overwrite: expected bool, got 'yes'"),
+])
+def test_parse_flags_refuses_what_it_cannot_read(argv, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        sid.parse_flags(argv, sid.IndexConfig)
 
-import torch
-import torch.nn.functional as F
 
-import rpg_ed
+def test_parse_flags_types_values_and_the_last_one_wins():
+    given = sid.parse_flags(["--emb=a.npy", "--seed=3", "--overwrite=true", "--seed=4"], sid.IndexConfig)
+    assert given == {"emb": "a.npy", "seed": 4, "overwrite": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# rpg_ed.py: attention, cached and uncached decoding, padding, checked batches
+# ----------------------------------------------------------------------------------------------
 
 TINY = dict(n_user_buckets=7, max_history=6, encoder_n_layer=2, decoder_n_layer=2, n_head=2,
             n_embd=16, n_inner=32)
@@ -533,22 +574,14 @@ def test_model_bad_input(make, fragment):
         make()
 
 
-def re_escape(text: str) -> str:
-    import re
-    return re.escape(text)
-
-
 def test_seed_config():
     config = rpg_ed.RPGEDConfig()
     assert config.vocab_size == 11027 and config.sid_offset == 10003
 
 
 # ----------------------------------------------------------------------------------------------
-# beam.py
+# beam.py: constrained beam search against brute force
 # ----------------------------------------------------------------------------------------------
-
-import beam
-
 
 @st.composite
 def sid_catalogues(draw, max_items: int = 24):
@@ -678,15 +711,8 @@ def test_unconstrained_reports_invalid_rate_and_generate_shape():
 
 
 # ----------------------------------------------------------------------------------------------
-# train.py
+# data.py: loaders, fuzzed files, 5-core, leave-one-out windows, item embeddings (sparse PPMI, TF-IDF)
 # ----------------------------------------------------------------------------------------------
-
-import gzip
-import json
-
-import data as data_py  # data.py (the name `data` is taken by datasets here)
-import train
-
 
 def interactions(seed: int = 0, n_users: int = 12, n_items: int = 9):
     """(user, item, time) rows in a shuffled file order, with many equal timestamps; each user
@@ -719,6 +745,16 @@ def write_formats(tmp_path, rows):
     return paths
 
 
+INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
+
+
+def _write(folder, name: str, content) -> str:
+    path = os.path.join(str(folder), name)
+    with open(path, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    return path
+
+
 def test_every_loader_reads_the_same_data(tmp_path):
     rows = interactions()
     paths = write_formats(tmp_path, rows)
@@ -738,10 +774,34 @@ def test_every_loader_reads_the_same_data(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(other.sequences, ref.sequences))
 
 
+def test_ids_are_stripped_in_every_format(tmp_path):
+    spaced = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "a.csv", "user,item,timestamp\n u0 , i0 ,5\nu0,i1, 6\n")))
+    assert spaced.users == ["u0", "u0"] and spaced.items == ["i0", "i1"] and list(spaced.times) == [5.0, 6.0]
+
+
+def test_timestamps_are_exact_integers(tmp_path):
+    base = 1_700_000_000_000_000_000                                       # nanoseconds: beyond float64's 2**53
+    rows = "".join(f"u\ti{k}\t{base + (3 - k)}\n" for k in range(4)) + "u\ti9\t" + str(base + 9) + "\n"
+    data = data_py.prepare(data_py.load_data(train.TrainConfig(data=_write(tmp_path, "d.inter", INTER_HEADER + rows))), False)
+    assert [data.item_raw[i] for i in data.items] == ["i3", "i2", "i1", "i0", "i9"]     # 1 ns apart, in time order
+    mixed = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
+    assert mixed.times.typecode == "d" and list(mixed.times) == [5.0, 5.5]   # a fraction: the file is float64
+
+
 def test_stable_time_sort_keeps_file_order_on_ties():
     raw = data_py.RawData(users=["a"] * 4, items=["3", "1", "2", "0"], times=[5.0, 1.0, 5.0, 1.0])
     data = data_py.prepare(raw, five_core=False)
     assert [data.item_raw[i] for i in data.sequences[0]] == ["1", "0", "3", "2"]   # not sorted by id
+
+
+def test_item_order_does_not_depend_on_pythonhashseed(tmp_path):
+    rows = "".join(f"u{u}\t{i}\t{t}\n" for u in range(6) for t, i in enumerate(["7", "07", "007", "8", "08", "9"]))
+    path = _write(tmp_path, "d.inter", INTER_HEADER + rows)
+    code = ("import sys, train, sid, data as data_py; d = data_py.prepare(data_py.load_data(train.TrainConfig(data=sys.argv[1])), False); "
+            "print(d.item_raw, d.items.tolist())")
+    outs = {subprocess.run([sys.executable, "-c", code, path], cwd=HERE, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=120).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and "['007', '07', '7', '08', '8', '9']" in outs.pop()   # by (int, str)
 
 
 def test_five_core_matches_slow_filter():
@@ -759,353 +819,6 @@ def test_five_core_matches_slow_filter():
     assert data.n_interactions == len(kept)
     assert sorted(data.user_raw) == sorted({r[0] for r in kept})
     assert all(len(s) >= 5 for s in data.sequences)
-
-
-@FAST
-@given(st.integers(0, 2**16), st.integers(1, 6))
-def test_no_target_leaks_into_its_history(seed, max_history):
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed)))), five_core=False)
-    splits = data_py.leave_one_out(data, max_history)
-    for name, split in splits.items():
-        for history, target, user in zip(split.history, split.target, split.user):
-            assert target not in history                                      # items are unique per user
-    for user, seq in enumerate(data.sequences):
-        n = len(seq)
-        assert splits["test"].target[user] == seq[-1] and splits["valid"].target[user] == seq[-2]
-        valid_hist = splits["valid"].history[user]
-        assert list(valid_hist[valid_hist >= 0]) == list(seq[:-2][-max_history:])   # ends before valid item
-        test_hist = splits["test"].history[user]
-        assert list(test_hist[test_hist >= 0]) == list(seq[:-1][-max_history:])     # includes valid item
-        targets = splits["train"].target[splits["train"].user == user]
-        assert list(targets) == list(seq[1:n - 2])                             # every train position
-
-
-def test_metrics_against_hand_computed_values():
-    ranked = np.array([[7, 3, 5, 1, 2, 8, 9, 4, 6, 0],
-                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
-                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]])
-    target = np.array([5, 0, 42])                      # rank 3, rank 10, miss
-    m = train.rank_metrics(ranked, target)
-    assert m["recall@5"] == pytest.approx(1 / 3) and m["recall@10"] == pytest.approx(2 / 3)
-    assert m["ndcg@5"] == pytest.approx((1 / np.log2(4)) / 3)                  # 0.5 / 3
-    assert m["ndcg@10"] == pytest.approx((0.5 + 1 / np.log2(11)) / 3)
-
-
-def test_markov_baseline_by_hand():
-    # user a: train 0 1 2 0 1 | valid 2 | test 9: transitions 0->1 twice, 1->2 once, 2->0 once
-    data = data_py.Dataset.from_sequences([np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
-                                        user_raw=["a", "b"], item_raw=[str(i) for i in range(10)])
-    splits = data_py.leave_one_out(data, 5)
-    valid = train.baseline_rankings(data, splits, "valid")
-    # a: last train item 1, only transition 1->2, target 2 -> rank 1.
-    # b: last train item 7 has no transitions -> popularity order 0 1 (twice) 2 3 4 5 6 7, then 8 -> rank 9.
-    assert valid["markov"]["recall@5"] == pytest.approx(0.5) and valid["markov"]["recall@10"] == pytest.approx(1.0)
-    assert valid["markov"]["ndcg@10"] == pytest.approx((1 + 1 / np.log2(10)) / 2)
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["--no_such_key=1"], "unknown option --no_such_key"),
-    (["--epochs=two"], "--epochs: expected int, got 'two'"),
-    (["--overwrite=maybe"], "--overwrite: expected bool"),
-    (["--preset=huge"], "--preset: expected one of"),
-    (["epochs=2"], "expected --key=value"),
-    (["--n_embd=30", "--n_head=4"], "--n_embd (30) must be divisible by n_head (4)"),
-    (["--emb_source=image"], "--emb_source: expected one of"),
-    (["--dtype=fp16"], "--dtype: expected one of ('auto', 'bf16', 'fp32'), got 'fp16'"),
-    (["--seed=-1"], "--seed: expected 0 or a positive int, got -1"),
-    (["--batch_size=0"], "--batch_size: expected a positive int, got 0"),
-    (["--beam_size=5"], "--beam_size: expected at least 10 (evaluation ranks 10 items), got 5"),   # before any epoch
-    (["--report_beam_size=5"], "--report_beam_size: expected 0 (off) or at least 10"),
-    (["--dropout=1.0"], "--dropout: expected a probability in [0, 1), got 1.0"),
-])
-def test_cli_rejects_bad_arguments(argv, fragment):
-    with pytest.raises(ValueError, match=re_escape(fragment)):
-        configs(argv)
-
-
-def configs(argv: list, auto_preset: str | None = None) -> tuple:
-    """train.py's flags -> (TrainConfig, RPGEDConfig), as train.main makes them."""
-    return train.make_configs(train.parse_args(argv), auto_preset)
-
-
-@pytest.mark.parametrize("make, fragment", [
-    (lambda: train.TrainConfig(dtype="fp64"), "--dtype: expected one of"),
-    (lambda: train.TrainConfig(epochs="7"), "--epochs: expected int, got '7'"),
-    (lambda: train.TrainConfig(lr=float("nan")), "--lr: expected a finite number"),
-    (lambda: train.TrainConfig(preset="huge"), "--preset: expected one of"),
-])
-def test_train_config_checks_its_fields(make, fragment):
-    with pytest.raises(ValueError, match=re_escape(fragment)):
-        make()
-
-
-def test_cli_overrides_and_presets():
-    cfg, mcfg = configs(["--preset=seed", "--lr=0.5", "--n_embd=64", "--attn_pdrop=0"])
-    assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.attn_pdrop == 0
-    assert mcfg.encoder_n_layer == 4 and mcfg.n_inner == 1024                 # seed architecture
-    cfg, mcfg = configs(["--epochs=3"], auto_preset="sparse")         # auto: the data's preset, flags win
-    assert cfg.preset == "sparse" and cfg.epochs == 3 and mcfg.n_embd == 128 and cfg.dtype == "bf16"
-    cfg, _ = configs(["--preset=cpu"], auto_preset="sparse")          # an explicit preset wins
-    assert cfg.preset == "cpu" and cfg.epochs == 7
-
-
-def test_both_joins_the_embeddings_file_with_cf(tmp_path):
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(2, n_users=20, n_items=9)))), five_core=False)
-    split = data_py.leave_one_out(data, 5)["train"]
-    content = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
-    np.save(tmp_path / "e.npy", content)
-    raw = data_py.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
-    cfg = train.TrainConfig(emb_source="both")
-    joined, name = data_py.item_embeddings(cfg, data, raw, split)
-    cf = data_py.cf_embeddings(split, 9, data_py.EMB_DIM, cfg.seed)
-    norm = lambda x: x / np.linalg.norm(x, axis=1).mean()                    # equal weight for each part
-    assert name.endswith("+ cf") and np.allclose(joined, np.concatenate([norm(content), norm(cf)], 1), atol=1e-6)
-    alone, name = data_py.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
-    assert np.array_equal(alone, content) and name.startswith("file")
-    fallback, name = data_py.item_embeddings(cfg, data, data_py.RawData([], [], []), split)   # no text, no file
-    assert np.allclose(fallback, cf) and name.startswith("cf")
-
-
-def test_auto_preset_follows_interactions_per_user():
-    def dataset(per_user: int) -> data_py.Dataset:
-        return data_py.Dataset.from_sequences([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)])
-    assert train.choose_preset(dataset(9))[0] == "sparse"
-    assert train.choose_preset(dataset(train.SPARSE_BELOW))[0] == "cpu"
-
-
-def test_item_embeddings_file_beside_the_data_is_found(tmp_path):
-    """NAME_*.npy beside NAME.txt is used like NAME_items.jsonl; two such files need a choice."""
-    (tmp_path / "shop.txt").write_text("".join(f"u{u} " + " ".join(str(i) for i in range(1, 6)) + "\n" for u in range(3)))
-    np.save(tmp_path / "shop_text.npy", np.ones((5, 3), np.float32))
-    cfg = train.TrainConfig(data=str(tmp_path / "shop.txt"))
-    assert data_py.load_data(cfg).item_emb == str(tmp_path / "shop_text.npy")
-    assert data_py.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
-    np.save(tmp_path / "shop_image.npy", np.ones((5, 3), np.float32))
-    with pytest.raises(ValueError, match="found several item-embedding files"):
-        data_py.load_data(cfg)
-    chosen = str(tmp_path / "shop_image.npy")                                   # an explicit file wins
-    assert data_py.load_data(dataclasses.replace(cfg, item_emb=chosen)).item_emb == chosen
-
-
-TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
-            "--decoder_n_layer=1", "--max_history=5", "--batch_size=32", "--warmup_steps=5", "--n_user_buckets=50",
-            "--log_every=1000", "--emb_source=both", "--dtype=fp32"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_end_to_end_run_is_deterministic(tmp_path, dtype):
-    rows = interactions(1, n_users=40, n_items=15)
-    data_path = write_formats(tmp_path, rows)["inter"]
-    (tmp_path / "d.item").write_text("item_id:token\tmovie_title:token_seq\n" +
-                                     "".join(f"{100 + i}\tfilm {'red blue'[i % 2 * 4:]} {i % 3}\n" for i in range(15)))
-    results = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        results.append(train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + [f"--dtype={dtype}"]))
-        assert {"config.json", "checkpoint.pt", "results.json", "item_id2tokens.npy", "tokens2item.pkl"} <= set(os.listdir(out))
-    assert results[0]["test"] == results[1]["test"] and results[0]["valid"] == results[1]["valid"]
-    assert np.array_equal(np.load(tmp_path / "a" / "item_id2tokens.npy"), np.load(tmp_path / "b" / "item_id2tokens.npy"))
-    saved = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert set(saved["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
-    assert set(saved["baselines"]["test"]) == {"popularity", "markov"}
-    # the curves: one loss point per log line and one NDCG point per evaluation, against examples seen
-    losses, valids = saved["loss_history"], saved["valid_history"]
-    assert len(losses) >= 1 and len(valids) >= 1
-    assert all(a["examples"] < b["examples"] and a["step"] < b["step"] for a, b in zip(losses, losses[1:]))
-    assert losses[-1]["examples"] == valids[-1]["examples"]                 # the last epoch is evaluated
-    svg = (tmp_path / "a" / "curves.svg").read_text()
-    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
-    assert svg.count("<polyline") == 2 and svg.count("<circle") == len(valids)
-    import xml.dom.minidom
-    xml.dom.minidom.parseString(svg)                                           # well-formed XML
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Robustness: bad input, fuzzed files, checkpoints, resume
-# ----------------------------------------------------------------------------------------------
-
-import dataclasses
-import signal
-import tempfile
-from collections import Counter
-
-INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
-
-
-def _write(folder, name: str, content) -> str:
-    path = os.path.join(str(folder), name)
-    with open(path, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-    return path
-
-
-def _load(folder, name: str, content, fmt: str = "auto"):
-    return data_py.load_data(train.TrainConfig(data=_write(folder, name, content), format=fmt))
-
-
-def _emb(folder, array) -> np.ndarray:
-    """item_embeddings() for a 4-item dataset with `array` as --item_emb."""
-    data = data_py.Dataset.from_sequences([np.arange(4)], ["u"], ["a", "b", "c", "d"])
-    path = os.path.join(str(folder), "e.npy")
-    np.save(path, array)
-    return data_py.item_embeddings(train.TrainConfig(item_emb=path), data, data_py.RawData([], [], [], item_emb=path), None)
-
-
-def _tiny_checkpoint(folder, **changes) -> tuple[str, dict]:
-    """A checkpoint file of a tiny config, and the `resolved` config of a run that uses it."""
-    resolved = {"train": dataclasses.asdict(train.TrainConfig()), "model": dataclasses.asdict(rpg_ed.RPGEDConfig(**TINY))}
-    state = {"model": {}, "config": resolved, "sids_sha256": "0" * 64, **changes}
-    path = os.path.join(str(folder), "checkpoint.pt")
-    train.save_checkpoint(path, state)
-    return path, resolved
-
-
-def _check_other_config(folder):
-    path, resolved = _tiny_checkpoint(folder)
-    here = {**resolved, "model": {**resolved["model"], "n_embd": 32}}
-    train.check_checkpoint(train.load_checkpoint(path), path, here, "0" * 64, to_resume=False)
-
-
-def _check_other_sids(folder):
-    path, resolved = _tiny_checkpoint(folder)
-    train.check_checkpoint(train.load_checkpoint(path), path, resolved, "1" * 64, to_resume=False)
-
-
-def _old_index(folder):
-    index, _ = small_index(np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32))
-    index.save(str(folder))
-    with np.load(os.path.join(str(folder), "opq.npz")) as z:
-        arrays = {k: z[k] for k in z.files}
-    np.savez(os.path.join(str(folder), "opq.npz"), **{**arrays, "version": 99})
-    sid.SIDIndex.load(str(folder))
-
-
-def _train_batch_with_unknown_item(folder):
-    split = data_py.Split.from_windows(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
-    item_tokens = torch.zeros(4, 4, dtype=torch.long)                    # 3 items + the PAD row
-    train.make_batch(split, np.array([0]), item_tokens, torch.zeros(1, dtype=torch.long), torch.device("cpu"))
-
-
-def _generate_with_unknown_sid(folder):
-    model = tiny_model()
-    index = sid.SIDIndex(np.array([[1, 2, 3, 4]]))
-    model.generate(make_batch(model, [3], seed=1), index)
-
-
-# (what is wrong, how to trigger it in a temporary folder, a fragment of the expected message)
-BAD_INPUTS = [
-    ("empty data file", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER)), "no interactions"),
-    ("nothing left after 5-core", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER + "u1\ti1\t1\n")),
-     "empty after 5-core"),
-    (".inter without a timestamp column", lambda d: _load(d, "d.inter", "user_id:token\titem_id:token\nu\ti\n"),
-     "expected a timestamp column"),
-    (".inter line with 2 of 3 fields", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t5\nu1\ti2\n"),
-     "d.inter:3: expected 3 tab-separated fields, got 2"),
-    (".inter non-numeric timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tyesterday\n"),
-     "d.inter:2: expected a numeric timestamp, got 'yesterday'"),
-    (".inter infinite timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tinf\n"),
-     "d.inter:2: expected a finite timestamp"),
-    ("csv without an item column", lambda d: _load(d, "d.csv", "user,thing,timestamp\nu,i,1\n"),
-     "d.csv:1: expected the item column"),
-    ("csv empty user id", lambda d: _load(d, "d.csv", "user,item,timestamp\n,i,1\n"),
-     "d.csv:2: expected non-empty user and item ids"),
-    ("amazon line that is not JSON", lambda d: _load(d, "d.json", '{"reviewerID": "u"\n'), "d.json:1: not a JSON object"),
-    ("amazon review without asin", lambda d: _load(d, "d.json", '{"reviewerID": "u", "unixReviewTime": 1}\n'),
-     "d.json:1: expected a JSON object with keys"),
-    ("s3rec user without items", lambda d: _load(d, "d.txt", "u1 i1 i2\nu2\n", fmt="s3rec"),
-     "d.txt:2: expected `user item item ...`"),
-    (".json.gz that is not gzip", lambda d: _load(d, "d.json.gz", b"not gzip at all"), "d.json.gz: cannot read it (BadGzipFile"),
-    ("bytes that are not UTF-8", lambda d: _load(d, "d.csv", b"user,item,timestamp\n\xff\xfe,i,1\n"), "d.csv: not UTF-8 text"),
-    ("item text line that is not a dict", lambda d: data_py.load_item_text(_write(d, "m.jsonl", "[1, 2]\n")),
-     "m.jsonl:1: expected a JSON object or Python dict"),
-    ("item text with an item twice", lambda d: data_py.load_item_text(_write(d, "m.jsonl", '{"asin": "a"}\n{"asin": "a"}\n')),
-     "m.jsonl:2: item 'a' appears a second time"),
-    ("--item_emb with NaN", lambda d: _emb(d, np.array([[0.0], [np.nan], [1.0], [2.0]])), "got NaN or inf in row 1"),
-    ("--item_emb with 3 rows for 4 items", lambda d: _emb(d, np.zeros((3, 8))), "expected shape [4 items, D], got (3, 8)"),
-    ("--item_emb of strings", lambda d: _emb(d, np.array([["a"]] * 4)), "expected a numeric array, got dtype <U1"),
-    ("embeddings with inf (sid.py)", lambda d: sid.build_index(np.array([[0.0, np.inf]])), "finite"),
-    ("codes of the wrong dtype (sid.py)", lambda d: sid.SIDIndex(np.zeros((3, 4))), "integer"),
-    ("history item id with no SID (train batch)", _train_batch_with_unknown_item, "history: item 7 has no SID (the index has 3 items)"),
-    ("history SID of no item (generate)", _generate_with_unknown_sid, "expected the SID of an item in the index"),
-    ("history_sid of floats (model)", lambda d: tiny_model().check_batch(dict(make_batch(tiny_model(), [2]),
-                                                                  history_sid=torch.zeros(1, 2, 4))), "expected integer ids"),
-    ("user id out of range (model)", lambda d: tiny_model().check_batch(dict(make_batch(tiny_model(), [2]), user_ids=torch.tensor([7]))),
-     "user_ids: expected bucket indices in [0, 7)"),
-    ("beam_size 0 (beam search)", lambda d: beam.beam_search(tiny_model(), make_batch(tiny_model(), [2]), 0, 1, None),
-     "beam_size: expected a positive int"),
-    ("checkpoint config != this run's", _check_other_config, "model.n_embd is 16 there, 32 here"),
-    ("checkpoint SIDs != the index on disk", _check_other_sids, "made with other SIDs than the index on disk"),
-    ("checkpoint of another version", lambda d: train.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
-     "checkpoint version 0, this code reads version 3"),
-    ("truncated checkpoint", lambda d: train.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
-     "not a readable checkpoint, truncated or corrupt"),
-    ("missing checkpoint", lambda d: train.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
-    ("opq.npz of another version", _old_index, "index version 99, this code reads 1"),
-    ("CLI unknown --key", lambda d: configs(["--learning_rate=1"]), "unknown option --learning_rate"),
-    ("CLI value of the wrong type", lambda d: configs(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),
-    ("CLI zero epochs", lambda d: configs(["--epochs=0"]), "--epochs: expected a positive int, got 0"),
-    ("CLI --resume with --eval_only", lambda d: configs(["--resume=true", "--eval_only=true"]), "at most one"),
-    # issue 16: every numeric flag finite, null ids, .npz for .npy, empty batches, dtypes, devices
-    ("CLI --lr=inf", lambda d: configs(["--lr=inf"]), "--lr: expected a finite number, got inf"),
-    ("CLI --attn_pdrop=nan", lambda d: configs(["--attn_pdrop=nan"]), "--attn_pdrop: expected a finite number"),
-    ("Amazon reviewerID null", lambda d: _load(d, "d.json", '{"reviewerID": null, "asin": "a", "unixReviewTime": 1}\n'),
-     "d.json:1: expected reviewerID to be a string or a number, got null"),
-    ("Amazon asin a list", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": ["a"], "unixReviewTime": 1}\n'),
-     "d.json:1: expected asin to be a string or a number"),
-    ("csv line number after a quoted newline", lambda d: _load(d, "d.csv", 'user,item,timestamp\n"u\n0",i0,1\nu1,i1\n'),
-     "d.csv:4: expected 3 fields, got 2"),
-    ("csv field over the size limit", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i,1\nu," + "x" * 200_000 + ",2\n"),
-     "d.csv:3: not a readable CSV row (field larger than field limit"),
-    ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected non-empty user"),
-    ("--item_emb given a .npz", lambda d: data_py.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
-    ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a numeric array, got dtype"),
-    ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a numeric array, got dtype"),
-    ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a numeric array, got dtype"),
-    ("huge embeddings (sid)", lambda d: sid.build_index(np.full((4, 2), 1e25, np.float32)), "expected values of a usable scale"),
-    ("tiny embeddings (sid)", lambda d: sid.build_index(np.full((4, 2), 1e-30)), "expected values of a usable scale"),
-    ("complex codes (lookup)", lambda d: sid.SIDIndex(np.zeros((1, 4), np.uint8)).lookup(np.zeros((1, 4), complex)),
-     "expected an integer array"),
-    ("batch of 0 users (model)", lambda d: tiny_model().check_batch({k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()}),
-     "expected at least one user in the batch, got 0"),
-    ("batch of 0 users (generate)", lambda d: beam.beam_search(tiny_model(), {k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()},
-                                                               2, 1, None), "expected at least one user"),
-    ("index folder without tokens2item.pkl", lambda d: (sid.SIDIndex(np.eye(2, 4, dtype=np.uint8)).save(str(d)),
-                                                        os.remove(os.path.join(str(d), "tokens2item.pkl")),
-                                                        sid.SIDIndex.load(str(d))), "tokens2item.pkl: missing"),
-    ("opq.npz of another index", lambda d: _opq_of_another_index(d), "opq.npz: belongs to another index"),
-    ("model codebook_size != the index's (beam search)",
-     lambda d: beam.beam_search(tiny_model(codebook_size=16), make_batch(tiny_model(codebook_size=16), [2]), 2, 1,
-                                sid.SIDIndex(np.eye(2, 4, dtype=np.uint8))),
-     "the index and the model disagree on codebook_size"),
-    ("header-only data file names the file", lambda d: data_py.prepare(_load(d, "empty.csv", "user,item,timestamp\n")),
-     "empty.csv: no interactions"),
-    ("timestamp beyond 64 bits", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t99999999999999999999\n"),
-     "expected a timestamp that fits in 64 bits"),
-    ("--device=mps where there is none", lambda d: train.pick_device("mps") if not torch.backends.mps.is_available()
-     else (_ for _ in ()).throw(ValueError("--device: mps is not available")), "--device: mps is not available"),
-]
-
-
-def _opq_of_another_index(folder):
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        sid.build_index(rng.normal(size=(30, 4)).astype(np.float32))[0].save(os.path.join(str(folder), name))
-    os.replace(os.path.join(str(folder), "b", "opq.npz"), os.path.join(str(folder), "a", "opq.npz"))
-    return sid.SIDIndex.load(os.path.join(str(folder), "a"))
-
-
-def _npz(folder) -> str:
-    path = os.path.join(str(folder), "e.npz")
-    np.savez(path, emb=np.ones((2, 3), np.float32))
-    return path
-
-
-@pytest.mark.parametrize("what, make, fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_gets_a_clear_value_error(tmp_path, what, make, fragment):
-    with pytest.raises(ValueError, match=re_escape(fragment)):
-        make(tmp_path)
 
 
 def _valid_files() -> dict:
@@ -1183,6 +896,222 @@ def test_random_bytes_raise_only_value_error(content, fmt, name):
             pass
 
 
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 6))
+def test_no_target_leaks_into_its_history(seed, max_history):
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed)))), five_core=False)
+    splits = data_py.leave_one_out(data, max_history)
+    for name, split in splits.items():
+        for history, target, user in zip(split.history, split.target, split.user):
+            assert target not in history                                      # items are unique per user
+    for user, seq in enumerate(data.sequences):
+        n = len(seq)
+        assert splits["test"].target[user] == seq[-1] and splits["valid"].target[user] == seq[-2]
+        valid_hist = splits["valid"].history[user]
+        assert list(valid_hist[valid_hist >= 0]) == list(seq[:-2][-max_history:])   # ends before valid item
+        test_hist = splits["test"].history[user]
+        assert list(test_hist[test_hist >= 0]) == list(seq[:-1][-max_history:])     # includes valid item
+        targets = splits["train"].target[splits["train"].user == user]
+        assert list(targets) == list(seq[1:n - 2])                             # every train position
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 7))
+def test_windows_cut_per_batch_equal_the_materialised_ones(seed, max_history):
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed, n_users=9, n_items=8)))), five_core=False)
+    sequences = data.sequences
+    for split in data_py.leave_one_out(data, max_history).values():
+        rows = np.random.default_rng(seed).permutation(len(split.pos))[: max(1, len(split.pos) // 2)]
+        for row, window in zip(rows, split.windows(rows)):
+            seq = sequences[split.user[row]]
+            t = split.pos[row] - split.start[row]                           # the target's index in seq
+            expected = seq[max(0, t - max_history):t]
+            assert window.tolist() == [-1] * (max_history - len(expected)) + expected.tolist()
+            assert split.target[row] == seq[t]
+
+
+def test_item_embeddings_file_beside_the_data_is_found(tmp_path):
+    """NAME_*.npy beside NAME.txt is used like NAME_items.jsonl; two such files need a choice."""
+    (tmp_path / "shop.txt").write_text("".join(f"u{u} " + " ".join(str(i) for i in range(1, 6)) + "\n" for u in range(3)))
+    np.save(tmp_path / "shop_text.npy", np.ones((5, 3), np.float32))
+    cfg = train.TrainConfig(data=str(tmp_path / "shop.txt"))
+    assert data_py.load_data(cfg).item_emb == str(tmp_path / "shop_text.npy")
+    assert data_py.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
+    np.save(tmp_path / "shop_image.npy", np.ones((5, 3), np.float32))
+    with pytest.raises(ValueError, match="found several item-embedding files"):
+        data_py.load_data(cfg)
+    chosen = str(tmp_path / "shop_image.npy")                                   # an explicit file wins
+    assert data_py.load_data(dataclasses.replace(cfg, item_emb=chosen)).item_emb == chosen
+
+
+def test_both_joins_the_embeddings_file_with_cf(tmp_path):
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(2, n_users=20, n_items=9)))), five_core=False)
+    split = data_py.leave_one_out(data, 5)["train"]
+    content = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
+    np.save(tmp_path / "e.npy", content)
+    raw = data_py.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
+    cfg = train.TrainConfig(emb_source="both")
+    joined, name = data_py.item_embeddings(cfg, data, raw, split)
+    cf = data_py.cf_embeddings(split, 9, data_py.EMB_DIM, cfg.seed)
+    norm = lambda x: x / np.linalg.norm(x, axis=1).mean()                    # equal weight for each part
+    assert name.endswith("+ cf") and np.allclose(joined, np.concatenate([norm(content), norm(cf)], 1), atol=1e-6)
+    alone, name = data_py.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
+    assert np.array_equal(alone, content) and name.startswith("file")
+    fallback, name = data_py.item_embeddings(cfg, data, data_py.RawData([], [], []), split)   # no text, no file
+    assert np.allclose(fallback, cf) and name.startswith("cf")
+
+
+def dense_cf_embeddings(history: np.ndarray, target: np.ndarray, n_items: int, dim: int, seed: int, window: int = 5):
+    """The dense formula (n_items x n_items counts), as train.py computed it before it went sparse."""
+    hist = history[:, -window:]
+    pairs_a, pairs_b = np.repeat(target, hist.shape[1]), hist.reshape(-1)
+    real = pairs_b >= 0
+    counts = np.zeros((n_items, n_items), np.float32)
+    np.add.at(counts, (pairs_a[real], pairs_b[real]), 1.0)
+    counts += counts.T
+    total, row = counts.sum(), counts.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(counts * total / np.outer(row, row))
+    ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0)
+    u, s = data_py.truncated_svd(ppmi, dim, seed)
+    return counts, ppmi, (u * np.sqrt(s)).astype(np.float32)
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 6), st.integers(1, 8))
+def test_sparse_ppmi_and_svd_equal_the_dense_ones(seed, max_history, dim):
+    rows = interactions(seed, n_users=15, n_items=12)
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
+    split = data_py.leave_one_out(data, max_history)["train"]
+    n_items = len(data.item_raw)
+    counts, ppmi, emb = dense_cf_embeddings(split.history, split.target, n_items, dim, seed)
+    sparse_counts = data_py.cooccurrence(split, n_items, blocks=3)
+    assert np.array_equal(sparse_counts.toarray(), counts)
+    np.testing.assert_allclose(data_py.ppmi(sparse_counts).toarray(), ppmi, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(data_py.cf_embeddings(split, n_items, dim, seed), emb, rtol=1e-4, atol=1e-5)
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 30), st.integers(1, 20), st.integers(1, 5))
+def test_csr_products_equal_dense_ones(seed, n_rows, n_cols, k):
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n_rows, n_cols)) < 0.3, rng.standard_normal((n_rows, n_cols)), 0).astype(np.float32)
+    r, c = np.nonzero(dense)
+    shuffle = rng.permutation(len(r))                                    # any order of triples
+    matrix = data_py.CSR.from_triples(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
+    x, y = rng.standard_normal((n_cols, k)), rng.standard_normal((n_rows, k))
+    np.testing.assert_allclose(matrix @ x, dense.astype(np.float64) @ x, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(matrix.T @ y, dense.T.astype(np.float64) @ y, rtol=1e-9, atol=1e-9)
+    assert np.array_equal(matrix.toarray(), dense)
+
+
+def test_sparse_tfidf_embeddings_equal_the_dense_ones():
+    words = ["red", "blue", "green", "film", "noir", "comedy", "drama", "war"]
+    rng = np.random.default_rng(0)
+    item_raw = [str(i) for i in range(30)]
+    text = {i: " ".join(rng.choice(words, rng.integers(0, 6))) for i in item_raw}
+    data = data_py.Dataset.from_sequences([], [], item_raw)
+    docs = [re.findall(r"[a-z0-9']+", text[i].lower()) for i in item_raw]   # the dense formula
+    df = {w: sum(w in d for d in docs) for w in set(w for d in docs for w in d)}
+    vocab = sorted(w for w, c in df.items() if c >= 2)
+    tfidf = np.array([[d.count(w) for w in vocab] for d in docs], np.float32)
+    tfidf *= np.log(len(docs) / np.array([df[w] for w in vocab])) + 1.0
+    tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12)
+    u, s = data_py.truncated_svd(tfidf, 4, 0)
+    np.testing.assert_allclose(data_py.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: training, checkpoints, resume, evaluation, several processes, batches by length, CLI
+# ----------------------------------------------------------------------------------------------
+
+def configs(argv: list, auto_preset: str | None = None) -> tuple:
+    """train.py's flags -> (TrainConfig, RPGEDConfig), as train.main makes them."""
+    return train.make_configs(train.parse_args(argv), auto_preset)
+
+
+TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
+            "--decoder_n_layer=1", "--max_history=5", "--batch_size=32", "--warmup_steps=5", "--n_user_buckets=50",
+            "--log_every=1000", "--emb_source=both", "--dtype=fp32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_end_to_end_run_is_deterministic(tmp_path, dtype):
+    rows = interactions(1, n_users=40, n_items=15)
+    data_path = write_formats(tmp_path, rows)["inter"]
+    (tmp_path / "d.item").write_text("item_id:token\tmovie_title:token_seq\n" +
+                                     "".join(f"{100 + i}\tfilm {'red blue'[i % 2 * 4:]} {i % 3}\n" for i in range(15)))
+    results = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        results.append(train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + [f"--dtype={dtype}"]))
+        assert {"config.json", "checkpoint.pt", "results.json", "item_id2tokens.npy", "tokens2item.pkl"} <= set(os.listdir(out))
+    assert results[0]["test"] == results[1]["test"] and results[0]["valid"] == results[1]["valid"]
+    assert np.array_equal(np.load(tmp_path / "a" / "item_id2tokens.npy"), np.load(tmp_path / "b" / "item_id2tokens.npy"))
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert set(saved["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    assert set(saved["baselines"]["test"]) == {"popularity", "markov"}
+    # the curves: one loss point per log line and one NDCG point per evaluation, against examples seen
+    losses, valids = saved["loss_history"], saved["valid_history"]
+    assert len(losses) >= 1 and len(valids) >= 1
+    assert all(a["examples"] < b["examples"] and a["step"] < b["step"] for a, b in zip(losses, losses[1:]))
+    assert losses[-1]["examples"] == valids[-1]["examples"]                 # the last epoch is evaluated
+    svg = (tmp_path / "a" / "curves.svg").read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg.count("<polyline") == 2 and svg.count("<circle") == len(valids)
+    xml.dom.minidom.parseString(svg)                                           # well-formed XML
+
+
+@pytest.mark.slow
+def test_max_steps_and_eval_users(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    runs = [train.main([f"--data={data_path}", f"--out_dir={tmp_path / str(seed)}", f"--seed={seed}", "--max_steps=3",
+                        "--eval_users=25"] + TINY_RUN) for seed in (0, 1)]
+    for run in runs:
+        state = train.load_checkpoint(str(tmp_path / str(run["config"]["train"]["seed"]) / "last.pt"))
+        assert state["step"] == 3 and state["epoch"] == 1 and len(state["valid_history"]) == 1
+        assert run["dataset"]["eval_users"] == 25 and set(run["seconds"]) >= {"load", "split", "sids", "train"}
+    assert runs[0]["baselines"] == runs[1]["baselines"]                   # the same users whatever the seed
+    every = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'all'}", "--max_steps=1"] + TINY_RUN)
+    assert every["baselines"] != runs[0]["baselines"] and "eval_users" not in every["dataset"]
+    with pytest.raises(ValueError, match="--max_steps: expected 0 .* got -1"):
+        configs(["--max_steps=-1"])
+
+
+@pytest.mark.slow
+def test_fewer_than_ten_items_trains_and_evaluates(tmp_path):
+    rows = [(f"u{u}", str(100 + (u + t) % 6), t) for u in range(30) for t in range(6)]   # 6 items
+    data_path = write_formats(tmp_path, rows)["inter"]
+    results = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'run'}"] + TINY_RUN + ["--epochs=1"])
+    assert results["dataset"]["items"] == 6 and 0 <= results["test"]["recall@10"] <= 1
+    assert results["baselines"]["test"]["popularity"]["recall@10"] == 1.0   # all 6 items ranked
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, monkeypatch):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    real_step = train.train_step
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(ValueError, match="training loss is not finite at step 3 \\(epoch 1\\)"):
+        train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'run'}"] + TINY_RUN)
+
+
+def _tiny_checkpoint(folder, **changes) -> tuple[str, dict]:
+    """A checkpoint file of a tiny config, and the `resolved` config of a run that uses it."""
+    resolved = {"train": dataclasses.asdict(train.TrainConfig()), "model": dataclasses.asdict(rpg_ed.RPGEDConfig(**TINY))}
+    state = {"model": {}, "config": resolved, "sids_sha256": "0" * 64, **changes}
+    path = os.path.join(str(folder), "checkpoint.pt")
+    train.save_checkpoint(path, state)
+    return path, resolved
+
+
 CHECKPOINT_BYTES = None
 
 
@@ -1256,14 +1185,61 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=true", "--n_embd=32"])
 
 
+def test_metrics_against_hand_computed_values():
+    ranked = np.array([[7, 3, 5, 1, 2, 8, 9, 4, 6, 0],
+                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
+                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]])
+    target = np.array([5, 0, 42])                      # rank 3, rank 10, miss
+    m = train.rank_metrics(ranked, target)
+    assert m["recall@5"] == pytest.approx(1 / 3) and m["recall@10"] == pytest.approx(2 / 3)
+    assert m["ndcg@5"] == pytest.approx((1 / np.log2(4)) / 3)                  # 0.5 / 3
+    assert m["ndcg@10"] == pytest.approx((0.5 + 1 / np.log2(11)) / 3)
 
-# ----------------------------------------------------------------------------------------------
-# Several processes (torchrun / DistributedDataParallel, gloo on CPU)
-# ----------------------------------------------------------------------------------------------
 
-import socket
+def test_markov_baseline_by_hand():
+    # user a: train 0 1 2 0 1 | valid 2 | test 9: transitions 0->1 twice, 1->2 once, 2->0 once
+    data = data_py.Dataset.from_sequences([np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
+                                        user_raw=["a", "b"], item_raw=[str(i) for i in range(10)])
+    splits = data_py.leave_one_out(data, 5)
+    valid = train.baseline_rankings(data, splits, "valid")
+    # a: last train item 1, only transition 1->2, target 2 -> rank 1.
+    # b: last train item 7 has no transitions -> popularity order 0 1 (twice) 2 3 4 5 6 7, then 8 -> rank 9.
+    assert valid["markov"]["recall@5"] == pytest.approx(0.5) and valid["markov"]["recall@10"] == pytest.approx(1.0)
+    assert valid["markov"]["ndcg@10"] == pytest.approx((1 + 1 / np.log2(10)) / 2)
 
-import torch.multiprocessing as mp
+
+def loop_markov(data: data_py.Dataset, last: np.ndarray, k: int = 10) -> np.ndarray:
+    """The first-order Markov ranking one user at a time, as train.py computed it before (the oracle)."""
+    n_items = len(data.item_raw)
+    seqs = [s[:-2] for s in data.sequences]
+    pop = np.bincount(np.concatenate(seqs), minlength=n_items).astype(np.float64)
+    counts = np.zeros((n_items, n_items))
+    for s in seqs:
+        np.add.at(counts, (s[:-1], s[1:]), 1)
+    tiebreak = pop / (pop.max() + 1.0)
+    return np.stack([np.argsort(-(tiebreak + counts[i]), kind="stable")[:k] for i in last])
+
+
+@FAST
+@given(st.integers(0, 2**16), st.integers(1, 12))
+def test_vectorised_markov_baseline_equals_the_per_user_loop(seed, k):
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.integers(2, 25))
+    rows = [(f"u{u}", str(int(i)), t) for u in range(int(rng.integers(1, 12)))
+            for t, i in enumerate(rng.integers(0, n_items, rng.integers(3, 12)))]   # repeats allowed
+    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
+    n_items = len(data.item_raw)
+    splits = data_py.leave_one_out(data, 5)
+    last = splits["test"].history[:, -1]
+    lengths = data.lengths
+    local = np.arange(data.n_interactions) - np.repeat(data.offsets[:-1], lengths)
+    in_train = local < np.repeat(lengths - 2, lengths)
+    step = np.flatnonzero(in_train[:-1] & in_train[1:] & (local[1:] > 0))
+    pop = np.bincount(data.items[in_train], minlength=n_items).astype(np.float64)
+    fast = train.markov_top(data.items[step], data.items[step + 1], pop, last, k)
+    slow = loop_markov(data, last, k)
+    assert np.array_equal(fast[:, :slow.shape[1]], slow)
+    assert (fast[:, slow.shape[1]:] == -1).all()                          # fewer items than k: padding
 
 
 def _free_port() -> int:
@@ -1324,9 +1300,43 @@ def test_ddp_steps_equal_single_process_steps_on_the_union_batch(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())   # it did train
 
 
-# ----------------------------------------------------------------------------------------------
-# Dynamic batches: rows grouped by history length change nothing but the padding
-# ----------------------------------------------------------------------------------------------
+def test_shard_covers_the_batch_once():
+    for n in range(1, 9):
+        rows = np.arange(100, 100 + n)
+        parts = [train.shard(rows, train.Dist(r, 3, torch.device("cpu"))) for r in range(3)]
+        real = [local for local, weight in parts if weight > 0]
+        assert sorted(np.concatenate(real).tolist()) == rows.tolist()
+        assert sum(w for _, w in parts) == pytest.approx(3.0)             # weights average to 1
+
+
+def _torchrun(n: int, args: list) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           os.path.join(HERE, "train.py")] + args, cwd=HERE, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    args = [f"--data={data_path}", f"--out_dir={tmp_path / 'out'}"] + TINY_RUN + ["--emb_source=cf"]
+    run = _torchrun(2, args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("dataset:") == 1                              # only rank 0 logs
+    state = train.load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
+    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**state["config"]["model"]))
+    model.load_state_dict(state["model"])                                 # the unwrapped module's state_dict
+    trained = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert trained["processes"] == 2
+
+    evaluate = args + ["--eval_only=true", "--eval_batch_size=8"]        # 5 batches: ranks get 3 and 2
+    run = _torchrun(2, evaluate)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "out" / "eval.json").read_text())
+    one = train.main(evaluate)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["valid"] == one["valid"] and two["test"] == one["test"]
+    assert one["test"] == trained["test"]
+
 
 @FAST
 @given(st.lists(st.integers(0, 12), min_size=1, max_size=80), st.integers(1, 9), st.integers(12, 60),
@@ -1381,50 +1391,91 @@ def test_evaluation_does_not_depend_on_grouping():
     assert results[0]["ndcg@10"] > 0 and all(r == results[0] for r in results[1:])
 
 
-def test_shard_covers_the_batch_once():
-    for n in range(1, 9):
-        rows = np.arange(100, 100 + n)
-        parts = [train.shard(rows, train.Dist(r, 3, torch.device("cpu"))) for r in range(3)]
-        real = [local for local, weight in parts if weight > 0]
-        assert sorted(np.concatenate(real).tolist()) == rows.tolist()
-        assert sum(w for _, w in parts) == pytest.approx(3.0)             # weights average to 1
+@pytest.mark.parametrize("argv, fragment", [
+    (["--no_such_key=1"], "unknown option --no_such_key"),
+    (["--epochs=two"], "--epochs: expected int, got 'two'"),
+    (["--overwrite=maybe"], "--overwrite: expected bool"),
+    (["--preset=huge"], "--preset: expected one of"),
+    (["epochs=2"], "expected --key=value"),
+    (["--n_embd=30", "--n_head=4"], "--n_embd (30) must be divisible by n_head (4)"),
+    (["--emb_source=image"], "--emb_source: expected one of"),
+    (["--dtype=fp16"], "--dtype: expected one of ('auto', 'bf16', 'fp32'), got 'fp16'"),
+    (["--seed=-1"], "--seed: expected 0 or a positive int, got -1"),
+    (["--batch_size=0"], "--batch_size: expected a positive int, got 0"),
+    (["--beam_size=5"], "--beam_size: expected at least 10 (evaluation ranks 10 items), got 5"),   # before any epoch
+    (["--report_beam_size=5"], "--report_beam_size: expected 0 (off) or at least 10"),
+    (["--dropout=1.0"], "--dropout: expected a probability in [0, 1), got 1.0"),
+])
+def test_cli_rejects_bad_arguments(argv, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        configs(argv)
 
 
-def _torchrun(n: int, args: list) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           os.path.join(HERE, "train.py")] + args, cwd=HERE, capture_output=True, text=True,
-                          timeout=300)
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: train.TrainConfig(dtype="fp64"), "--dtype: expected one of"),
+    (lambda: train.TrainConfig(epochs="7"), "--epochs: expected int, got '7'"),
+    (lambda: train.TrainConfig(lr=float("nan")), "--lr: expected a finite number"),
+    (lambda: train.TrainConfig(preset="huge"), "--preset: expected one of"),
+])
+def test_train_config_checks_its_fields(make, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        make()
+
+
+def test_cli_overrides_and_presets():
+    cfg, mcfg = configs(["--preset=seed", "--lr=0.5", "--n_embd=64", "--attn_pdrop=0"])
+    assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.attn_pdrop == 0
+    assert mcfg.encoder_n_layer == 4 and mcfg.n_inner == 1024                 # seed architecture
+    cfg, mcfg = configs(["--epochs=3"], auto_preset="sparse")         # auto: the data's preset, flags win
+    assert cfg.preset == "sparse" and cfg.epochs == 3 and mcfg.n_embd == 128 and cfg.dtype == "bf16"
+    cfg, _ = configs(["--preset=cpu"], auto_preset="sparse")          # an explicit preset wins
+    assert cfg.preset == "cpu" and cfg.epochs == 7
+
+
+def test_auto_preset_follows_interactions_per_user():
+    def dataset(per_user: int) -> data_py.Dataset:
+        return data_py.Dataset.from_sequences([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)])
+    assert train.choose_preset(dataset(9))[0] == "sparse"
+    assert train.choose_preset(dataset(train.SPARSE_BELOW))[0] == "cpu"
+
+
+def _files(folder) -> dict:
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
+def test_a_new_run_into_another_runs_folder_changes_nothing(tmp_path):
     data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
-    args = [f"--data={data_path}", f"--out_dir={tmp_path / 'out'}"] + TINY_RUN + ["--emb_source=cf"]
-    run = _torchrun(2, args)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("dataset:") == 1                              # only rank 0 logs
-    state = train.load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
-    model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**state["config"]["model"]))
-    model.load_state_dict(state["model"])                                 # the unwrapped module's state_dict
-    trained = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert trained["processes"] == 2
+    out = tmp_path / "run"
+    train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"])
+    before = _files(out)
+    for other in (["--seed=1"], ["--n_embd=32"], ["--emb_source=cf"]):
+        with pytest.raises(ValueError, match="holds another run .*--overwrite=true"):
+            train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"] + other)
+        assert _files(out) == before
+    (out / ".tmp-checkpoint.ptabc").write_bytes(b"half a checkpoint")          # a killed write's leftover
+    (out / "notes.txt").write_text("mine")                                      # not ours: kept
+    train.main([f"--data={data_path}", f"--out_dir={out}", "--overwrite=true", "--seed=1"] + TINY_RUN + ["--epochs=1"])
+    assert not (out / ".tmp-checkpoint.ptabc").exists() and (out / "notes.txt").read_text() == "mine"
+    assert _files(out)["config.json"] != before["config.json"]
+    mask = sid._umask()
+    for name in ("config.json", "checkpoint.pt", "item_id2tokens.npy", "results.json"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~mask            # the umask's, not mkstemp's 0600
 
-    evaluate = args + ["--eval_only=true", "--eval_batch_size=8"]        # 5 batches: ranks get 3 and 2
-    run = _torchrun(2, evaluate)
-    assert run.returncode == 0, run.stderr[-3000:]
-    two = json.loads((tmp_path / "out" / "eval.json").read_text())
-    one = train.main(evaluate)
-    assert two["processes"] == 2 and one["processes"] == 1
-    assert two["valid"] == one["valid"] and two["test"] == one["test"]
-    assert one["test"] == trained["test"]
+
+@pytest.mark.slow
+def test_out_dir_that_is_a_file_is_one_error_line(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    (tmp_path / "a_file").write_text("x")
+    run = subprocess.run([sys.executable, "train.py", f"--data={data_path}", f"--out_dir={tmp_path / 'a_file'}"] + TINY_RUN,
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.strip().endswith("exists and is not a folder"), run.stderr[-500:]
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 # ----------------------------------------------------------------------------------------------
 # recommend.py: load a finished run, recommend, add items, continue training
 # ----------------------------------------------------------------------------------------------
-
-import experiments
-import recommend
 
 N_GROUPS, N_SLOTS = 12, 4
 GROUP_RUN = ["--preset=cpu", "--epochs=8", "--eval_every=4", "--n_embd=16", "--n_head=2", "--n_inner=32",
@@ -1469,13 +1520,8 @@ def group_run(tmp_path_factory):
 
 
 def _copy_run(run: dict, dest) -> str:
-    import shutil
     shutil.copytree(run["out"], dest)
     return str(dest)
-
-
-def _files(folder) -> dict:
-    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
 @pytest.mark.slow
@@ -1679,6 +1725,10 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
     assert results["valid"]["ndcg@10"] > 0.3
 
 
+# ----------------------------------------------------------------------------------------------
+# experiments.py: the cold-start and continued-training experiments
+# ----------------------------------------------------------------------------------------------
+
 @pytest.mark.slow
 def test_cold_start_experiment_adds_the_held_out_items_and_scores_their_users(tmp_path):
     rng = np.random.default_rng(0)
@@ -1699,149 +1749,6 @@ def test_cold_start_experiment_adds_the_held_out_items_and_scores_their_users(tm
     assert json.loads((out / "cold_start.json").read_text()) == results
 
 
-# ----------------------------------------------------------------------------------------------
-# The data path at scale: flat sequences, windows cut per batch, sparse PPMI and TF-IDF
-# ----------------------------------------------------------------------------------------------
-
-import bench
-
-
-def dense_cf_embeddings(history: np.ndarray, target: np.ndarray, n_items: int, dim: int, seed: int, window: int = 5):
-    """The dense formula (n_items x n_items counts), as train.py computed it before it went sparse."""
-    hist = history[:, -window:]
-    pairs_a, pairs_b = np.repeat(target, hist.shape[1]), hist.reshape(-1)
-    real = pairs_b >= 0
-    counts = np.zeros((n_items, n_items), np.float32)
-    np.add.at(counts, (pairs_a[real], pairs_b[real]), 1.0)
-    counts += counts.T
-    total, row = counts.sum(), counts.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pmi = np.log(counts * total / np.outer(row, row))
-    ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0)
-    u, s = data_py.truncated_svd(ppmi, dim, seed)
-    return counts, ppmi, (u * np.sqrt(s)).astype(np.float32)
-
-
-@FAST
-@given(st.integers(0, 2**16), st.integers(1, 6), st.integers(1, 8))
-def test_sparse_ppmi_and_svd_equal_the_dense_ones(seed, max_history, dim):
-    rows = interactions(seed, n_users=15, n_items=12)
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
-    split = data_py.leave_one_out(data, max_history)["train"]
-    n_items = len(data.item_raw)
-    counts, ppmi, emb = dense_cf_embeddings(split.history, split.target, n_items, dim, seed)
-    sparse_counts = data_py.cooccurrence(split, n_items, blocks=3)
-    assert np.array_equal(sparse_counts.toarray(), counts)
-    np.testing.assert_allclose(data_py.ppmi(sparse_counts).toarray(), ppmi, rtol=1e-6, atol=0)
-    np.testing.assert_allclose(data_py.cf_embeddings(split, n_items, dim, seed), emb, rtol=1e-4, atol=1e-5)
-
-
-@FAST
-@given(st.integers(0, 2**16), st.integers(1, 30), st.integers(1, 20), st.integers(1, 5))
-def test_csr_products_equal_dense_ones(seed, n_rows, n_cols, k):
-    rng = np.random.default_rng(seed)
-    dense = np.where(rng.random((n_rows, n_cols)) < 0.3, rng.standard_normal((n_rows, n_cols)), 0).astype(np.float32)
-    r, c = np.nonzero(dense)
-    shuffle = rng.permutation(len(r))                                    # any order of triples
-    matrix = data_py.CSR.from_triples(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
-    x, y = rng.standard_normal((n_cols, k)), rng.standard_normal((n_rows, k))
-    np.testing.assert_allclose(matrix @ x, dense.astype(np.float64) @ x, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(matrix.T @ y, dense.T.astype(np.float64) @ y, rtol=1e-9, atol=1e-9)
-    assert np.array_equal(matrix.toarray(), dense)
-
-
-def test_sparse_tfidf_embeddings_equal_the_dense_ones():
-    words = ["red", "blue", "green", "film", "noir", "comedy", "drama", "war"]
-    rng = np.random.default_rng(0)
-    item_raw = [str(i) for i in range(30)]
-    text = {i: " ".join(rng.choice(words, rng.integers(0, 6))) for i in item_raw}
-    data = data_py.Dataset.from_sequences([], [], item_raw)
-    docs = [re.findall(r"[a-z0-9']+", text[i].lower()) for i in item_raw]   # the dense formula
-    df = {w: sum(w in d for d in docs) for w in set(w for d in docs for w in d)}
-    vocab = sorted(w for w, c in df.items() if c >= 2)
-    tfidf = np.array([[d.count(w) for w in vocab] for d in docs], np.float32)
-    tfidf *= np.log(len(docs) / np.array([df[w] for w in vocab])) + 1.0
-    tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12)
-    u, s = data_py.truncated_svd(tfidf, 4, 0)
-    np.testing.assert_allclose(data_py.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
-
-
-def loop_markov(data: data_py.Dataset, last: np.ndarray, k: int = 10) -> np.ndarray:
-    """The first-order Markov ranking one user at a time, as train.py computed it before (the oracle)."""
-    n_items = len(data.item_raw)
-    seqs = [s[:-2] for s in data.sequences]
-    pop = np.bincount(np.concatenate(seqs), minlength=n_items).astype(np.float64)
-    counts = np.zeros((n_items, n_items))
-    for s in seqs:
-        np.add.at(counts, (s[:-1], s[1:]), 1)
-    tiebreak = pop / (pop.max() + 1.0)
-    return np.stack([np.argsort(-(tiebreak + counts[i]), kind="stable")[:k] for i in last])
-
-
-@FAST
-@given(st.integers(0, 2**16), st.integers(1, 12))
-def test_vectorised_markov_baseline_equals_the_per_user_loop(seed, k):
-    rng = np.random.default_rng(seed)
-    n_items = int(rng.integers(2, 25))
-    rows = [(f"u{u}", str(int(i)), t) for u in range(int(rng.integers(1, 12)))
-            for t, i in enumerate(rng.integers(0, n_items, rng.integers(3, 12)))]   # repeats allowed
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
-    n_items = len(data.item_raw)
-    splits = data_py.leave_one_out(data, 5)
-    last = splits["test"].history[:, -1]
-    lengths = data.lengths
-    local = np.arange(data.n_interactions) - np.repeat(data.offsets[:-1], lengths)
-    in_train = local < np.repeat(lengths - 2, lengths)
-    step = np.flatnonzero(in_train[:-1] & in_train[1:] & (local[1:] > 0))
-    pop = np.bincount(data.items[in_train], minlength=n_items).astype(np.float64)
-    fast = train.markov_top(data.items[step], data.items[step + 1], pop, last, k)
-    slow = loop_markov(data, last, k)
-    assert np.array_equal(fast[:, :slow.shape[1]], slow)
-    assert (fast[:, slow.shape[1]:] == -1).all()                          # fewer items than k: padding
-
-
-@FAST
-@given(st.integers(0, 2**16), st.integers(1, 7))
-def test_windows_cut_per_batch_equal_the_materialised_ones(seed, max_history):
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed, n_users=9, n_items=8)))), five_core=False)
-    sequences = data.sequences
-    for split in data_py.leave_one_out(data, max_history).values():
-        rows = np.random.default_rng(seed).permutation(len(split.pos))[: max(1, len(split.pos) // 2)]
-        for row, window in zip(rows, split.windows(rows)):
-            seq = sequences[split.user[row]]
-            t = split.pos[row] - split.start[row]                           # the target's index in seq
-            expected = seq[max(0, t - max_history):t]
-            assert window.tolist() == [-1] * (max_history - len(expected)) + expected.tolist()
-            assert split.target[row] == seq[t]
-
-
-def test_synthetic_interactions_are_deterministic_and_train_reads_them(tmp_path):
-    a, b = bench.synthetic_interactions(300, 200, 12, seed=3), bench.synthetic_interactions(300, 200, 12, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    user, item, when = a
-    assert item.min() >= 0 and item.max() < 200 and (np.diff(when)[np.diff(user) == 0] == 1).all()
-    bench.write_csv(str(tmp_path / "s.csv"), user, item, when, chunk=1000)
-    raw = data_py.load_data(train.TrainConfig(data=str(tmp_path / "s.csv")))
-    assert raw.users[:3] == [f"u{u}" for u in user[:3]] and list(raw.times[:3]) == when[:3].tolist()
-    assert len(raw.users) == len(user) and raw.users[0] is raw.users[1]   # one str object per distinct id
-
-
-@pytest.mark.slow
-def test_max_steps_and_eval_users(tmp_path):
-    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
-    runs = [train.main([f"--data={data_path}", f"--out_dir={tmp_path / str(seed)}", f"--seed={seed}", "--max_steps=3",
-                        "--eval_users=25"] + TINY_RUN) for seed in (0, 1)]
-    for run in runs:
-        state = train.load_checkpoint(str(tmp_path / str(run["config"]["train"]["seed"]) / "last.pt"))
-        assert state["step"] == 3 and state["epoch"] == 1 and len(state["valid_history"]) == 1
-        assert run["dataset"]["eval_users"] == 25 and set(run["seconds"]) >= {"load", "split", "sids", "train"}
-    assert runs[0]["baselines"] == runs[1]["baselines"]                   # the same users whatever the seed
-    every = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'all'}", "--max_steps=1"] + TINY_RUN)
-    assert every["baselines"] != runs[0]["baselines"] and "eval_users" not in every["dataset"]
-    with pytest.raises(ValueError, match="--max_steps: expected 0 .* got -1"):
-        configs(["--max_steps=-1"])
-
-
 @pytest.mark.slow
 def test_continue_experiment_runs_base_continued_and_scratch(tmp_path):
     rows = interactions(4, n_users=40, n_items=15)
@@ -1860,57 +1767,181 @@ def test_continue_experiment_runs_base_continued_and_scratch(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Robustness, round two (issue 16): one test per class of defect
+# bench.py: the synthetic interactions
 # ----------------------------------------------------------------------------------------------
 
-def test_item_order_does_not_depend_on_pythonhashseed(tmp_path):
-    rows = "".join(f"u{u}\t{i}\t{t}\n" for u in range(6) for t, i in enumerate(["7", "07", "007", "8", "08", "9"]))
-    path = _write(tmp_path, "d.inter", INTER_HEADER + rows)
-    code = ("import sys, train, sid, data as data_py; d = data_py.prepare(data_py.load_data(train.TrainConfig(data=sys.argv[1])), False); "
-            "print(d.item_raw, d.items.tolist())")
-    outs = {subprocess.run([sys.executable, "-c", code, path], cwd=HERE, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=120).stdout for seed in ("1", "2", "3")}
-    assert len(outs) == 1 and "['007', '07', '7', '08', '8', '9']" in outs.pop()   # by (int, str)
+def test_synthetic_interactions_are_deterministic_and_train_reads_them(tmp_path):
+    a, b = bench.synthetic_interactions(300, 200, 12, seed=3), bench.synthetic_interactions(300, 200, 12, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    user, item, when = a
+    assert item.min() >= 0 and item.max() < 200 and (np.diff(when)[np.diff(user) == 0] == 1).all()
+    bench.write_csv(str(tmp_path / "s.csv"), user, item, when, chunk=1000)
+    raw = data_py.load_data(train.TrainConfig(data=str(tmp_path / "s.csv")))
+    assert raw.users[:3] == [f"u{u}" for u in user[:3]] and list(raw.times[:3]) == when[:3].tolist()
+    assert len(raw.users) == len(user) and raw.users[0] is raw.users[1]   # one str object per distinct id
 
 
-def test_ids_are_stripped_in_every_format(tmp_path):
-    spaced = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "a.csv", "user,item,timestamp\n u0 , i0 ,5\nu0,i1, 6\n")))
-    assert spaced.users == ["u0", "u0"] and spaced.items == ["i0", "i1"] and list(spaced.times) == [5.0, 6.0]
+# ----------------------------------------------------------------------------------------------
+# The whole repository: bad input to every module, CLIs, modules copied alone, README examples, layers
+# ----------------------------------------------------------------------------------------------
+
+def _load(folder, name: str, content, fmt: str = "auto"):
+    return data_py.load_data(train.TrainConfig(data=_write(folder, name, content), format=fmt))
 
 
-@pytest.mark.slow
-def test_a_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, monkeypatch):
-    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
-    real_step = train.train_step
-    calls = []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        loss = real_step(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(train, "train_step", poisoned)
-    with pytest.raises(ValueError, match="training loss is not finite at step 3 \\(epoch 1\\)"):
-        train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'run'}"] + TINY_RUN)
+def _emb(folder, array) -> np.ndarray:
+    """item_embeddings() for a 4-item dataset with `array` as --item_emb."""
+    data = data_py.Dataset.from_sequences([np.arange(4)], ["u"], ["a", "b", "c", "d"])
+    path = os.path.join(str(folder), "e.npy")
+    np.save(path, array)
+    return data_py.item_embeddings(train.TrainConfig(item_emb=path), data, data_py.RawData([], [], [], item_emb=path), None)
 
 
-@pytest.mark.slow
-def test_a_new_run_into_another_runs_folder_changes_nothing(tmp_path):
-    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
-    out = tmp_path / "run"
-    train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"])
-    before = _files(out)
-    for other in (["--seed=1"], ["--n_embd=32"], ["--emb_source=cf"]):
-        with pytest.raises(ValueError, match="holds another run .*--overwrite=true"):
-            train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"] + other)
-        assert _files(out) == before
-    (out / ".tmp-checkpoint.ptabc").write_bytes(b"half a checkpoint")          # a killed write's leftover
-    (out / "notes.txt").write_text("mine")                                      # not ours: kept
-    train.main([f"--data={data_path}", f"--out_dir={out}", "--overwrite=true", "--seed=1"] + TINY_RUN + ["--epochs=1"])
-    assert not (out / ".tmp-checkpoint.ptabc").exists() and (out / "notes.txt").read_text() == "mine"
-    assert _files(out)["config.json"] != before["config.json"]
-    mask = sid._umask()
-    for name in ("config.json", "checkpoint.pt", "item_id2tokens.npy", "results.json"):
-        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~mask            # the umask's, not mkstemp's 0600
+def _check_other_config(folder):
+    path, resolved = _tiny_checkpoint(folder)
+    here = {**resolved, "model": {**resolved["model"], "n_embd": 32}}
+    train.check_checkpoint(train.load_checkpoint(path), path, here, "0" * 64, to_resume=False)
+
+
+def _check_other_sids(folder):
+    path, resolved = _tiny_checkpoint(folder)
+    train.check_checkpoint(train.load_checkpoint(path), path, resolved, "1" * 64, to_resume=False)
+
+
+def _old_index(folder):
+    index, _ = small_index(np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32))
+    index.save(str(folder))
+    with np.load(os.path.join(str(folder), "opq.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(os.path.join(str(folder), "opq.npz"), **{**arrays, "version": 99})
+    sid.SIDIndex.load(str(folder))
+
+
+def _train_batch_with_unknown_item(folder):
+    split = data_py.Split.from_windows(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
+    item_tokens = torch.zeros(4, 4, dtype=torch.long)                    # 3 items + the PAD row
+    train.make_batch(split, np.array([0]), item_tokens, torch.zeros(1, dtype=torch.long), torch.device("cpu"))
+
+
+def _generate_with_unknown_sid(folder):
+    model = tiny_model()
+    index = sid.SIDIndex(np.array([[1, 2, 3, 4]]))
+    model.generate(make_batch(model, [3], seed=1), index)
+
+
+# bad input to every module in one table: data files, sid.py, the model, beam search, checkpoints, CLI
+# (what is wrong, how to trigger it in a temporary folder, a fragment of the expected message)
+BAD_INPUTS = [
+    ("empty data file", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER)), "no interactions"),
+    ("nothing left after 5-core", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER + "u1\ti1\t1\n")),
+     "empty after 5-core"),
+    (".inter without a timestamp column", lambda d: _load(d, "d.inter", "user_id:token\titem_id:token\nu\ti\n"),
+     "expected a timestamp column"),
+    (".inter line with 2 of 3 fields", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t5\nu1\ti2\n"),
+     "d.inter:3: expected 3 tab-separated fields, got 2"),
+    (".inter non-numeric timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tyesterday\n"),
+     "d.inter:2: expected a numeric timestamp, got 'yesterday'"),
+    (".inter infinite timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tinf\n"),
+     "d.inter:2: expected a finite timestamp"),
+    ("csv without an item column", lambda d: _load(d, "d.csv", "user,thing,timestamp\nu,i,1\n"),
+     "d.csv:1: expected the item column"),
+    ("csv empty user id", lambda d: _load(d, "d.csv", "user,item,timestamp\n,i,1\n"),
+     "d.csv:2: expected non-empty user and item ids"),
+    ("amazon line that is not JSON", lambda d: _load(d, "d.json", '{"reviewerID": "u"\n'), "d.json:1: not a JSON object"),
+    ("amazon review without asin", lambda d: _load(d, "d.json", '{"reviewerID": "u", "unixReviewTime": 1}\n'),
+     "d.json:1: expected a JSON object with keys"),
+    ("s3rec user without items", lambda d: _load(d, "d.txt", "u1 i1 i2\nu2\n", fmt="s3rec"),
+     "d.txt:2: expected `user item item ...`"),
+    (".json.gz that is not gzip", lambda d: _load(d, "d.json.gz", b"not gzip at all"), "d.json.gz: cannot read it (BadGzipFile"),
+    ("bytes that are not UTF-8", lambda d: _load(d, "d.csv", b"user,item,timestamp\n\xff\xfe,i,1\n"), "d.csv: not UTF-8 text"),
+    ("item text line that is not a dict", lambda d: data_py.load_item_text(_write(d, "m.jsonl", "[1, 2]\n")),
+     "m.jsonl:1: expected a JSON object or Python dict"),
+    ("item text with an item twice", lambda d: data_py.load_item_text(_write(d, "m.jsonl", '{"asin": "a"}\n{"asin": "a"}\n')),
+     "m.jsonl:2: item 'a' appears a second time"),
+    ("--item_emb with NaN", lambda d: _emb(d, np.array([[0.0], [np.nan], [1.0], [2.0]])), "got NaN or inf in row 1"),
+    ("--item_emb with 3 rows for 4 items", lambda d: _emb(d, np.zeros((3, 8))), "expected shape [4 items, D], got (3, 8)"),
+    ("--item_emb of strings", lambda d: _emb(d, np.array([["a"]] * 4)), "expected a numeric array, got dtype <U1"),
+    ("embeddings with inf (sid.py)", lambda d: sid.build_index(np.array([[0.0, np.inf]])), "finite"),
+    ("codes of the wrong dtype (sid.py)", lambda d: sid.SIDIndex(np.zeros((3, 4))), "integer"),
+    ("history item id with no SID (train batch)", _train_batch_with_unknown_item, "history: item 7 has no SID (the index has 3 items)"),
+    ("history SID of no item (generate)", _generate_with_unknown_sid, "expected the SID of an item in the index"),
+    ("history_sid of floats (model)", lambda d: tiny_model().check_batch(dict(make_batch(tiny_model(), [2]),
+                                                                  history_sid=torch.zeros(1, 2, 4))), "expected integer ids"),
+    ("user id out of range (model)", lambda d: tiny_model().check_batch(dict(make_batch(tiny_model(), [2]), user_ids=torch.tensor([7]))),
+     "user_ids: expected bucket indices in [0, 7)"),
+    ("beam_size 0 (beam search)", lambda d: beam.beam_search(tiny_model(), make_batch(tiny_model(), [2]), 0, 1, None),
+     "beam_size: expected a positive int"),
+    ("checkpoint config != this run's", _check_other_config, "model.n_embd is 16 there, 32 here"),
+    ("checkpoint SIDs != the index on disk", _check_other_sids, "made with other SIDs than the index on disk"),
+    ("checkpoint of another version", lambda d: train.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
+     "checkpoint version 0, this code reads version 3"),
+    ("truncated checkpoint", lambda d: train.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
+     "not a readable checkpoint, truncated or corrupt"),
+    ("missing checkpoint", lambda d: train.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
+    ("opq.npz of another version", _old_index, "index version 99, this code reads 1"),
+    ("CLI unknown --key", lambda d: configs(["--learning_rate=1"]), "unknown option --learning_rate"),
+    ("CLI value of the wrong type", lambda d: configs(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),
+    ("CLI zero epochs", lambda d: configs(["--epochs=0"]), "--epochs: expected a positive int, got 0"),
+    ("CLI --resume with --eval_only", lambda d: configs(["--resume=true", "--eval_only=true"]), "at most one"),
+    # every numeric flag finite, null ids, .npz for .npy, empty batches, dtypes, devices
+    ("CLI --lr=inf", lambda d: configs(["--lr=inf"]), "--lr: expected a finite number, got inf"),
+    ("CLI --attn_pdrop=nan", lambda d: configs(["--attn_pdrop=nan"]), "--attn_pdrop: expected a finite number"),
+    ("Amazon reviewerID null", lambda d: _load(d, "d.json", '{"reviewerID": null, "asin": "a", "unixReviewTime": 1}\n'),
+     "d.json:1: expected reviewerID to be a string or a number, got null"),
+    ("Amazon asin a list", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": ["a"], "unixReviewTime": 1}\n'),
+     "d.json:1: expected asin to be a string or a number"),
+    ("csv line number after a quoted newline", lambda d: _load(d, "d.csv", 'user,item,timestamp\n"u\n0",i0,1\nu1,i1\n'),
+     "d.csv:4: expected 3 fields, got 2"),
+    ("csv field over the size limit", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i,1\nu," + "x" * 200_000 + ",2\n"),
+     "d.csv:3: not a readable CSV row (field larger than field limit"),
+    ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected non-empty user"),
+    ("--item_emb given a .npz", lambda d: data_py.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
+    ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a numeric array, got dtype"),
+    ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a numeric array, got dtype"),
+    ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a numeric array, got dtype"),
+    ("huge embeddings (sid)", lambda d: sid.build_index(np.full((4, 2), 1e25, np.float32)), "expected values of a usable scale"),
+    ("tiny embeddings (sid)", lambda d: sid.build_index(np.full((4, 2), 1e-30)), "expected values of a usable scale"),
+    ("complex codes (lookup)", lambda d: sid.SIDIndex(np.zeros((1, 4), np.uint8)).lookup(np.zeros((1, 4), complex)),
+     "expected an integer array"),
+    ("batch of 0 users (model)", lambda d: tiny_model().check_batch({k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()}),
+     "expected at least one user in the batch, got 0"),
+    ("batch of 0 users (generate)", lambda d: beam.beam_search(tiny_model(), {k: v[:0] for k, v in make_batch(tiny_model(), [2]).items()},
+                                                               2, 1, None), "expected at least one user"),
+    ("index folder without tokens2item.pkl", lambda d: (sid.SIDIndex(np.eye(2, 4, dtype=np.uint8)).save(str(d)),
+                                                        os.remove(os.path.join(str(d), "tokens2item.pkl")),
+                                                        sid.SIDIndex.load(str(d))), "tokens2item.pkl: missing"),
+    ("opq.npz of another index", lambda d: _opq_of_another_index(d), "opq.npz: belongs to another index"),
+    ("model codebook_size != the index's (beam search)",
+     lambda d: beam.beam_search(tiny_model(codebook_size=16), make_batch(tiny_model(codebook_size=16), [2]), 2, 1,
+                                sid.SIDIndex(np.eye(2, 4, dtype=np.uint8))),
+     "the index and the model disagree on codebook_size"),
+    ("header-only data file names the file", lambda d: data_py.prepare(_load(d, "empty.csv", "user,item,timestamp\n")),
+     "empty.csv: no interactions"),
+    ("timestamp beyond 64 bits", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t99999999999999999999\n"),
+     "expected a timestamp that fits in 64 bits"),
+    ("--device=mps where there is none", lambda d: train.pick_device("mps") if not torch.backends.mps.is_available()
+     else (_ for _ in ()).throw(ValueError("--device: mps is not available")), "--device: mps is not available"),
+]
+
+
+def _opq_of_another_index(folder):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        sid.build_index(rng.normal(size=(30, 4)).astype(np.float32))[0].save(os.path.join(str(folder), name))
+    os.replace(os.path.join(str(folder), "b", "opq.npz"), os.path.join(str(folder), "a", "opq.npz"))
+    return sid.SIDIndex.load(os.path.join(str(folder), "a"))
+
+
+def _npz(folder) -> str:
+    path = os.path.join(str(folder), "e.npz")
+    np.savez(path, emb=np.ones((2, 3), np.float32))
+    return path
+
+
+@pytest.mark.parametrize("what, make, fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_clear_value_error(tmp_path, what, make, fragment):
+    with pytest.raises(ValueError, match=re_escape(fragment)):
+        make(tmp_path)
 
 
 def test_clis_print_one_error_line(tmp_path):
@@ -1928,37 +1959,127 @@ def test_clis_print_one_error_line(tmp_path):
         assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
 
 
-@pytest.mark.slow
-def test_out_dir_that_is_a_file_is_one_error_line(tmp_path):
-    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
-    (tmp_path / "a_file").write_text("x")
-    run = subprocess.run([sys.executable, "train.py", f"--data={data_path}", f"--out_dir={tmp_path / 'a_file'}"] + TINY_RUN,
-                         cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 1 and run.stderr.strip().endswith("exists and is not a folder"), run.stderr[-500:]
-    assert (tmp_path / "a_file").read_text() == "x"
+def run_alone(tmp_path, files: list, code: str) -> str:
+    """Copy `files` into an empty folder and run `code` there, without PYTHONPATH: the script's
+    folder is the only project folder on sys.path, so only the copies can be imported."""
+    for name in files:
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    script = tmp_path / "use_it.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-s", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
-@pytest.mark.slow
-def test_fewer_than_ten_items_trains_and_evaluates(tmp_path):
-    rows = [(f"u{u}", str(100 + (u + t) % 6), t) for u in range(30) for t in range(6)]   # 6 items
-    data_path = write_formats(tmp_path, rows)["inter"]
-    results = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'run'}"] + TINY_RUN + ["--epochs=1"])
-    assert results["dataset"]["items"] == 6 and 0 <= results["test"]["recall@10"] <= 1
-    assert results["baselines"]["test"]["popularity"]["recall@10"] == 1.0   # all 6 items ranked
+def test_rpg_ed_and_beam_copied_alone_generate_with_a_hand_made_constraint(tmp_path):
+    out = run_alone(tmp_path, ["rpg_ed.py", "beam.py"], """
+import sys, torch, rpg_ed
+assert not any(m in sys.modules for m in ("sid", "train", "data")), "imported a project module it should not need"
+
+class FiveItems:                                     # a hand-made constraint: 5 SIDs, brute force
+    codes = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 4], [0, 5, 0, 0], [7, 7, 7, 7], [2, 0, 1, 3]])
+    def prefix_mask(self, prefix):
+        l = prefix.shape[1]
+        ok = (self.codes[None, :, :l] == prefix[:, None, :]).all(-1)                  # (N, 5)
+        mask = torch.zeros(len(prefix), 8, dtype=torch.bool)
+        for item in range(5):                        # 5 items: a loop is the plainest oracle
+            mask[ok[:, item], self.codes[item, l]] = True
+        return mask
+    def lookup(self, codes):
+        same = (codes[:, None, :] == self.codes[None]).all(-1)
+        return torch.where(same.any(1), same.float().argmax(1), -1)
+
+torch.manual_seed(0)
+config = rpg_ed.RPGEDConfig(codebook_size=8, n_user_buckets=3, max_history=4, encoder_n_layer=1, decoder_n_layer=1,
+                            n_head=2, n_embd=16, n_inner=32, beam_size=10)
+model = rpg_ed.RPG_ED(config).eval()
+history = FiveItems.codes[torch.tensor([[0, 2, 3], [4, 4, 1]])] + model.digit_offsets
+batch = {"user_ids": torch.tensor([0, 2]), "history_sid": history}
+items = model.generate(batch, FiveItems(), beam_size=10, n_return=10)[..., 0]
+assert items.shape == (2, 10)
+for row in items.tolist():
+    real = [i for i in row if i >= 0]
+    assert sorted(real) == [0, 1, 2, 3, 4] and row[5:] == [-1] * 5, row    # every item once, then padding
+print("ok", items.tolist())
+""")
+    assert out.startswith("ok")
 
 
-def test_timestamps_are_exact_integers(tmp_path):
-    base = 1_700_000_000_000_000_000                                       # nanoseconds: beyond float64's 2**53
-    rows = "".join(f"u\ti{k}\t{base + (3 - k)}\n" for k in range(4)) + "u\ti9\t" + str(base + 9) + "\n"
-    data = data_py.prepare(data_py.load_data(train.TrainConfig(data=_write(tmp_path, "d.inter", INTER_HEADER + rows))), False)
-    assert [data.item_raw[i] for i in data.items] == ["i3", "i2", "i1", "i0", "i9"]     # 1 ns apart, in time order
-    mixed = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
-    assert mixed.times.typecode == "d" and list(mixed.times) == [5.0, 5.5]   # a fraction: the file is float64
+def test_rpg_ed_copied_without_beam_trains_and_scores(tmp_path):
+    out = run_alone(tmp_path, ["rpg_ed.py"], """
+import torch, rpg_ed
+config = rpg_ed.RPGEDConfig(codebook_size=8, n_user_buckets=3, max_history=4, encoder_n_layer=1, decoder_n_layer=1,
+                            n_head=2, n_embd=16, n_inner=32)
+model = rpg_ed.RPG_ED(config)
+codes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+batch = {"user_ids": torch.tensor([0, 1]), "history_sid": (codes + model.digit_offsets)[:, None].repeat(1, 3, 1),
+         "decoder_input_ids": torch.cat([torch.full((2, 1), rpg_ed.BOS), codes.flip(0) + model.digit_offsets], 1),
+         "decoder_labels": torch.cat([codes.flip(0) + model.digit_offsets, torch.full((2, 1), rpg_ed.EOS)], 1)}
+loss = model(batch)
+loss.backward()
+print("ok", round(loss.item(), 3))
+""")
+    assert out.startswith("ok")
 
 
-# ----------------------------------------------------------------------------------------------
-# The README's examples, computed here so that they cannot drift; the layers of the modules
-# ----------------------------------------------------------------------------------------------
+def test_beam_copied_alone_runs_a_toy_model_and_equals_brute_force(tmp_path):
+    out = run_alone(tmp_path, ["beam.py"], """
+import itertools, torch, beam
+
+class Config:
+    n_digit, codebook_size = 3, 4
+
+class Cache:
+    def __init__(self, n): self.rows = torch.arange(n)
+    def reorder(self, rows): self.rows = self.rows[rows]
+
+class Toy:
+    '''Logits depend on the user and the digit only, so the best SIDs are known in closed form.'''
+    config = Config()
+    def __init__(self): self.table = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    def encode(self, user_ids, history_sid): return user_ids.float()[:, None], torch.ones(len(user_ids), 1, dtype=torch.bool)
+    def new_cache(self, memory, memory_mask, beam_size):
+        cache = Cache(len(memory) * beam_size); cache.user = memory[:, 0].long().repeat_interleave(beam_size); return cache
+    def step(self, prev_codes, cache, digit): return self.table[cache.user, digit]
+
+class Everything:
+    def prefix_mask(self, prefix): return torch.ones(len(prefix), 4, dtype=torch.bool)
+    def lookup(self, codes): return codes[:, 0] * 16 + codes[:, 1] * 4 + codes[:, 2]
+
+toy = Toy()
+result = beam.beam_search(toy, {"user_ids": torch.tensor([0, 1]), "history_sid": None}, 64, 5, Everything())
+logp = torch.log_softmax(toy.table, -1)                                   # (user, digit, code)
+for user in range(2):
+    scores = sorted(((sum(logp[user, d, c].item() for d, c in enumerate(sid)), sid)
+                     for sid in itertools.product(range(4), repeat=3)), key=lambda t: -t[0])[:5]
+    expected = [s[0] * 16 + s[1] * 4 + s[2] for _, s in scores]
+    assert result.items[user].tolist() == expected, (result.items[user].tolist(), expected)
+print("ok")
+""")
+    assert out.startswith("ok")
+
+
+def test_sid_copied_alone_builds_saves_loads_and_adds_items(tmp_path):
+    out = run_alone(tmp_path, ["sid.py"], """
+import sys, numpy as np, sid
+assert "torch" not in sys.modules, "sid.py imported torch"
+rng = np.random.default_rng(0)
+emb = rng.standard_normal((300, 8)).astype(np.float32)
+emb[10:20] = emb[0]                                     # duplicates: they must move
+index, moved = sid.build_index(emb, n_iter=2, kmeans_iter=2)
+index.save("idx")
+loaded = sid.SIDIndex.load("idx")
+assert np.array_equal(loaded.item_codes, index.item_codes) and moved >= 10
+bigger, _ = loaded.add_items(rng.standard_normal((20, 8)).astype(np.float32))
+keys = sid.pack_codes(bigger.item_codes)
+assert bigger.n_items == 320 and len(np.unique(keys)) == 320
+assert np.array_equal(bigger.lookup(bigger.item_codes), np.arange(320))
+print("ok")
+""")
+    assert out.startswith("ok")
+
 
 TOY_DIGITS, TOY_CODES, TOY_BEAM = 2, 3, 2          # the README's worked beam search
 TOY_CATALOGUE = [(0, 0), (0, 2), (2, 1), (2, 2)]                  # item id i has SID TOY_CATALOGUE[i]
@@ -2096,7 +2217,6 @@ def test_worked_beam_example_matches_readme():
 
 
 def test_python_rpg_ed_prints_the_readme_walk_through():
-    import contextlib, io
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rpg_ed.shape_demo()
@@ -2109,7 +2229,6 @@ LAYERS = ["sid", "beam", "rpg_ed", "data", "train", "recommend", "experiments"] 
 def test_no_module_imports_one_above_it():
     """sid, beam < rpg_ed < data < train < recommend < experiments, and beam.py and sid.py import
     no project module; an import inside a function counts too."""
-    import ast
     for i, name in enumerate(LAYERS):
         allowed = set() if name in ("sid", "beam") else set(LAYERS[:i])
         with open(os.path.join(HERE, name + ".py"), encoding="utf-8") as f:
@@ -2121,149 +2240,5 @@ def test_no_module_imports_one_above_it():
             assert not wrong, f"{name}.py:{node.lineno} imports {wrong}; it may import only {sorted(allowed)}"
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--emb=a.npy", "out"], "argument 'out': expected --key=value"),
-    (["--emb"], "argument '--emb': expected --key=value"),
-    (["--nope=1"], "unknown option --nope"),
-    (["--seed=x"], "--seed: expected int, got 'x'"),
-    (["--overwrite=yes"], "--overwrite: expected bool, got 'yes'"),
-])
-def test_parse_flags_refuses_what_it_cannot_read(argv, fragment):
-    with pytest.raises(ValueError, match=re_escape(fragment)):
-        sid.parse_flags(argv, sid.IndexConfig)
-
-
-def test_parse_flags_types_values_and_the_last_one_wins():
-    given = sid.parse_flags(["--emb=a.npy", "--seed=3", "--overwrite=true", "--seed=4"], sid.IndexConfig)
-    assert given == {"emb": "a.npy", "seed": 4, "overwrite": True}
-
-
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"] + sys.argv[1:]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Copied alone: each module works in a folder with none of the others (README: copying a module)
-# ----------------------------------------------------------------------------------------------
-
-def run_alone(tmp_path, files: list, code: str) -> str:
-    """Copy `files` into an empty folder and run `code` there, without PYTHONPATH: the script's
-    folder is the only project folder on sys.path, so only the copies can be imported."""
-    import shutil
-    for name in files:
-        shutil.copy(os.path.join(HERE, name), tmp_path / name)
-    script = tmp_path / "use_it.py"
-    script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-s", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
-def test_rpg_ed_and_beam_copied_alone_generate_with_a_hand_made_constraint(tmp_path):
-    out = run_alone(tmp_path, ["rpg_ed.py", "beam.py"], """
-import sys, torch, rpg_ed
-assert not any(m in sys.modules for m in ("sid", "train", "data")), "imported a project module it should not need"
-
-class FiveItems:                                     # a hand-made constraint: 5 SIDs, brute force
-    codes = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 4], [0, 5, 0, 0], [7, 7, 7, 7], [2, 0, 1, 3]])
-    def prefix_mask(self, prefix):
-        l = prefix.shape[1]
-        ok = (self.codes[None, :, :l] == prefix[:, None, :]).all(-1)                  # (N, 5)
-        mask = torch.zeros(len(prefix), 8, dtype=torch.bool)
-        for item in range(5):                        # 5 items: a loop is the plainest oracle
-            mask[ok[:, item], self.codes[item, l]] = True
-        return mask
-    def lookup(self, codes):
-        same = (codes[:, None, :] == self.codes[None]).all(-1)
-        return torch.where(same.any(1), same.float().argmax(1), -1)
-
-torch.manual_seed(0)
-config = rpg_ed.RPGEDConfig(codebook_size=8, n_user_buckets=3, max_history=4, encoder_n_layer=1, decoder_n_layer=1,
-                            n_head=2, n_embd=16, n_inner=32, beam_size=10)
-model = rpg_ed.RPG_ED(config).eval()
-history = FiveItems.codes[torch.tensor([[0, 2, 3], [4, 4, 1]])] + model.digit_offsets
-batch = {"user_ids": torch.tensor([0, 2]), "history_sid": history}
-items = model.generate(batch, FiveItems(), beam_size=10, n_return=10)[..., 0]
-assert items.shape == (2, 10)
-for row in items.tolist():
-    real = [i for i in row if i >= 0]
-    assert sorted(real) == [0, 1, 2, 3, 4] and row[5:] == [-1] * 5, row    # every item once, then padding
-print("ok", items.tolist())
-""")
-    assert out.startswith("ok")
-
-
-def test_rpg_ed_copied_without_beam_trains_and_scores(tmp_path):
-    out = run_alone(tmp_path, ["rpg_ed.py"], """
-import torch, rpg_ed
-config = rpg_ed.RPGEDConfig(codebook_size=8, n_user_buckets=3, max_history=4, encoder_n_layer=1, decoder_n_layer=1,
-                            n_head=2, n_embd=16, n_inner=32)
-model = rpg_ed.RPG_ED(config)
-codes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
-batch = {"user_ids": torch.tensor([0, 1]), "history_sid": (codes + model.digit_offsets)[:, None].repeat(1, 3, 1),
-         "decoder_input_ids": torch.cat([torch.full((2, 1), rpg_ed.BOS), codes.flip(0) + model.digit_offsets], 1),
-         "decoder_labels": torch.cat([codes.flip(0) + model.digit_offsets, torch.full((2, 1), rpg_ed.EOS)], 1)}
-loss = model(batch)
-loss.backward()
-print("ok", round(loss.item(), 3))
-""")
-    assert out.startswith("ok")
-
-
-def test_beam_copied_alone_runs_a_toy_model_and_equals_brute_force(tmp_path):
-    out = run_alone(tmp_path, ["beam.py"], """
-import itertools, torch, beam
-
-class Config:
-    n_digit, codebook_size = 3, 4
-
-class Cache:
-    def __init__(self, n): self.rows = torch.arange(n)
-    def reorder(self, rows): self.rows = self.rows[rows]
-
-class Toy:
-    '''Logits depend on the user and the digit only, so the best SIDs are known in closed form.'''
-    config = Config()
-    def __init__(self): self.table = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
-    def encode(self, user_ids, history_sid): return user_ids.float()[:, None], torch.ones(len(user_ids), 1, dtype=torch.bool)
-    def new_cache(self, memory, memory_mask, beam_size):
-        cache = Cache(len(memory) * beam_size); cache.user = memory[:, 0].long().repeat_interleave(beam_size); return cache
-    def step(self, prev_codes, cache, digit): return self.table[cache.user, digit]
-
-class Everything:
-    def prefix_mask(self, prefix): return torch.ones(len(prefix), 4, dtype=torch.bool)
-    def lookup(self, codes): return codes[:, 0] * 16 + codes[:, 1] * 4 + codes[:, 2]
-
-toy = Toy()
-result = beam.beam_search(toy, {"user_ids": torch.tensor([0, 1]), "history_sid": None}, 64, 5, Everything())
-logp = torch.log_softmax(toy.table, -1)                                   # (user, digit, code)
-for user in range(2):
-    scores = sorted(((sum(logp[user, d, c].item() for d, c in enumerate(sid)), sid)
-                     for sid in itertools.product(range(4), repeat=3)), key=lambda t: -t[0])[:5]
-    expected = [s[0] * 16 + s[1] * 4 + s[2] for _, s in scores]
-    assert result.items[user].tolist() == expected, (result.items[user].tolist(), expected)
-print("ok")
-""")
-    assert out.startswith("ok")
-
-
-def test_sid_copied_alone_builds_saves_loads_and_adds_items(tmp_path):
-    out = run_alone(tmp_path, ["sid.py"], """
-import sys, numpy as np, sid
-assert "torch" not in sys.modules, "sid.py imported torch"
-rng = np.random.default_rng(0)
-emb = rng.standard_normal((300, 8)).astype(np.float32)
-emb[10:20] = emb[0]                                     # duplicates: they must move
-index, moved = sid.build_index(emb, n_iter=2, kmeans_iter=2)
-index.save("idx")
-loaded = sid.SIDIndex.load("idx")
-assert np.array_equal(loaded.item_codes, index.item_codes) and moved >= 10
-bigger, _ = loaded.add_items(rng.standard_normal((20, 8)).astype(np.float32))
-keys = sid.pack_codes(bigger.item_codes)
-assert bigger.n_items == 320 and len(np.unique(keys)) == 320
-assert np.array_equal(bigger.lookup(bigger.item_codes), np.arange(320))
-print("ok")
-""")
-    assert out.startswith("ok")
