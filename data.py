@@ -62,6 +62,7 @@ class RawData:
     item_emb: str = ""               # item-embedding file: --item_emb, or the one found beside the data
     source: str = ""
     path: str = ""                   # the data file, for messages
+    fingerprint: dict = field(default_factory=dict)  # {"path", "size", "sha256"} of the bytes read
     names: dict = field(default_factory=dict, repr=False)  # id -> the one str object kept for it
 
 
@@ -268,14 +269,48 @@ def _add_text(text: dict, where: str, item: str, words: str) -> None:
 LOADERS = {"inter": load_inter, "csv": load_csv, "amazon": load_amazon, "s3rec": load_s3rec}
 
 
-def read_file(path: str, read):
-    """Run a loader, turning undecodable bytes and broken compression into a ValueError that names the file."""
+def read_file(path: str, read, shown: str = ""):
+    """Run a loader, turning undecodable bytes and broken compression into a ValueError that names
+    the file (`shown`, when `path` is a copy of it)."""
+    shown = shown or path
     try:
         return read(path)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, EOFError, zlib.error, csv.Error) as e:   # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{shown}: cannot read it ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(str(e).replace(path, shown)) from None
+
+
+MAX_LINE_BYTES = 1 << 24   # a longer line is refused: a stream without newlines (/dev/zero) is not data
+
+
+def snapshot(path: str, scratch: str) -> tuple[str, dict]:
+    """Read `path` once, start to end: its size and sha256 (the fingerprint a run records of its
+    data), and a check that no line is longer than MAX_LINE_BYTES. A pipe or FIFO can be read
+    only once, so it is copied into the folder `scratch` as it is read; the loaders read the copy.
+    Returns (the path to read, the fingerprint)."""
+    regular = os.path.isfile(path)
+    copy = path if regular else os.path.join(scratch, os.path.basename(path) or "data")
+    digest, size, line, run = hashlib.sha256(), 0, 1, 0
+    try:
+        with open(path, "rb") as f, (open(os.devnull, "wb") if regular else open(copy, "wb")) as out:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+                if not regular:
+                    out.write(block)
+                first = block.find(b"\n")                 # lines inside one block are shorter than it
+                longest = run + (len(block) if first < 0 else first)   # the line open at the block's start
+                run = longest if first < 0 else len(block) - block.rfind(b"\n") - 1
+                if longest > MAX_LINE_BYTES and not path.endswith(".gz"):
+                    raise ValueError(f"{path}:{line}: a line longer than {MAX_LINE_BYTES:,} bytes; expected "
+                                     "text data with one record per line")
+                line += block.count(b"\n")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return copy, {"path": os.path.abspath(path), "size": size, "sha256": digest.hexdigest()}
 
 
 def _item_emb_file(cfg, data_path: str) -> str:
@@ -293,39 +328,42 @@ def _item_emb_file(cfg, data_path: str) -> str:
 
 def load_data(cfg) -> RawData:
     """Read the interactions named by cfg.data (and cfg.format, cfg.item_text, cfg.item_emb: the
-    fields of train.TrainConfig; any object with them will do)."""
-    if cfg.data == "ml-100k":
-        path, source = fetch_ml100k()
-        raw = load_inter(path)
-        raw.path = path
-        raw.item_text = load_item_text(path.replace(".inter", ".item"))
-        raw.item_emb = _item_emb_file(cfg, path)
-        raw.source = source + (f", item embeddings from {raw.item_emb}" if raw.item_emb else "")
-        return raw
-    path = cfg.data
-    if os.path.isdir(path):
-        candidates = sorted(f for f in os.listdir(path) if f.endswith((".inter", ".csv", ".tsv", ".txt", ".json", ".json.gz")))
-        if len(candidates) != 1:
-            raise ValueError(f"{path}: expected exactly one data file in the folder, found {candidates}")
-        path = os.path.join(path, candidates[0])
-    if not os.path.exists(path):
-        raise ValueError(f"--data: {path} does not exist")
-    fmt = read_file(path, detect_format) if cfg.format == "auto" else cfg.format
-    raw = read_file(path, LOADERS[fmt])
-    raw.path = path
-    item_text = cfg.item_text
-    if not item_text:  # look beside the data file: name.item, or *_items.jsonl
-        folder = os.path.dirname(path)
-        stem = os.path.basename(path).split(".")[0]
-        for candidate in (os.path.join(folder, stem + ".item"), os.path.join(folder, stem + "_items.jsonl")):
-            if os.path.exists(candidate):
-                item_text = candidate
-    if item_text:
-        raw.item_text = read_file(item_text, load_item_text)
-    raw.item_emb = _item_emb_file(cfg, path)
-    raw.source = (f"read {fmt} from {path}" + (f", item text from {item_text}" if item_text else "") +
+    fields of train.TrainConfig; any object with them will do). Each file is read once from start
+    to end before it is parsed (see snapshot), so a pipe gives the same data as the file."""
+    with tempfile.TemporaryDirectory() as scratch:
+        if cfg.data == "ml-100k":
+            path, source = fetch_ml100k()
+            fmt, item_text = "inter", path.replace(".inter", ".item")
+        else:
+            path, source, fmt, item_text = data_file(cfg.data), "", cfg.format, cfg.item_text
+            if not item_text:                  # look beside the data file: NAME.item, or NAME_items.jsonl
+                stem = os.path.join(os.path.dirname(path), os.path.basename(path).split(".")[0])
+                item_text = next((c for c in (stem + ".item", stem + "_items.jsonl") if os.path.exists(c)), "")
+        copy, fingerprint = snapshot(path, scratch)
+        fmt = read_file(copy, detect_format, path) if fmt == "auto" else fmt
+        raw = read_file(copy, LOADERS[fmt], path)
+        if item_text:
+            raw.item_text = read_file(snapshot(item_text, scratch)[0], load_item_text, item_text)
+    raw.path, raw.fingerprint, raw.item_emb = path, fingerprint, _item_emb_file(cfg, path)
+    raw.source = ((source or f"read {fmt} from {path}") + (f", item text from {item_text}" if item_text else "") +
                   (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
     return raw
+
+
+DATA_SUFFIXES = (".inter", ".csv", ".tsv", ".txt", ".json", ".jsonl")
+
+
+def data_file(path: str) -> str:
+    """--data: a file, or a folder that holds exactly one data file (compressed with .gz or not)."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.removesuffix(".gz").endswith(DATA_SUFFIXES))
+        if len(found) != 1:
+            raise ValueError(f"--data: expected exactly one data file ({', '.join(DATA_SUFFIXES)}, optionally "
+                             f".gz) in the folder {path}, found {found}")
+        path = os.path.join(path, found[0])
+    if not os.path.exists(path):
+        raise ValueError(f"--data: {path} does not exist")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,7 +713,7 @@ def item_embeddings(cfg, data: Dataset, raw: RawData, train: Split) -> tuple[np.
 TITLE_CHARS = 120   # item text kept per item in data.npz, for recommend.py to show
 
 
-def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool) -> None:
+def run_data_bytes(data: Dataset, item_text: dict, content_sids: bool) -> bytes:
     """data.npz: what using a run needs beside the model and the SIDs (read_run_data reads it
     with allow_pickle=False): raw item and user ids in id order, the start of each item's text
     ("" without text), every user's sequence as one flat int32 array with offsets, and whether
@@ -686,7 +724,7 @@ def save_run_data(path: str, data: Dataset, item_text: dict, content_sids: bool)
                                  dtype=str),
              offsets=data.offsets, items=data.items,
              content_sids=np.array(content_sids))
-    sid.atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
 RUN_DATA_KEYS = ("item_raw", "user_raw", "item_title", "offsets", "items", "content_sids")

@@ -153,9 +153,13 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
     """Give new items SIDs in a trained run, from their embeddings and the run's saved OPQ.
 
     embeddings (n_new, D) must be of the kind the run's SIDs came from (same D). Old items keep
-    their SIDs; the index files and data.npz are rewritten (each atomically), nothing else changes.
-    Every check happens before the first write. Returns how many new items collision resolution moved.
+    their SIDs. Every check happens before the first write; then the new index files and data.npz
+    are published together (train.RunFolder: one commit), so a kill leaves the old run or the new.
+    Returns how many new items collision resolution moved.
     """
+    run_folder = train.RunFolder(folder)
+    run_folder.recover()
+    run_folder.verify(needs=("item_id2tokens.npy", "tokens2item.pkl", "data.npz"))
     run_data, index = data_py.read_run_data(folder), sid.SIDIndex.load(folder)
     if len(run_data["item_raw"]) != index.n_items:
         raise ValueError(f"{folder}: the SID index has {index.n_items} items, data.npz maps {len(run_data['item_raw'])}")
@@ -185,10 +189,10 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
             raise ValueError(f"new items: item {raw!r} already exists" + (" in the run" if raw in known else " (twice)"))
         seen.add(raw)
     new_index, moved = index.add_items(embeddings)
-    new_index.save(folder)
-    sid.atomic_write(os.path.join(folder, "data.npz"), _npz_bytes(
-        **{**run_data, "item_raw": np.concatenate([run_data["item_raw"].astype(str), np.array(item_ids, dtype=str)]),
-           "item_title": np.concatenate([run_data["item_title"].astype(str), np.array(titles, dtype=str)])}))
+    new_data = _npz_bytes(**{**run_data,
+                             "item_raw": np.concatenate([run_data["item_raw"].astype(str), np.array(item_ids, dtype=str)]),
+                             "item_title": np.concatenate([run_data["item_title"].astype(str), np.array(titles, dtype=str)])})
+    run_folder.publish({**new_index.files(), "data.npz": new_data})
     return moved
 
 

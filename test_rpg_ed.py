@@ -1108,7 +1108,8 @@ def _tiny_checkpoint(folder, **changes) -> tuple[str, dict]:
     resolved = {"train": dataclasses.asdict(train.TrainConfig()), "model": dataclasses.asdict(rpg_ed.RPGEDConfig(**TINY))}
     state = {"model": {}, "config": resolved, "sids_sha256": "0" * 64, **changes}
     path = os.path.join(str(folder), "checkpoint.pt")
-    train.save_checkpoint(path, state)
+    with open(path, "wb") as f:
+        f.write(train.checkpoint_bytes(state))
     return path, resolved
 
 
@@ -1145,13 +1146,13 @@ RESUME_RUN = ["--epochs=3", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_
 # the run that is killed sleeps after writing its first last.pt, so SIGKILL always lands there
 _SLEEP_AFTER_FIRST_CHECKPOINT = """
 import sys, time, train
-save = train.save_checkpoint
-def save_then_sleep(path, state):
-    save(path, state)
-    if path.endswith("last.pt"):
+publish = train.RunFolder.publish
+def publish_then_sleep(self, files, *args, **kwargs):
+    publish(self, files, *args, **kwargs)
+    if "last.pt" in files:
         print("checkpoint written", flush=True)
         time.sleep(600)
-train.save_checkpoint = save_then_sleep
+train.RunFolder.publish = publish_then_sleep
 train.main(sys.argv[1:])
 """
 
@@ -1607,36 +1608,66 @@ def test_request_windows_keep_the_last_items_left_padded(histories, width):
 
 
 @pytest.mark.slow
+def _reseal(folder) -> None:
+    """Rewrite run.json to vouch for the files as they are now: a consistent folder of wrong files,
+    to reach the checks that run after the manifest's."""
+    path = os.path.join(folder, train.MANIFEST)
+    manifest = json.loads(open(path).read())
+    for name in manifest["files"]:
+        size, digest = train.file_digest(os.path.join(folder, name))
+        manifest["files"][name] = {"size": size, "sha256": digest}
+    open(path, "w").write(json.dumps(manifest))
+
+
 def test_load_run_refuses_missing_or_mismatched_files(group_run, tmp_path):
     good = group_run["out"]
     for name in ("data.npz", "checkpoint.pt", "config.json"):
         out = _copy_run(group_run, tmp_path / f"no_{name}")
         os.remove(os.path.join(out, name))
-        with pytest.raises(ValueError, match=f"missing.*{name}"):
+        with pytest.raises(ValueError, match=f"{name}: does not match run.json .*found missing"):
+            train.load_run(out)
+    for name, change in (("checkpoint.pt", lambda b: b + b"\0"), ("item_id2tokens.npy", lambda b: b[:-4] + b[-4:][::-1])):
+        out = _copy_run(group_run, tmp_path / f"edited_{name}")               # one byte more, or swapped codes
+        blob = open(os.path.join(out, name), "rb").read()
+        open(os.path.join(out, name), "wb").write(change(blob))
+        with pytest.raises(ValueError, match=f"{name}: does not match run.json"):
             train.load_run(out)
     out = _copy_run(group_run, tmp_path / "fewer_items")                    # the item map of another run
     z = dict(np.load(os.path.join(out, "data.npz")))
     z["item_raw"], z["item_title"] = z["item_raw"][:-1], z["item_title"][:-1]
     np.savez(os.path.join(out, "data.npz"), **z)
+    with pytest.raises(ValueError, match="data.npz: does not match run.json"):
+        train.load_run(out)
+    _reseal(out)
     with pytest.raises(ValueError, match="index has 36 items, data.npz maps 35"):
         train.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_sids")                      # SIDs the model was not trained on
     codes = np.load(os.path.join(good, "item_id2tokens.npy"))
     sid.SIDIndex(codes[::-1].copy()).save(out)
+    _reseal(out)
     with pytest.raises(ValueError, match="opq.npz: belongs to another index"):
         train.load_run(out)
     os.remove(os.path.join(out, "opq.npz"))                                 # then the checkpoint's digest says it
+    manifest = json.loads(open(os.path.join(out, train.MANIFEST)).read())
+    del manifest["files"]["opq.npz"]
+    open(os.path.join(out, train.MANIFEST), "w").write(json.dumps(manifest))
     with pytest.raises(ValueError, match="other SIDs"):
         train.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_model")                     # config.json of another model
     config = json.loads(open(os.path.join(out, "config.json")).read())
     config["model"]["n_embd"] = 32
     open(os.path.join(out, "config.json"), "w").write(json.dumps(config))
+    _reseal(out)
     with pytest.raises(ValueError, match="model.n_embd is 16 there, 32 here"):
         train.load_run(out)
     out = _copy_run(group_run, tmp_path / "pickled")                         # an object array needs a pickle
     np.savez(os.path.join(out, "data.npz"), **{**z, "item_raw": np.array([object()] * 36, dtype=object)})
+    _reseal(out)
     with pytest.raises(ValueError, match="data.npz: not a readable run data file"):
+        train.load_run(out)
+    out = _copy_run(group_run, tmp_path / "no_manifest")
+    os.remove(os.path.join(out, train.MANIFEST))
+    with pytest.raises(ValueError, match="not a run folder \\(no run.json"):
         train.load_run(out)
 
 
@@ -1662,7 +1693,7 @@ def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_pat
                         (["--run_dir=" + out, "--history=i001,zz"], "'zz' is not an item"),
                         (["--run_dir=" + out, "--all=true"], "--all: expected --out"),
                         (["--run_dir=" + out, "--user=u000", "--all=true"], "exactly one of"),
-                        (["--run_dir=" + str(tmp_path / "none"), "--user=u000"], "not a finished run folder")):
+                        (["--run_dir=" + str(tmp_path / "none"), "--user=u000"], "not a run folder (no run.json")):
         cli = subprocess.run([sys.executable, os.path.join(HERE, "recommend.py")] + argv, capture_output=True,
                              text=True, cwd=HERE, timeout=120)
         assert cli.returncode == 1 and cli.stderr.startswith("error: ") and match.replace("\\", "") in cli.stderr, cli.stderr

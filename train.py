@@ -40,7 +40,7 @@ import torch
 import beam
 import sid
 from data import (EVAL_SAMPLE_SEED, Dataset, Split, extend_catalogue, item_embeddings, leave_one_out, load_data,
-                  prepare, ragged_arange, read_item_emb, read_run_data, sample_users, save_run_data)
+                  prepare, ragged_arange, read_item_emb, read_run_data, run_data_bytes, sample_users)
 from rpg_ed import RPG_ED, RPGEDConfig
 
 
@@ -163,11 +163,23 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     log(f"processes: {dist.world}, device {dist.device}, compute dtype "
         f"{str(compute_dtype(cfg, dist.device)).removeprefix('torch.')}")
     if dist.is_main:
-        prepare_out_dir(out_dir, cfg)
-        if not (cfg.resume or cfg.eval_only):
-            sid.atomic_write(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2).encode())
+        RunFolder(out_dir).recover()           # finish or undo what a killed step left (nothing, usually)
+    dist.barrier()
+    mode = check_out_dir(out_dir, cfg, resolved, raw.fingerprint)          # reads only
+    check_sizes(cfg, mcfg, len(data.item_raw))
     splits, stats = split_stage(cfg, mcfg, data, log, seconds)
     index = sids_stage(cfg, dist, raw, data, splits, base, index, out_dir, log, seconds)
+    if dist.is_main and mode in ("new", "restart"):                        # every check has passed: write
+        if mode == "restart":
+            log(f"{out_dir}: an unfinished attempt of this same run is there (killed?); starting it over "
+                "(--resume=true continues it instead)")
+        content_sids = base.content_sids if base else bool(raw.item_emb) and cfg.emb_source != "both"
+        files = {"config.json": json.dumps(resolved, indent=2).encode(), **index.files(),
+                 "data.npz": run_data_bytes(data, raw.item_text, content_sids)}
+        RunFolder(out_dir).publish(files, data=raw.fingerprint, keep=False)
+    dist.barrier()
+    if not dist.is_main or mode in ("resume", "eval"):
+        index = load_verified_index(out_dir, len(data.item_raw), log)
     item_tokens = item_token_table(index, mcfg)
     user_buckets = user_bucket_table(data.user_raw, mcfg.n_user_buckets)
     run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
@@ -234,9 +246,10 @@ def split_stage(cfg: TrainConfig, mcfg: RPGEDConfig, data: Dataset, log, seconds
 
 
 def sids_stage(cfg: TrainConfig, dist: Dist, raw, data: Dataset, splits: dict, base, index,
-               out_dir: str, log, seconds: dict) -> sid.SIDIndex:
-    """Rank 0 builds (or, with --init_from, extends) the SIDs and saves them with data.npz; the other
-    processes, a resume and --eval_only load them from out_dir."""
+               out_dir: str, log, seconds: dict) -> sid.SIDIndex | None:
+    """Rank 0 builds the SIDs of a new run (in memory: nothing is written yet); with --init_from they
+    are the base run's, extended. The other processes, --resume and --eval_only get None here and
+    load them from out_dir later."""
     if dist.is_main and not (cfg.resume or cfg.eval_only):
         if base is None:
             tick = time.time()
@@ -247,16 +260,37 @@ def sids_stage(cfg: TrainConfig, dist: Dist, raw, data: Dataset, splits: dict, b
             log(f"SIDs: from {emb_name} embeddings {emb.shape} ({seconds['embeddings']:.1f} s), OPQ error "
                 f"{index.quantizer.errors[0]:.4g} -> {index.quantizer.errors[-1]:.4g}, {moved} items moved by "
                 f"collision resolution, {seconds['sids']:.1f} s, saved to {out_dir}")
-        index.save(out_dir)
-        content_sids = base.content_sids if base else bool(raw.item_emb) and cfg.emb_source != "both"
-        save_run_data(os.path.join(out_dir, "data.npz"), data, raw.item_text, content_sids)
-    dist.barrier()
-    if not dist.is_main or cfg.resume or cfg.eval_only:
-        index = sid.SIDIndex.load(out_dir)
-        if index.n_items != len(data.item_raw):
-            raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {len(data.item_raw)}")
-        log(f"SIDs: loaded from {out_dir}")
+        return index
+    return None
+
+
+def load_verified_index(out_dir: str, n_items: int, log) -> sid.SIDIndex:
+    """The SIDs of out_dir, after run.json vouches for every file (rank 0 recovered the folder first)."""
+    RunFolder(out_dir).verify(needs=("item_id2tokens.npy", "tokens2item.pkl"))
+    index = sid.SIDIndex.load(out_dir)
+    if index.n_items != n_items:
+        raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {n_items}")
+    log(f"SIDs: loaded from {out_dir}")
     return index
+
+
+def check_sizes(cfg: TrainConfig, mcfg: RPGEDConfig, n_items: int) -> None:
+    """Memory bounds known before training: beams against the catalogue, parameters against RAM."""
+    widest = max(100, n_items)                     # a beam wider than the catalogue finds nothing more
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for flag, beams in (("--beam_size", mcfg.beam_size), ("--report_beam_size", cfg.report_beam_size)):
+        # per beam row: candidate scores over a digit's codes, and the decoder's self-attention cache
+        need = cfg.eval_batch_size * beams * 4 * (3 * mcfg.codebook_size + 2 * mcfg.decoder_n_layer *
+                                                  (mcfg.n_digit + 1) * mcfg.n_embd)
+        if beams > widest or need > ram / 2:
+            raise ValueError(f"{flag}: expected at most {widest} (the catalogue has {n_items} items) and a beam "
+                             f"search that fits in memory ({need / 2 ** 30:.1f} GiB of {ram / 2 ** 30:.1f}), got {beams}")
+    with torch.device("meta"):                     # shapes only: nothing is allocated
+        n_params = RPG_ED(mcfg).num_parameters()
+    need = 16 * n_params                           # fp32 weights, gradients and AdamW's two moments
+    if need > ram:
+        raise ValueError(f"model: {n_params:,} parameters need about {need / 2 ** 30:.1f} GiB to train, this "
+                         f"machine has {ram / 2 ** 30:.1f} GiB; lower --n_user_buckets, --n_embd or the layers")
 
 
 def model_stage(mcfg: RPGEDConfig, run: "Run", base, log) -> RPG_ED:
@@ -294,10 +328,10 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
         results["baselines"] = {split: baseline_rankings(data, run.splits, split) for split in ("valid", "test")}
         results["total_seconds"] = round(time.time() - start_time, 1)
         out_name = "eval.json" if cfg.eval_only else "results.json"
-        sid.atomic_write(run.path(out_name), json.dumps(results, indent=2).encode())
+        files = {out_name: json.dumps(results, indent=2).encode()}
         if trained:
-            title = f"{run_name(cfg)}, preset {cfg.preset}, seed {cfg.seed}"
-            sid.atomic_write(run.path("curves.svg"), curves_svg(trained, title).encode())
+            files["curves.svg"] = curves_svg(trained, f"{run_name(cfg)}, preset {cfg.preset}, seed {cfg.seed}").encode()
+        RunFolder(run.out_dir).publish(files)
         print_table(results)
         print(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
     return results
@@ -382,9 +416,8 @@ def save_epoch(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progre
     if dist.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
                  "sids_sha256": sids_digest(run.index), "sids_items": run.index.n_items, "rng": rng, **progress}
-        if improved:
-            save_checkpoint(run.path("checkpoint.pt"), state)
-        save_checkpoint(run.path("last.pt"), state)   # after the best: a resume never lacks its best
+        blob = checkpoint_bytes(state)
+        RunFolder(run.out_dir).publish({"last.pt": blob, **({"checkpoint.pt": blob} if improved else {})})
     dist.barrier()
     if progress["done"]:
         run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
@@ -394,27 +427,161 @@ def save_epoch(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progre
 # Around the loop: the output folder, resuming, the results table
 # ----------------------------------------------------------------------------------------------
 
-# every file of a run folder; load_run needs the first four
-RUN_FILES = ("config.json", "checkpoint.pt", "item_id2tokens.npy", "data.npz", "tokens2item.pkl", "opq.npz",
-             "last.pt", "results.json", "curves.svg")
+# ----------------------------------------------------------------------------------------------
+# The run folder: one state, published by its manifest (run.json)
+# ----------------------------------------------------------------------------------------------
+
+MANIFEST = "run.json"
+PENDING = ".pending-"
+# every file a run folder may hold besides run.json
+RUN_FILES = ("config.json", "item_id2tokens.npy", "tokens2item.pkl", "opq.npz", "data.npz", "checkpoint.pt",
+             "last.pt", "results.json", "curves.svg", "eval.json")
 
 
-def prepare_out_dir(out_dir: str, cfg: TrainConfig) -> None:
-    """Make out_dir, refuse to start a new run over another run's files (unless --overwrite=true;
-    --resume and --eval_only use them), and remove temporary files a killed write left behind."""
+def file_digest(path: str) -> tuple:
+    """(size, sha256 hex) of a file's bytes, read in blocks; (None, None) when it is not a file."""
+    if not os.path.isfile(path):
+        return None, None
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+class RunFolder:
+    """A run folder as one state. run.json lists every file of the run with its size and sha256,
+    and the fingerprint of the data the run was trained on; readers trust it and nothing else.
+
+    A step (the start of a run, an epoch's checkpoints, the results, new items) writes its files
+    beside the old ones as .pending-NAME, then publishes them by writing run.json (one atomic
+    rename: the commit point), then renames each .pending-NAME over NAME. A kill before the commit
+    leaves the old state, a kill after it the new one: recover() removes or finishes what it left.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def manifest(self) -> dict | None:
+        """run.json, checked; None when there is none."""
+        path = self.file(MANIFEST)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            if manifest["version"] != 1 or not all(set(e) == {"size", "sha256"} for e in manifest["files"].values()):
+                raise ValueError("unknown layout")
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise ValueError(f"{path}: not a run manifest ({type(e).__name__}: {e})") from None
+        return manifest
+
+    def recover(self) -> dict | None:
+        """Finish (after the commit) or undo (before it) a step that a kill interrupted, and remove
+        temporary files; return the manifest (None: no run here)."""
+        if not os.path.isdir(self.path):
+            return None
+        manifest = self.manifest()
+        entries = manifest["files"] if manifest else {}
+        for name in sorted(os.listdir(self.path)):
+            if name.startswith(".tmp-") and name[5:].startswith((PENDING, MANIFEST) + RUN_FILES):
+                os.remove(self.file(name))                                    # a write cut before its rename
+            elif name.startswith(PENDING):
+                target = name[len(PENDING):]
+                entry = entries.get(target)
+                if entry and file_digest(self.file(name)) == (entry["size"], entry["sha256"]):
+                    os.replace(self.file(name), self.file(target))              # committed: roll forward
+                else:
+                    os.remove(self.file(name))                                # not committed: roll back
+        return manifest
+
+    def verify(self, needs: tuple = ()) -> dict:
+        """The manifest, once every file it lists matches its size and sha256; `needs`: files the
+        caller reads, which the manifest must list. Reads only (see recover)."""
+        manifest = self.manifest()
+        if manifest is None:
+            raise ValueError(f"{self.path}: not a run folder (no {MANIFEST}; train.py writes it)")
+        missing = [n for n in needs if n not in manifest["files"]]
+        if missing:
+            raise ValueError(f"{self.path}: the run has no {', '.join(missing)} yet (unfinished, or killed "
+                             "before its first epoch ended)")
+        for name, entry in manifest["files"].items():
+            size, digest = file_digest(self.file(name))
+            if (size, digest) != (entry["size"], entry["sha256"]):
+                found = "missing" if size is None else f"{size} bytes, sha256 {digest[:12]}"
+                raise ValueError(f"{self.file(name)}: does not match {MANIFEST} (expected {entry['size']} bytes, "
+                                 f"sha256 {entry['sha256'][:12]}; found {found}); the file was edited, swapped or "
+                                 "comes from another run")
+        return manifest
+
+    def publish(self, files: dict, data: dict | None = None, keep: bool = True) -> None:
+        """One step: `files` {name: bytes} join (or replace) the run's files, then run.json commits
+        them. keep=False starts a new state: files of the old manifest not in `files` leave it."""
+        os.makedirs(self.path, exist_ok=True)
+        old = self.manifest() or {"files": {}, "data": None}
+        entries = dict(old["files"]) if keep else {}
+        for name, blob in files.items():
+            sid.atomic_write(self.file(PENDING + name), blob)
+            entries[name] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        manifest = {"version": 1, "files": entries, "data": data if data is not None else old["data"]}
+        sid.atomic_write(self.file(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for name in files:
+            os.replace(self.file(PENDING + name), self.file(name))
+        for name in (set(old["files"]) | set(RUN_FILES)) - set(entries):   # files of the state replaced
+            if os.path.exists(self.file(name)) and (not keep or name in old["files"]):
+                os.remove(self.file(name))
+
+
+def check_out_dir(out_dir: str, cfg: TrainConfig, resolved: dict, fingerprint: dict) -> str:
+    """Everything about out_dir that can fail, checked before anything is written. Returns what
+    the run will do there: "new", "restart" (an unfinished attempt of this same run), "resume"
+    or "eval"."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir: {out_dir} exists and is not a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if found and not (cfg.resume or cfg.eval_only or cfg.overwrite):
-        raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found)}); continue it with "
-                         "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
-                         "or choose another --out_dir")
-    for name in os.listdir(out_dir):                    # ours: sid.atomic_write names them .tmp-<file>...
-        if name.startswith(".tmp-") and name[5:].startswith(RUN_FILES + ("eval.json",)):
-            os.remove(os.path.join(out_dir, name))
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"--out_dir: {out_dir} is not writable")
+    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        raise ValueError(f"--out_dir: {out_dir} cannot be written ({parent} is not a writable folder)")
+    folder = RunFolder(out_dir)
+    manifest = folder.manifest()
+    if cfg.resume or cfg.eval_only:
+        flag, needs = ("--resume", ("last.pt",)) if cfg.resume else ("--eval_only", ("checkpoint.pt",))
+        if manifest is None:
+            raise ValueError(f"{flag}: {out_dir} holds no run ({MANIFEST} is missing)")
+        folder.verify(needs)
+        check_fingerprint(manifest["data"], fingerprint, flag)
+        return "resume" if cfg.resume else "eval"
+    found = [f for f in RUN_FILES if os.path.exists(folder.file(f))]
+    if manifest is None and not found or cfg.overwrite:
+        return "new"
+    same = manifest is not None and "results.json" not in manifest["files"] and manifest["data"] == fingerprint \
+        and _read_json_or_none(folder.file("config.json")) == json.loads(json.dumps(resolved))
+    if same:
+        return "restart"
+    raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found) or MANIFEST}); continue it with "
+                     "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
+                     "or choose another --out_dir")
+
+
+def _read_json_or_none(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_fingerprint(recorded: dict | None, now: dict, flag: str) -> None:
+    """Refuse to continue or evaluate a run on other data than it was trained on."""
+    if recorded != now:
+        changed = [k for k in ("path", "size", "sha256") if (recorded or {}).get(k) != now.get(k)]
+        raise ValueError(f"{flag}: the run was trained on {recorded}, this data is {now} ({', '.join(changed)} "
+                         "changed); train a new run on this data, or pass the data the run was trained on")
 
 
 def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict) -> dict:
@@ -570,11 +737,11 @@ CHECKPOINT_VERSION = 3       # checkpoints of another version are refused, not m
 RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "log_every", "eval_batch_size", "out_dir", "report_beam_size")
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a temporary file in the same folder, fsync, rename. A kill leaves the old or the new file."""
+def checkpoint_bytes(state: dict) -> bytes:
+    """torch.save's bytes of a checkpoint (published by RunFolder, never written in place)."""
     buf = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
-    sid.atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -663,12 +830,13 @@ class TrainedRun:
         return np.array([self.item_id[r] for r in raw_ids], np.int64)
 
 
-def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
+def load_run(folder: str, device: str | torch.device = "cpu", recover: bool = True) -> TrainedRun:
     """A run folder -> TrainedRun: the model with the best weights, its SIDs and id maps, from the
-    folder's files alone. A missing file, or files that disagree, give a ValueError naming them."""
-    missing = [f for f in RUN_FILES[:4] if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise ValueError(f"{folder}: not a finished run folder, missing {missing} (train.py writes them)")
+    files run.json lists, each checked against it. A missing file, or files that disagree, give a
+    ValueError naming them. recover=False reads only (another process recovers the folder)."""
+    if recover:
+        RunFolder(folder).recover()
+    RunFolder(folder).verify(needs=("config.json", "checkpoint.pt", "item_id2tokens.npy", "tokens2item.pkl", "data.npz"))
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
