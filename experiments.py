@@ -186,6 +186,7 @@ class ExperimentConfig:
     train_args: str = ""             # flags for every training run, space-separated
     continue_args: str = ""          # flags for the continued run only (continue)
     seed: int = 0
+    overwrite: bool = False          # write into an --out folder that is not empty
 
     def __post_init__(self):
         if self.experiment not in ("cold_start", "continue"):
@@ -198,6 +199,9 @@ class ExperimentConfig:
 
 def main(argv: list) -> dict:
     args = ExperimentConfig(**sid.parse_flags(argv, ExperimentConfig))
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.overwrite:
+        raise ValueError(f"--out: {args.out} exists and is not an empty folder; choose another, or write into it "
+                         "with --overwrite=true")
     if args.experiment == "cold_start":
         return cold_start(args.data, args.out, seed=args.seed, train_args=args.train_args.split())
     return continue_experiment(args.out, train_args=args.train_args.split(),

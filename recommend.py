@@ -216,6 +216,7 @@ class RecommendConfig:
     dtype: str = "fp32"              # fp32 | bf16
     device: str = "cpu"              # cpu | cuda | mps | auto
     new_share: float = 0.0           # share of the list open to items added after training (TIGER's rule)
+    overwrite: bool = False          # --all: replace an existing --out file (never one the run reads)
 
     def __post_init__(self):
         if not self.run_dir:
@@ -274,8 +275,30 @@ def write_all(run: TrainedRun, args: RecommendConfig, dist: train.Dist) -> None:
               f"{args.dtype}); wrote {args.out}")
 
 
+def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
+    """--out: a new file, or an existing one with --overwrite=true; never a file the run reads (its
+    run.json, a file it lists, the data it was trained on), whatever the flags."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out: {path} is a folder; expected a file path")
+    folder = train.RunFolder(run_dir)
+    manifest = folder.manifest() or {"files": {}, "data": None}
+    reads = [folder.file(n) for n in [train.MANIFEST, *manifest["files"]]] + [(manifest["data"] or {}).get("path", "")]
+    if os.path.exists(path) and any(os.path.exists(r) and os.path.samefile(path, r) for r in reads if r):
+        raise ValueError(f"--out: {path} is a file the run reads; choose another path")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"--out: {path} exists; choose another path, or replace it with --overwrite=true")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out: cannot write into {parent}")
+    for name in os.listdir(parent):            # what a killed earlier write of this --out left behind
+        if name.startswith(".tmp-" + os.path.basename(path)):
+            os.remove(os.path.join(parent, name))
+
+
 def main(argv: list) -> None:
     args = RecommendConfig(**sid.parse_flags(argv, RecommendConfig))
+    if args.all:
+        check_out_file(args.out, args.run_dir, args.overwrite)
     if args.add_items:
         ids, titles = read_item_ids(args.item_ids)
         emb = data_py.read_item_emb(args.add_items, len(ids), "--add_items")

@@ -885,9 +885,13 @@ class IndexConfig:
 
 def main(argv: list) -> None:
     args = IndexConfig(**parse_flags(argv, IndexConfig))
-    if os.path.exists(os.path.join(args.out, "item_id2tokens.npy")) and not args.overwrite:
-        raise ValueError(f"--out: {args.out} already holds an index (a run's SIDs?); choose another folder or "
-                         "pass --overwrite=true")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out} is a file; expected a folder")
+    if os.path.exists(os.path.join(args.out, "run.json")):          # never under a trained model's feet
+        raise ValueError(f"--out: {args.out} is a run folder (train.py's); its SIDs belong to its model")
+    if any(os.path.exists(os.path.join(args.out, f)) for f in ("item_id2tokens.npy", "tokens2item.pkl", "opq.npz")) \
+            and not args.overwrite:
+        raise ValueError(f"--out: {args.out} already holds an index; choose another folder or pass --overwrite=true")
     emb = load_embeddings(args.emb, "--emb")
     start = time.perf_counter()
     index, _ = build_index(emb.astype(np.float32), seed=args.seed, n_iter=args.n_iter, verbose=True)

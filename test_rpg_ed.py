@@ -1021,6 +1021,40 @@ def test_sparse_tfidf_embeddings_equal_the_dense_ones():
     np.testing.assert_allclose(data_py.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
 
 
+def test_a_fifo_gives_the_same_dataset_as_the_file(tmp_path):
+    paths = write_formats(tmp_path, interactions(4, n_users=20, n_items=9))
+    for fmt in ("inter", "csv", "amazon_gz"):
+        path = str(paths[fmt])
+        fifo = str(tmp_path / ("pipe." + os.path.basename(path).split(".", 1)[1]))
+        os.mkfifo(fifo)
+        writer = subprocess.Popen(["sh", "-c", f"cat '{path}' > '{fifo}'"])
+        from_fifo = data_py.load_data(train.TrainConfig(data=fifo, item_emb="none"))
+        writer.wait(timeout=60)
+        from_file = data_py.load_data(train.TrainConfig(data=path, item_emb="none"))
+        assert (from_fifo.users, from_fifo.items, list(from_fifo.times)) == \
+            (from_file.users, from_file.items, list(from_file.times)), fmt
+        assert {k: v for k, v in from_fifo.fingerprint.items() if k != "path"} == \
+            {k: v for k, v in from_file.fingerprint.items() if k != "path"}
+        os.remove(fifo)
+    (tmp_path / "s.txt").write_text("u1 a b c d e\nu2 b c d e f\nu3 a c e f b\n")   # found by its first line
+    os.mkfifo(tmp_path / "pipe")
+    writer = subprocess.Popen(["sh", "-c", f"cat '{tmp_path / 's.txt'}' > '{tmp_path / 'pipe'}'"])
+    from_fifo = data_py.load_data(train.TrainConfig(data=str(tmp_path / "pipe"), item_emb="none"))
+    writer.wait(timeout=60)
+    assert from_fifo.users == ["u1"] * 5 + ["u2"] * 5 + ["u3"] * 5 and from_fifo.source.startswith("read s3rec")
+
+
+def test_a_line_without_end_is_refused_with_its_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_py, "MAX_LINE_BYTES", 5000)
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"user,item,time\nu1,i1,1\n" + b"x" * (3 << 20))            # a block boundary inside
+    with pytest.raises(ValueError, match=re_escape(f"{path}:3: a line longer than 5,000 bytes")):
+        data_py.load_data(train.TrainConfig(data=str(path)))
+    monkeypatch.setattr(data_py, "MAX_LINE_BYTES", 1 << 20)
+    with pytest.raises(ValueError, match=re_escape("/dev/zero:1: a line longer than 1,048,576 bytes")):
+        data_py.load_data(train.TrainConfig(data="/dev/zero", format="csv"))
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py: training, checkpoints, resume, evaluation, several processes, batches by length, CLI
 # ----------------------------------------------------------------------------------------------
@@ -1465,6 +1499,152 @@ def test_a_new_run_into_another_runs_folder_changes_nothing(tmp_path):
 
 
 @pytest.mark.slow
+def test_bad_input_at_any_stage_leaves_the_run_folder_byte_for_byte(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    out = tmp_path / "run"
+    base = [f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"]
+    train.main(base)
+    before = _files(out)
+    np.save(tmp_path / "short.npy", np.ones((3, 4), np.float32))              # 3 rows for 15 items
+    (tmp_path / "other.inter").write_text("".join(open(data_path).readlines()[:-1]))    # one row less
+    (tmp_path / "empty").mkdir()
+    cases = [(["--lr=-1"], "--lr: expected > 0"),                                            # flags
+             ([f"--data={tmp_path / 'nowhere.csv'}"], "does not exist"),                       # data
+             (["--report_beam_size=200000"], "--report_beam_size: expected at most 100"),      # sizes
+             (["--n_user_buckets=2000000000"], "parameters need about"),                       # memory
+             ([f"--item_emb={tmp_path / 'short.npy'}"], "expected shape [15 items, D]"),        # embeddings
+             ([f"--init_from={tmp_path / 'empty'}"], "not a run folder"),                      # --init_from
+             ([f"--data={tmp_path / 'other.inter'}", "--resume=true"], "sha256 changed"),      # other data
+             ([f"--data={tmp_path / 'other.inter'}", "--eval_only=true"], "sha256 changed")]
+    for extra, fragment in cases:
+        again = "--resume=true" not in extra and "--eval_only=true" not in extra
+        with pytest.raises(ValueError, match=re_escape(fragment)):
+            train.main(base + extra + (["--overwrite=true"] if again else []))
+        assert _files(out) == before, extra
+        with pytest.raises(ValueError):                                   # without --overwrite: refused too
+            train.main(base + extra)
+        assert _files(out) == before, extra
+
+
+class Killed(BaseException):
+    """A kill -9 at a file operation: nothing after it runs, not even a cleanup handler."""
+
+
+@contextlib.contextmanager
+def killed_at(k: int, under: str):
+    """The k-th os.replace / os.remove / os.unlink (0-based) of a path under `under` raises Killed,
+    and so does every later one, as if the process had died there. Yields {"ops": operations done}."""
+    real = {name: getattr(os, name) for name in ("replace", "remove", "unlink")}
+    seen = {"ops": 0, "killed": False}
+
+    def guarded(op):
+        def run(*args, **kwargs):
+            if any(str(a).startswith(under) for a in args[:2]):
+                if seen["killed"] or seen["ops"] == k:
+                    seen["killed"] = True
+                    raise Killed()
+                seen["ops"] += 1
+            return op(*args, **kwargs)
+        return run
+    for name, op in real.items():
+        setattr(os, name, guarded(op))
+    try:
+        yield seen
+    finally:
+        for name, op in real.items():
+            setattr(os, name, op)
+
+
+def _state(out: str):
+    """What a reader sees after a kill: None (no run) or the verified manifest."""
+    folder = train.RunFolder(out)
+    manifest = folder.recover()
+    if manifest is not None:
+        folder.verify()
+        assert not [f for f in os.listdir(out) if f.startswith((".tmp-", train.PENDING))]
+    return manifest
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_file_operation_of_train_leaves_the_old_run_or_the_new(tmp_path):
+    """A new run over a finished one (--overwrite=true), killed at each file operation in turn:
+    the folder is the old run, or the new run at some step (which a rerun of the command starts
+    over, or which is finished and loads)."""
+    data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
+    old = str(tmp_path / "old")
+    train.main([f"--data={data_path}", f"--out_dir={old}"] + TINY_RUN + ["--epochs=1"])
+    old_manifest = train.RunFolder(old).manifest()
+    out = str(tmp_path / "run")
+    argv = [f"--data={data_path}", f"--out_dir={out}", "--overwrite=true", "--seed=3"] + TINY_RUN
+    states, k = set(), 0
+    while True:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(old, out)
+        with killed_at(k, out) as seen:
+            try:
+                train.main(argv)
+            except Killed:
+                pass
+        manifest = _state(out)
+        if manifest == old_manifest:
+            states.add("old")
+            assert train.load_run(out).config["train"]["seed"] == 0
+        else:
+            assert json.load(open(os.path.join(out, "config.json")))["train"]["seed"] == 3
+            states.add("finished" if "results.json" in manifest["files"] else "unfinished")
+            if "results.json" in manifest["files"]:
+                train.load_run(out)
+            elif k % 4 == 0:                                          # a rerun starts it over (a sample of k)
+                train.main(argv[:2] + argv[3:])
+                assert "results.json" in train.RunFolder(out).verify()["files"]
+        if not seen["killed"]:
+            break
+        k += 1
+    assert states == {"old", "unfinished", "finished"} and k > 10, (states, k)
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_file_operation_of_add_items_or_out_leaves_the_old_state_or_the_new(group_run, tmp_path):
+    good = group_run["out"]
+    old_manifest = train.RunFolder(good).manifest()
+    emb, ids = group_run["emb"][:3], ["n1", "n2", "n3"]
+    k, states = 0, set()
+    while True:
+        out = _copy_run(group_run, tmp_path / f"add{k}")
+        with killed_at(k, out) as seen:
+            try:
+                recommend.add_items(out, emb, ids)
+            except Killed:
+                pass
+        manifest = _state(out)
+        run = train.load_run(out)
+        states.add("old" if manifest == old_manifest else "new")
+        assert run.index.n_items == (36 if manifest == old_manifest else 39)
+        if manifest == old_manifest:
+            recommend.add_items(out, emb, ids)                          # the rerun
+            assert train.load_run(out).index.n_items == 39
+        if not seen["killed"]:
+            break
+        k += 1
+    assert states == {"old", "new"}
+    recs = tmp_path / "recs.jsonl"
+    for overwrite in (False, True):
+        k = 0
+        while True:
+            with killed_at(k, str(tmp_path)) as seen:
+                try:
+                    recommend.main([f"--run_dir={good}", "--all=true", f"--out={recs}", f"--overwrite={overwrite}"])
+                except Killed:
+                    pass
+            text = recs.read_text() if recs.exists() else ""
+            assert text == "" or text.endswith("\n") and len(text.splitlines()) == len(train.load_run(good).user_raw)
+            assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] or seen["killed"]
+            if not seen["killed"]:
+                break
+            k += 1
+
+
+@pytest.mark.slow
 def test_out_dir_that_is_a_file_is_one_error_line(tmp_path):
     data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
     (tmp_path / "a_file").write_text("x")
@@ -1698,6 +1878,33 @@ def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_pat
                              text=True, cwd=HERE, timeout=120)
         assert cli.returncode == 1 and cli.stderr.startswith("error: ") and match.replace("\\", "") in cli.stderr, cli.stderr
         assert "Traceback" not in cli.stderr
+
+
+@pytest.mark.slow
+def test_outputs_never_overwrite_unasked_nor_a_file_the_run_reads(group_run, tmp_path):
+    out = _copy_run(group_run, tmp_path / "run")
+    before = _files(out)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    args = [f"--run_dir={out}", "--all=true"]
+    with pytest.raises(ValueError, match="exists; choose another path, or replace it with --overwrite=true"):
+        recommend.main(args + [f"--out={mine}"])
+    assert mine.read_text() == "mine"
+    data_path = train.RunFolder(out).manifest()["data"]["path"]
+    for name in ("checkpoint.pt", "run.json", "data.npz", data_path):               # what the run reads
+        with pytest.raises(ValueError, match="is a file the run reads"):
+            recommend.main(args + [f"--out={os.path.join(out, name)}", "--overwrite=true"])
+    assert _files(out) == before and open(data_path).read()
+    recommend.main(args + [f"--out={mine}", "--overwrite=true"])                   # asked: replaced
+    assert mine.read_text().count("\n") == len(train.load_run(out).user_raw)
+    np.save(tmp_path / "e.npy", group_run["emb"])
+    for argv, fragment in (([f"--out={out}", "--overwrite=true"], "is a run folder"),
+                           ([f"--out={mine}"], "is a file; expected a folder")):
+        with pytest.raises(ValueError, match=fragment):
+            sid.main([f"--emb={tmp_path / 'e.npy'}"] + argv)
+    assert _files(out) == before
+    with pytest.raises(ValueError, match="is not an empty folder"):
+        experiments.main(["--experiment=continue", f"--out={out}"])
 
 
 @pytest.mark.slow

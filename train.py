@@ -560,12 +560,20 @@ def check_out_dir(out_dir: str, cfg: TrainConfig, resolved: dict, fingerprint: d
     if manifest is None and not found or cfg.overwrite:
         return "new"
     same = manifest is not None and "results.json" not in manifest["files"] and manifest["data"] == fingerprint \
-        and _read_json_or_none(folder.file("config.json")) == json.loads(json.dumps(resolved))
+        and _settings(_read_json_or_none(folder.file("config.json"))) == _settings(json.loads(json.dumps(resolved)))
     if same:
         return "restart"
     raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found) or MANIFEST}); continue it with "
                      "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
                      "or choose another --out_dir")
+
+
+def _settings(resolved: dict | None) -> dict | None:
+    """What makes two runs the same run: the config without the flags that a resume may change."""
+    if not isinstance(resolved, dict) or "train" not in resolved:
+        return None
+    return {**resolved, "train": {k: v for k, v in resolved["train"].items()
+                                  if k not in RESUME_MAY_CHANGE + ("overwrite",)}}
 
 
 def _read_json_or_none(path: str):
