@@ -496,7 +496,4 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:                     # a bad flag: one line, status 1
-        raise SystemExit(f"error: {e}")
+    sid.run_main(main)

@@ -110,19 +110,35 @@ def detect_format(path: str) -> str:
     raise ValueError(f"{path}: cannot detect the format from its name or first line; pass --format")
 
 
+MAX_ID_CHARS = 1000
+TIMESTAMP = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")   # ASCII only, no "1_000"
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_id(where: str, kind: str, raw_id: str) -> str:
+    """A raw id, stripped of surrounding whitespace, or a ValueError naming `where`: empty, a
+    control character (it would print as something else, or change on save) or over MAX_ID_CHARS."""
+    raw_id = raw_id.strip()
+    if not raw_id or len(raw_id) > MAX_ID_CHARS or CONTROL.search(raw_id):
+        what = "empty" if not raw_id else f"{len(raw_id)} characters" if len(raw_id) > MAX_ID_CHARS else \
+            f"a control character {CONTROL.search(raw_id).group()!r}"
+        raise ValueError(f"{where}: expected a {kind} id of 1 to {MAX_ID_CHARS} printable characters, got {what}")
+    return raw_id
+
+
 def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> None:
     """Add one interaction after checking it. Ids are stripped of surrounding whitespace (so
-    `u0, i0` is `u0`,`i0` in every format) and must not be empty; the timestamp must be a finite number."""
-    user, item = user.strip(), item.strip()
-    if not user or not item:
-        raise ValueError(f"{where}: expected non-empty user and item ids, got {user!r} and {item!r}")
+    `u0, i0` is `u0`,`i0` in every format) and checked (check_id); the timestamp must be a finite
+    number written in ASCII digits, sign, point and exponent."""
+    user, item = check_id(where, "user", user), check_id(where, "item", item)
+    timestamp = timestamp.strip()
+    if not TIMESTAMP.fullmatch(timestamp):
+        raise ValueError(f"{where}: expected a numeric timestamp (ASCII digits, sign, point, exponent), "
+                         f"got {timestamp[:40]!r}")
     try:                                        # integers exactly (nanoseconds 1 apart stay apart)
         value = int(timestamp)
     except ValueError:
-        try:
-            value = float(timestamp)
-        except ValueError:
-            raise ValueError(f"{where}: expected a numeric timestamp, got {timestamp!r}") from None
+        value = float(timestamp)
         if not math.isfinite(value):
             raise ValueError(f"{where}: expected a finite timestamp, got {timestamp!r}")
         if raw.times.typecode == "q":           # a fractional timestamp: the file is compared as float64
@@ -184,6 +200,16 @@ def load_csv(path: str) -> RawData:
     return raw
 
 
+def unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: a key given twice is an error, not a silent last-one-wins."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def load_amazon(path: str) -> RawData:
     """Amazon 2014 reviews: one JSON object per line with reviewerID, asin, unixReviewTime."""
     raw = RawData([], [], array("q"))
@@ -192,8 +218,8 @@ def load_amazon(path: str) -> RawData:
             if not line.strip():
                 continue
             try:
-                review = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
+                review = json.loads(line, object_pairs_hook=unique_keys)
+            except (ValueError, RecursionError) as e:
                 raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from None
             if not isinstance(review, dict) or any(k not in review for k in ("reviewerID", "asin", "unixReviewTime")):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object with keys reviewerID, asin, unixReviewTime")
@@ -209,13 +235,21 @@ def load_amazon(path: str) -> RawData:
 def load_s3rec(path: str) -> RawData:
     """`user item item ...` per line, oldest first (the S3Rec / ICLRec files): no timestamps."""
     raw = RawData([], [], array("q"), time_ordered=True)
+    first_line = {}                                            # user -> the line that holds it
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) < 2:
-                raise ValueError(f"{path}:{line_no}: expected `user item item ...`, got {line.strip()!r}")
+                raise ValueError(f"{path}:{line_no}: expected `user item item ...`, got {line.strip()[:80]!r}")
+            if line_no == 1 and parts[0].lower().split(":")[0] in ("user", "user_id", "userid", "uid", "reviewerid"):
+                raise ValueError(f"{path}:1: {line.strip()[:80]!r} looks like a header; this format (`user item "
+                                 "item ...` per line) has none: remove the line, or pass another --format")
+            if parts[0] in first_line:
+                raise ValueError(f"{path}:{line_no}: user {parts[0][:80]!r} again (first on line "
+                                 f"{first_line[parts[0]]}); expected one line per user")
+            first_line[parts[0]] = line_no
             for item in parts[1:]:                             # the file position is the timestamp
                 _append(raw, f"{path}:{line_no}", parts[0], item, str(len(raw.times)))
     return raw
@@ -248,8 +282,14 @@ def load_item_text(path: str) -> dict:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
+                obj = json.loads(line, object_pairs_hook=unique_keys)
+            except ValueError as e:
+                if "appears twice" in str(e):
+                    raise ValueError(f"{path}:{line_no}: {e}") from None
+                obj = None
+            except RecursionError:
+                obj = None
+            if obj is None:
                 try:
                     obj = ast.literal_eval(line)  # the 2014 metadata is Python literals; literal_eval runs no code
                 except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):

@@ -209,7 +209,4 @@ def main(argv: list) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
-        raise SystemExit(f"error: {e}")
+    sid.run_main(main)

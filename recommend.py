@@ -250,13 +250,18 @@ def read_item_ids(path: str) -> tuple[list, list]:
     return [p[0] for p in parts], [" ".join(p[1].split())[:data_py.TITLE_CHARS] for p in parts]
 
 
+def printable(text: str) -> str:
+    """Control characters escaped (\\x1b, \\n, ...): text from a data file must not drive the terminal."""
+    return data_py.CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
+
+
 def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> None:
     print(f"{'rank':>4}  {'item':>10}  {'score':>8}  title")
     for rank, (item, score) in enumerate(zip(items.tolist(), scores.tolist()), start=1):
         if item < 0:                                    # fewer items than n_return
             break
         flag = ("  (seen)" if item in seen else "") + ("  (added after training)" if item >= run.trained_items else "")
-        print(f"{rank:>4}  {run.item_raw[item]:>10}  {score:>8.3f}  {run.item_title[item]}{flag}")
+        print(f"{rank:>4}  {printable(run.item_raw[item]):>10}  {score:>8.3f}  {printable(run.item_title[item])}{flag}")
 
 
 def write_all(run: TrainedRun, args: RecommendConfig, dist: train.Dist) -> None:
@@ -313,7 +318,7 @@ def main(argv: list) -> None:
             dist.barrier()
             return
         if args.user:
-            history, who = run.sequence(args.user), f"user {args.user}"
+            history, who = run.sequence(args.user), f"user {printable(args.user)}"
         else:
             history = run.item_ids([h.strip() for h in args.history.split(",") if h.strip()])
             who = "the given history"
@@ -329,7 +334,4 @@ def main(argv: list) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
-        raise SystemExit(f"error: {e}")
+    sid.run_main(main)

@@ -341,11 +341,20 @@ def _check_embeddings(x, name: str = "embeddings") -> np.ndarray:
 def load_embeddings(path: str, name: str = "embeddings") -> np.ndarray:
     """An [N, D] numeric .npy file, checked: never a pickle, never a .npz archive."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise ValueError(f"{name}: {path} is not a readable .npy array ({e.strerror or e})") from None
+    if magic[:4] == b"PK\x03\x04":                                       # a zip: np.savez's .npz archive
+        raise ValueError(f"{name}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{name}: {path} is not a .npy file (it does not start with the .npy header); "
+                         "save the [n_items, D] array with np.save")
+    try:
         emb = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{name}: {path} is not a readable .npy array ({e})") from None
-    if not isinstance(emb, np.ndarray):                                   # np.load of a .npz: an archive
-        raise ValueError(f"{name}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
+        reason = "it holds Python objects, which are never loaded" if "pickle" in str(e) else str(e)
+        raise ValueError(f"{name}: {path} is not a readable .npy array ({reason}); save a numeric array") from None
     return _check_embeddings(emb, f"{name} ({path})")
 
 
@@ -899,8 +908,24 @@ def main(argv: list) -> None:
     print(f"{index.n_items} items, {time.perf_counter() - start:.1f} s, saved to {args.out}")
 
 
-if __name__ == "__main__":
+def run_main(main) -> None:
+    """The __main__ of every script here. Bad input or a file problem: one line on stderr, status 1.
+    Output piped into `head`: ends quietly. Under torchrun, a process whose peer stopped on bad
+    input says so in one line (the peer's own line says why) instead of a traceback."""
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
+        sys.stdout.flush()                      # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:                     # the reader left: say nothing, and let exit not retry
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
+    except RuntimeError as e:                   # torch.distributed's error when a peer process is gone
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ("peer" in str(e) or "remote" in str(e)):
+            raise SystemExit(f"error: process {os.environ.get('RANK', '?')} stopped: another process failed "
+                             "(its error line says why)")
+        raise
+
+
+if __name__ == "__main__":
+    run_main(main)

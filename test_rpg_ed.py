@@ -1044,6 +1044,15 @@ def test_a_fifo_gives_the_same_dataset_as_the_file(tmp_path):
     assert from_fifo.users == ["u1"] * 5 + ["u2"] * 5 + ["u3"] * 5 and from_fifo.source.startswith("read s3rec")
 
 
+def test_a_folder_holding_one_compressed_data_file_finds_it(tmp_path):
+    rows = interactions(5, n_users=15, n_items=9)
+    (tmp_path / "data").mkdir()
+    with gzip.open(tmp_path / "data" / "a.csv.gz", "wt") as f:
+        f.write("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    raw = data_py.load_data(train.TrainConfig(data=str(tmp_path / "data")))
+    assert raw.path.endswith("a.csv.gz") and len(raw.users) == len(rows)
+
+
 def test_a_line_without_end_is_refused_with_its_file_and_line(tmp_path, monkeypatch):
     monkeypatch.setattr(data_py, "MAX_LINE_BYTES", 5000)
     path = tmp_path / "d.csv"
@@ -1351,6 +1360,16 @@ def _torchrun(n: int, args: list) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def test_torchrun_bad_input_is_one_line_per_process(tmp_path):
+    run = _torchrun(2, [f"--data={tmp_path / 'nowhere.csv'}", f"--out_dir={tmp_path / 'run'}"])
+    # the two processes share stderr, so their lines may interleave; process 1 prints one line, or
+    # none when torchrun stops it first; neither prints a traceback ("[rank1]: Traceback ...")
+    assert run.returncode != 0 and f"error: --data: {tmp_path / 'nowhere.csv'} does not exist" in run.stderr
+    assert run.stderr.count("error: ") - run.stderr.count("error: process 1 stopped: another process failed") == 1
+    assert "[rank" not in run.stderr, run.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
     data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
     args = [f"--data={data_path}", f"--out_dir={tmp_path / 'out'}"] + TINY_RUN + ["--emb_source=cf"]
@@ -1440,6 +1459,8 @@ def test_evaluation_does_not_depend_on_grouping():
     (["--beam_size=5"], "--beam_size: expected at least 10 (evaluation ranks 10 items), got 5"),   # before any epoch
     (["--report_beam_size=5"], "--report_beam_size: expected 0 (off) or at least 10"),
     (["--dropout=1.0"], "--dropout: expected a probability in [0, 1), got 1.0"),
+    (["--n_digit=3"], "--n_digit: expected 4: sid.py builds SIDs of 4 digits of 256 codes"),
+    (["--codebook_size=128"], "--codebook_size: expected 256"),
 ])
 def test_cli_rejects_bad_arguments(argv, fragment):
     with pytest.raises(ValueError, match=re_escape(fragment)):
@@ -1908,6 +1929,19 @@ def test_outputs_never_overwrite_unasked_nor_a_file_the_run_reads(group_run, tmp
 
 
 @pytest.mark.slow
+def test_recommend_output_into_a_closed_pipe_ends_quietly_and_escapes_control_characters(group_run, tmp_path):
+    out = _copy_run(group_run, tmp_path / "run")
+    args = [sys.executable, os.path.join(HERE, "recommend.py"), f"--run_dir={out}", "--user=u000", "--n_return=10"]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+    child.stdout.close()                                                # `| head -0`: the reader is gone
+    assert child.wait(timeout=120) == 1 and child.stderr.read() == b""
+    child.stderr.close()
+    with pytest.raises(ValueError, match="--batch_size: expected a positive int, got 0"):
+        recommend.main([f"--run_dir={out}", "--all=true", f"--out={tmp_path / 'r.jsonl'}", "--batch_size=0"])
+    assert recommend.printable("x\x1b[2Jy\x00") == "x\\x1b[2Jy\\x00"
+
+
+@pytest.mark.slow
 def test_a_cf_run_cannot_place_items_without_interactions(tmp_path):
     data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
     out = tmp_path / "cf"
@@ -2078,13 +2112,35 @@ BAD_INPUTS = [
     (".inter line with 2 of 3 fields", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t5\nu1\ti2\n"),
      "d.inter:3: expected 3 tab-separated fields, got 2"),
     (".inter non-numeric timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tyesterday\n"),
-     "d.inter:2: expected a numeric timestamp, got 'yesterday'"),
-    (".inter infinite timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tinf\n"),
+     "d.inter:2: expected a numeric timestamp (ASCII digits, sign, point, exponent), got 'yesterday'"),
+    (".inter infinite timestamp", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t1e999\n"),
      "d.inter:2: expected a finite timestamp"),
+    (".inter timestamp inf", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\tinf\n"), "d.inter:2: expected a numeric"),
+    (".inter timestamp 1_000", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t1_000\n"), "d.inter:2: expected a numeric"),
+    (".inter timestamp in Arabic-Indic digits", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t\u0661\u0662\n"),
+     "d.inter:2: expected a numeric"),
+    ("csv id with a NUL", lambda d: _load(d, "d.csv", "user,item,timestamp\nu\x000,i,1\n"),
+     "d.csv:2: expected a user id of 1 to 1000 printable characters, got a control character '\\x00'"),
+    ("csv id with an escape", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i\x1b[2J,1\n"),
+     "d.csv:2: expected a item id of 1 to 1000 printable characters, got a control character '\\x1b'"),
+    ("csv id of 5000 digits", lambda d: _load(d, "d.csv", "user,item,timestamp\n" + "9" * 5000 + ",i,1\n"),
+     "d.csv:2: expected a user id of 1 to 1000 printable characters, got 5000 characters"),
+    ("s3rec header line", lambda d: _load(d, "d.txt", "user_id item_ids\nu1 a b c\n", fmt="s3rec"),
+     "d.txt:1: 'user_id item_ids' looks like a header"),
+    ("s3rec user on two lines", lambda d: _load(d, "d.txt", "u1 a b c\nu2 a b\nu1 c d\n", fmt="s3rec"),
+     "d.txt:3: user 'u1' again (first on line 1)"),
+    ("amazon JSON with a key twice", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": "a", "asin": "b", '
+                                                                  '"unixReviewTime": 1}\n'),
+     "d.json:1: not a JSON object (the key 'asin' appears twice"),
+    ("item text JSON with a key twice", lambda d: data_py.load_item_text(_write(d, "t.jsonl", '{"asin": "a", "title": "x", '
+                                                                                              '"title": "y"}\n')),
+     "t.jsonl:1: the key 'title' appears twice"),
+    ("a text file as .npy", lambda d: data_py.read_item_emb(_write(d, "e.npy", "1 2 3\n"), 2),
+     "e.npy is not a .npy file (it does not start with the .npy header)"),
     ("csv without an item column", lambda d: _load(d, "d.csv", "user,thing,timestamp\nu,i,1\n"),
      "d.csv:1: expected the item column"),
     ("csv empty user id", lambda d: _load(d, "d.csv", "user,item,timestamp\n,i,1\n"),
-     "d.csv:2: expected non-empty user and item ids"),
+     "d.csv:2: expected a user id of 1 to 1000 printable characters, got empty"),
     ("amazon line that is not JSON", lambda d: _load(d, "d.json", '{"reviewerID": "u"\n'), "d.json:1: not a JSON object"),
     ("amazon review without asin", lambda d: _load(d, "d.json", '{"reviewerID": "u", "unixReviewTime": 1}\n'),
      "d.json:1: expected a JSON object with keys"),
@@ -2128,11 +2184,12 @@ BAD_INPUTS = [
      "d.json:1: expected reviewerID to be a string or a number, got null"),
     ("Amazon asin a list", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": ["a"], "unixReviewTime": 1}\n'),
      "d.json:1: expected asin to be a string or a number"),
-    ("csv line number after a quoted newline", lambda d: _load(d, "d.csv", 'user,item,timestamp\n"u\n0",i0,1\nu1,i1\n'),
-     "d.csv:4: expected 3 fields, got 2"),
+    ("csv line number after a quoted newline", lambda d: _load(d, "d.csv", 'user,item,timestamp,title\nu0,i0,1,"a\nb"\n'
+                                                                            'u1,i1\n'),
+     "d.csv:4: expected 4 fields, got 2"),
     ("csv field over the size limit", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i,1\nu," + "x" * 200_000 + ",2\n"),
      "d.csv:3: not a readable CSV row (field larger than field limit"),
-    ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected non-empty user"),
+    ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected a user id of 1 to 1000 printable characters, got empty"),
     ("--item_emb given a .npz", lambda d: data_py.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
     ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a numeric array, got dtype"),
     ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a numeric array, got dtype"),

@@ -40,7 +40,7 @@ import torch
 import beam
 import sid
 from data import (EVAL_SAMPLE_SEED, Dataset, Split, extend_catalogue, item_embeddings, leave_one_out, load_data,
-                  prepare, ragged_arange, read_item_emb, read_run_data, run_data_bytes, sample_users)
+                  prepare, ragged_arange, read_item_emb, read_run_data, run_data_bytes, sample_users, unique_keys)
 from rpg_ed import RPG_ED, RPGEDConfig
 
 
@@ -473,7 +473,7 @@ class RunFolder:
             return None
         try:
             with open(path, encoding="utf-8") as f:
-                manifest = json.load(f)
+                manifest = json.load(f, object_pairs_hook=unique_keys)
             if manifest["version"] != 1 or not all(set(e) == {"size", "sha256"} for e in manifest["files"].values()):
                 raise ValueError("unknown layout")
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
@@ -847,9 +847,9 @@ def load_run(folder: str, device: str | torch.device = "cpu", recover: bool = Tr
     RunFolder(folder).verify(needs=("config.json", "checkpoint.pt", "item_id2tokens.npy", "tokens2item.pkl", "data.npz"))
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
+            config = json.load(f, object_pairs_hook=unique_keys)
         mcfg = RPGEDConfig(**config["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{folder}/config.json: not a run config ({type(e).__name__}: {e})") from None
     index = sid.SIDIndex.load(folder)
     data = read_run_data(folder)
@@ -1134,6 +1134,11 @@ def make_configs(given: dict, auto_preset: str | None = None) -> tuple[TrainConf
         mcfg = RPGEDConfig(**{k: v for k, v in values.items() if k not in train_keys})
     except ValueError as e:              # "config.n_embd: ..." -> "--n_embd: ...", the flag the user typed
         raise ValueError(str(e).replace("config.", "--", 1)) from None
+    for flag, value, served in (("--n_digit", mcfg.n_digit, sid.N_DIGIT), ("--codebook_size", mcfg.codebook_size,
+                                                                            sid.CODEBOOK_SIZE)):
+        if value != served:
+            raise ValueError(f"{flag}: expected {served}: sid.py builds SIDs of {sid.N_DIGIT} digits of "
+                             f"{sid.CODEBOOK_SIZE} codes (one uint8 each, packed into a uint32 key), got {value}")
     if mcfg.beam_size < 10:
         raise ValueError(f"--beam_size: expected at least 10 (evaluation ranks 10 items), got {mcfg.beam_size}")
     return tcfg, mcfg
@@ -1182,7 +1187,4 @@ def add_new_items(base, item_emb: str, n_own: int, new_rows: np.ndarray) -> tupl
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:          # bad input or a file system problem: one line, status 1
-        raise SystemExit(f"error: {e}")
+    sid.run_main(main)
