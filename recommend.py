@@ -300,6 +300,19 @@ def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
             os.remove(os.path.join(parent, name))
 
 
+def load_for(run_dir: str, dist: train.Dist) -> TrainedRun:
+    """load_run in every process; rank 0 first, since it may finish what a killed step left."""
+    if not dist.is_main:
+        dist.barrier()
+    try:
+        run = load_run(run_dir, dist.device, recover=dist.is_main)
+    except ValueError as e:
+        raise ValueError(f"--run_dir: {e}") from None
+    if dist.is_main:
+        dist.barrier()
+    return run
+
+
 def main(argv: list) -> None:
     args = RecommendConfig(**sid.parse_flags(argv, RecommendConfig))
     if args.all:
@@ -312,7 +325,7 @@ def main(argv: list) -> None:
         return
     dist = train.init_distributed(args.device)
     try:
-        run = load_run(args.run_dir, dist.device)
+        run = load_for(args.run_dir, dist)
         if args.all:
             write_all(run, args, dist)
             dist.barrier()

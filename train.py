@@ -212,7 +212,10 @@ def config_stage(given: dict, raw, data: Dataset, log) -> tuple:
     with its catalogue extended by this data's new items -> (cfg, mcfg, base, index, data)."""
     cfg, _ = make_configs(given)
     if cfg.init_from:
-        base = load_run(cfg.init_from)
+        try:
+            base = load_run(cfg.init_from)
+        except ValueError as e:
+            raise ValueError(f"--init_from: {e}") from None
         cfg, mcfg = continue_config(given, base.config)
         n_own = len(data.item_raw)             # rows of an embeddings file for this data
         data, new_rows = extend_catalogue(data, list(base.item_raw))
