@@ -216,8 +216,10 @@ def bench_batch_checks(configs: list, B: int, repeats: int):
                 model.check_batch(batch)
             train.train_step(model, opt, batch, 1.0, 1e-4, torch.device("cpu"), torch.float32)
         unchecked_s, checked_s = paired_median_times(lambda: step(False), lambda: step(True), repeats)
+        check_s = median_time(lambda: model.check_batch(batch), 5 * repeats)
         rows.append((f"step time, {name}", f"{unchecked_s * 1e3:.1f} ms (checks at the boundary)",
                      f"{checked_s * 1e3:.1f} ms (check_batch in every step)", f"{checked_s / unchecked_s:.3f}x", ""))
+        rows.append((f"check_batch alone, {name}", f"{check_s * 1e3:.2f} ms", "", f"{check_s / unchecked_s:.2%} of a step", ""))
     table(f"2b. Batch checks out of the training step: batch {B}, forward + backward + AdamW", rows)
 
 
