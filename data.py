@@ -122,7 +122,7 @@ def check_id(where: str, kind: str, raw_id: str) -> str:
     if not raw_id or len(raw_id) > MAX_ID_CHARS or CONTROL.search(raw_id):
         what = "empty" if not raw_id else f"{len(raw_id)} characters" if len(raw_id) > MAX_ID_CHARS else \
             f"a control character {CONTROL.search(raw_id).group()!r}"
-        raise ValueError(f"{where}: expected a {kind} id of 1 to {MAX_ID_CHARS} printable characters, got {what}")
+        raise ValueError(f"{where}: expected the {kind} id to be 1 to {MAX_ID_CHARS} printable characters, got {what}")
     return raw_id
 
 

@@ -319,8 +319,8 @@ class RPG_ED(nn.Module):
     def check_batch(self, batch: dict) -> None:
         """Raise ValueError unless `batch` has the layout of the module docstring.
 
-        generate() calls it on every request; the data layer builds training batches from checked
-        tables, so forward() does not re-check them (each check is a host sync on a GPU).
+        generate() calls it on every request. Training batches are built (train.make_batch) from
+        tables checked once, so forward() does not re-check them: on a GPU each check is a host sync.
         """
         c = self.config
         user_ids = _check_ids("user_ids", batch["user_ids"], "[B]", 1)

@@ -12,7 +12,9 @@ earlier train position a training example, history = the last `max_history` item
 target, full ranking with beam search over real SIDs, Recall/NDCG@5/10, model selection on
 validation NDCG@10. Writes into out_dir: config.json, item_id2tokens.npy, tokens2item.pkl,
 opq.npz, data.npz (id maps, titles, sequences: what recommend.py needs), checkpoint.pt (best),
-last.pt (to --resume), results.json and curves.svg (loss and validation NDCG@10).
+last.pt (to --resume), results.json and curves.svg (loss and validation NDCG@10), and run.json,
+which lists them all with their sha256 and is written after each step (RunFolder): readers
+trust it, and a killed step leaves the state before it or after it.
 
     python train.py --data=NEWER --init_from=out/RUN --out_dir=out/NEXT   # continue a finished run
 
@@ -168,15 +170,9 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     mode = check_out_dir(out_dir, cfg, resolved, raw.fingerprint)          # reads only
     check_sizes(cfg, mcfg, len(data.item_raw))
     splits, stats = split_stage(cfg, mcfg, data, log, seconds)
-    index = sids_stage(cfg, dist, raw, data, splits, base, index, out_dir, log, seconds)
+    index = sids_stage(cfg, dist, raw, data, splits, base, index, log, seconds)
     if dist.is_main and mode in ("new", "restart"):                        # every check has passed: write
-        if mode == "restart":
-            log(f"{out_dir}: an unfinished attempt of this same run is there (killed?); starting it over "
-                "(--resume=true continues it instead)")
-        content_sids = base.content_sids if base else bool(raw.item_emb) and cfg.emb_source != "both"
-        files = {"config.json": json.dumps(resolved, indent=2).encode(), **index.files(),
-                 "data.npz": run_data_bytes(data, raw.item_text, content_sids)}
-        RunFolder(out_dir).publish(files, data=raw.fingerprint, keep=False)
+        start_stage(out_dir, mode, resolved, raw, data, index, base, log)
     dist.barrier()
     if not dist.is_main or mode in ("resume", "eval"):
         index = load_verified_index(out_dir, len(data.item_raw), log)
@@ -186,6 +182,20 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     model = model_stage(mcfg, run, base, log)
     trained = None if cfg.eval_only else train_model(model, run)
     return report_stage(model, run, data, trained, stats, raw.source, seconds, start_time)
+
+
+def start_stage(out_dir: str, mode: str, resolved: dict, raw, data: Dataset, index: sid.SIDIndex, base,
+                log) -> None:
+    """The run's first state, published in one step: config.json, the SIDs, data.npz, and in
+    run.json the data's fingerprint. A new run replaces whatever state out_dir held."""
+    if mode == "restart":
+        log(f"{out_dir}: an unfinished attempt of this same run is there (killed?); starting it over "
+            "(--resume=true continues it instead)")
+    emb_source = resolved["train"]["emb_source"]
+    content_sids = base.content_sids if base else bool(raw.item_emb) and emb_source != "both"
+    files = {"config.json": json.dumps(resolved, indent=2).encode(), **index.files(),
+             "data.npz": run_data_bytes(data, raw.item_text, content_sids)}
+    RunFolder(out_dir).publish(files, data=raw.fingerprint, keep=False)
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -248,8 +258,8 @@ def split_stage(cfg: TrainConfig, mcfg: RPGEDConfig, data: Dataset, log, seconds
     return splits, stats
 
 
-def sids_stage(cfg: TrainConfig, dist: Dist, raw, data: Dataset, splits: dict, base, index,
-               out_dir: str, log, seconds: dict) -> sid.SIDIndex | None:
+def sids_stage(cfg: TrainConfig, dist: Dist, raw, data: Dataset, splits: dict, base, index, log,
+               seconds: dict) -> sid.SIDIndex | None:
     """Rank 0 builds the SIDs of a new run (in memory: nothing is written yet); with --init_from they
     are the base run's, extended. The other processes, --resume and --eval_only get None here and
     load them from out_dir later."""
@@ -262,7 +272,7 @@ def sids_stage(cfg: TrainConfig, dist: Dist, raw, data: Dataset, splits: dict, b
             seconds["sids"] = time.time() - tick
             log(f"SIDs: from {emb_name} embeddings {emb.shape} ({seconds['embeddings']:.1f} s), OPQ error "
                 f"{index.quantizer.errors[0]:.4g} -> {index.quantizer.errors[-1]:.4g}, {moved} items moved by "
-                f"collision resolution, {seconds['sids']:.1f} s, saved to {out_dir}")
+                f"collision resolution, {seconds['sids']:.1f} s")
         return index
     return None
 
