@@ -1545,6 +1545,9 @@ def test_bad_input_at_any_stage_leaves_the_run_folder_byte_for_byte(tmp_path):
         with pytest.raises(ValueError):                                   # without --overwrite: refused too
             train.main(base + extra)
         assert _files(out) == before, extra
+    shutil.copy(data_path, tmp_path / "moved.inter")                      # the same bytes elsewhere: accepted
+    train.main([f"--data={tmp_path / 'moved.inter'}", f"--out_dir={out}", "--eval_only=true"] + TINY_RUN + ["--epochs=1"])
+    assert "eval.json" in train.RunFolder(str(out)).verify()["files"]
 
 
 class Killed(BaseException):

@@ -572,7 +572,7 @@ def check_out_dir(out_dir: str, cfg: TrainConfig, resolved: dict, fingerprint: d
     found = [f for f in RUN_FILES if os.path.exists(folder.file(f))]
     if manifest is None and not found or cfg.overwrite:
         return "new"
-    same = manifest is not None and "results.json" not in manifest["files"] and manifest["data"] == fingerprint \
+    same = manifest is not None and "results.json" not in manifest["files"] and same_data(manifest["data"], fingerprint) \
         and _settings(_read_json_or_none(folder.file("config.json"))) == _settings(json.loads(json.dumps(resolved)))
     if same:
         return "restart"
@@ -597,9 +597,14 @@ def _read_json_or_none(path: str):
         return None
 
 
+def same_data(recorded: dict | None, now: dict) -> bool:
+    """The same bytes (size and sha256); the path may differ, the file may have moved."""
+    return all((recorded or {}).get(k) == now[k] for k in ("size", "sha256"))
+
+
 def check_fingerprint(recorded: dict | None, now: dict, flag: str) -> None:
     """Refuse to continue or evaluate a run on other data than it was trained on."""
-    if recorded != now:
+    if not same_data(recorded, now):
         changed = [k for k in ("path", "size", "sha256") if (recorded or {}).get(k) != now.get(k)]
         raise ValueError(f"{flag}: the run was trained on {recorded}, this data is {now} ({', '.join(changed)} "
                          "changed); train a new run on this data, or pass the data the run was trained on")
