@@ -379,6 +379,7 @@ def load_data(cfg) -> RawData:
             if not item_text:                  # look beside the data file: NAME.item, or NAME_items.jsonl
                 stem = os.path.join(os.path.dirname(path), os.path.basename(path).split(".")[0])
                 item_text = next((c for c in (stem + ".item", stem + "_items.jsonl") if os.path.exists(c)), "")
+            item_text = "" if item_text == "none" else item_text           # "none": no text, no search
         copy, fingerprint = snapshot(path, scratch)
         fmt = read_file(copy, detect_format, path) if fmt == "auto" else fmt
         raw = read_file(copy, LOADERS[fmt], path)

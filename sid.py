@@ -915,6 +915,12 @@ def run_main(main) -> None:
     try:
         main(sys.argv[1:])
         sys.stdout.flush()                      # here, where a closed pipe is caught, not at exit
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a torchrun process, its process group destroyed: skip the interpreter's teardown, where
+            # gloo's threads now and then abort the process ("terminate called without an active
+            # exception"), failing a run that has written all its files
+            sys.stderr.flush()
+            os._exit(0)
     except BrokenPipeError:                     # the reader left: say nothing, and let exit not retry
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1)

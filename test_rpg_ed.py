@@ -930,13 +930,16 @@ def test_windows_cut_per_batch_equal_the_materialised_ones(seed, max_history):
             assert split.target[row] == seq[t]
 
 
-def test_item_embeddings_file_beside_the_data_is_found(tmp_path):
-    """NAME_*.npy beside NAME.txt is used like NAME_items.jsonl; two such files need a choice."""
+def test_item_files_beside_the_data_are_found_unless_none(tmp_path):
+    """NAME_*.npy and NAME_items.jsonl beside NAME.txt are used; "none" skips each; two .npy need a choice."""
     (tmp_path / "shop.txt").write_text("".join(f"u{u} " + " ".join(str(i) for i in range(1, 6)) + "\n" for u in range(3)))
     np.save(tmp_path / "shop_text.npy", np.ones((5, 3), np.float32))
+    (tmp_path / "shop_items.jsonl").write_text('{"item_id": "1", "title": "soap"}\n')
     cfg = train.TrainConfig(data=str(tmp_path / "shop.txt"))
-    assert data_py.load_data(cfg).item_emb == str(tmp_path / "shop_text.npy")
+    found = data_py.load_data(cfg)
+    assert found.item_emb == str(tmp_path / "shop_text.npy") and found.item_text.keys() == {"1"}
     assert data_py.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
+    assert data_py.load_data(dataclasses.replace(cfg, item_text="none")).item_text == {}
     np.save(tmp_path / "shop_image.npy", np.ones((5, 3), np.float32))
     with pytest.raises(ValueError, match="found several item-embedding files"):
         data_py.load_data(cfg)

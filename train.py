@@ -52,7 +52,8 @@ class TrainConfig:
     cpu preset); a preset changes some of them, and --key=value any of them."""
     data: str = "ml-100k"            # "ml-100k" or a path (file, or folder with one data file)
     format: str = "auto"             # auto | inter | csv | amazon | s3rec
-    item_text: str = ""              # optional item-text file (.item, .jsonl, Amazon metadata)
+    item_text: str = ""              # item-text file (.item, .jsonl, Amazon metadata); default: NAME.item or
+                                     # NAME_items.jsonl beside data file NAME.ext, if any; "none": no file
     item_emb: str = ""               # [n_items, D] .npy, rows in sorted original-id order; default: the one
                                      # file NAME_*.npy beside data file NAME.ext, if any; "none": no file
     emb_source: str = "cf"           # text | cf | both (text + cf); with item_emb: both = file + cf,
