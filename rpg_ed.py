@@ -2,11 +2,15 @@
 
 The encoder reads one hashed user token and the user's last `max_history` items; each item's 4
 SID-token embeddings are reduced to one vector and passed through an MLP, so 50 items cost 50
-encoder positions, not 200. The decoder reads [BOS, s0, s1, s2, s3] and predicts
-[s0, s1, s2, s3, EOS], attending to the encoder output through cross-attention. It follows
-TIGER (Rajput et al., NeurIPS 2023) over OPQ semantic IDs as in RPG (Hou et al., 2025); the block
-layout follows GPT-2 / whisper (pre-LayerNorm). RPGEDConfig's defaults are the "seed config", the
-model size of the original design (for a GPU); train.py's presets shrink it for a CPU.
+encoder positions, not 200. With `n_items` > 0, each history item also adds an embedding of its
+own id, the exact key a Markov chain or SASRec reads; set_items(codes) tells the model which SID
+is which item. It is on the input side only: an item the model was not built with, such as one
+added after training, uses one shared row. The decoder reads
+[BOS, s0, s1, s2, s3] and predicts [s0, s1, s2, s3, EOS], attending to the encoder output through
+cross-attention. It follows TIGER (Rajput et al., NeurIPS 2023) over OPQ semantic IDs as in RPG
+(Hou et al., 2025); the block layout follows GPT-2 / whisper (pre-LayerNorm). RPGEDConfig's
+defaults are the "seed config", the model size of the original design (for a GPU); train.py's
+presets shrink it for a CPU.
 
 One vocabulary, no overlapping ranges (the same layout as sid.py):
 
@@ -61,6 +65,7 @@ class RPGEDConfig:
     dropout: float = 0.1             # on embeddings, each residual branch and the history MLP
     attn_pdrop: float = 0.1          # on attention weights
     beam_size: int = 10              # beams in generate()
+    n_items: int = 0                 # items with their own id embedding (+1 row shared by any other); 0: none
 
     def __post_init__(self):
         for f in fields(self):
@@ -68,7 +73,7 @@ class RPGEDConfig:
             expected = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
             if type(value) is not expected and not (expected is float and type(value) is int):
                 raise ValueError(f"config.{f.name}: expected {f.type}, got {value!r}")
-            if expected is int and value <= 0 and not (f.name == "n_user_buckets" and value == 0):
+            if expected is int and value <= 0 and not (f.name in ("n_user_buckets", "n_items") and value == 0):
                 raise ValueError(f"config.{f.name}: expected a positive int, got {value}")
             if expected is float and not math.isfinite(value):
                 raise ValueError(f"config.{f.name}: expected a finite number, got {value}")
@@ -79,6 +84,9 @@ class RPGEDConfig:
             raise ValueError(f"config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.codebook_size > 256:
             raise ValueError(f"config.codebook_size: expected at most 256 (uint8 codes), got {self.codebook_size}")
+        if self.n_items and self.codebook_size ** self.n_digit >= 2 ** 62:
+            raise ValueError(f"config.n_digit: expected codebook_size ** n_digit < 2**62 with n_items (one int64 key "
+                             f"per SID), got {self.codebook_size} ** {self.n_digit}")
 
     @property
     def sid_offset(self) -> int:
@@ -287,6 +295,11 @@ class RPG_ED(nn.Module):
         self.encoder_pos = nn.Embedding(1 + c.max_history, c.n_embd)            # user token + items
         self.decoder_pos = nn.Embedding(1 + c.n_digit, c.n_embd)                # BOS + digits
         self.history_compressor = HistoryCompressor(c)
+        if c.n_items:                  # item identity beside its codes: row i is item i, row n_items any other
+            self.item_emb = nn.Embedding(c.n_items + 1, c.n_embd)
+            # filled by set_items (or load_state_dict); until then no SID matches (keys are >= 0)
+            self.register_buffer("item_keys", torch.full((c.n_items,), -1, dtype=torch.long))  # sorted SID keys
+            self.register_buffer("item_order", torch.zeros(c.n_items, dtype=torch.long))       # item of each key
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(c) for _ in range(c.encoder_n_layer))
         self.ln_encoder = nn.LayerNorm(c.n_embd)
@@ -311,6 +324,37 @@ class RPG_ED(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def set_items(self, codes: torch.Tensor) -> None:
+        """codes (n_items, 4): the SID codes of item 0..n_items-1, whose id embeddings are rows 0..n_items-1."""
+        c = self.config
+        if tuple(codes.shape) != (c.n_items, c.n_digit) or codes.min() < 0 or codes.max() >= c.codebook_size:
+            raise ValueError(f"codes: expected shape [{c.n_items}, {c.n_digit}] with values in [0, {c.codebook_size}), "
+                             f"got shape {tuple(codes.shape)}")
+        keys = self._sid_keys(codes.to(self.item_keys.device).long())
+        order = keys.argsort()
+        if (keys[order][1:] == keys[order][:-1]).any():
+            raise ValueError("codes: expected a different SID for each item, got a SID shared by two items")
+        self.item_keys.copy_(keys[order])
+        self.item_order.copy_(order)
+
+    def _sid_keys(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., 4) codes -> (...) one int per SID (its digits in base codebook_size)."""
+        c = self.config
+        return (codes * c.codebook_size ** torch.arange(c.n_digit - 1, -1, -1, device=codes.device)).sum(-1)
+
+    def item_rows(self, history_sid: torch.Tensor) -> torch.Tensor:
+        """history_sid (B, L, 4) tokens -> (B, L) rows of item_emb: the item of each SID, or n_items
+        for a SID the model was not built with (and for PAD). In training, a `dropout` share of the
+        positions also get row n_items, so that row learns to stand for an item seen only by its codes
+        (with dropout 0 it stays as initialised)."""
+        c = self.config
+        keys = self._sid_keys(history_sid - self.digit_offsets)                 # (B, L)
+        pos = torch.searchsorted(self.item_keys, keys).clamp(max=c.n_items - 1)  # past the end: last key
+        rows = torch.where(self.item_keys[pos] == keys, self.item_order[pos], c.n_items)
+        if self.training and c.dropout:
+            rows = rows.masked_fill(torch.rand(rows.shape, device=rows.device) < c.dropout, c.n_items)
+        return rows
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -373,6 +417,8 @@ class RPG_ED(nn.Module):
         c = self.config
         B, L, _ = history_sid.shape
         items = self.history_compressor(self.token_emb(history_sid))           # (B, L, E)
+        if c.n_items:
+            items = items + self.item_emb(self.item_rows(history_sid))
         item_mask = history_sid[:, :, 0] != PAD                                 # (B, L)
         positions = torch.arange(c.max_history - L + 1, c.max_history + 1, device=items.device)
         x = items + self.encoder_pos(positions)

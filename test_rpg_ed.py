@@ -639,11 +639,51 @@ def test_every_result_is_real_unique_and_sorted(index, lengths, seed, beam_size,
         assert (row_scores[:-1] >= row_scores[1:]).all()
 
 
+def item_model(seed: int, index, item_ids: bool = True):
+    """tiny_model with an item-id embedding for each item of `index` (or none)."""
+    if not item_ids:
+        return tiny_model(seed)
+    model = tiny_model(seed, n_items=index.n_items)
+    model.set_items(torch.from_numpy(index.item_codes.astype(np.int64)))
+    return model
+
+
+def some_real_history(batch, index, model, seed):
+    """The batch with about half of its real history slots holding the SID of an item of `index`."""
+    real = with_real_history(batch, index, model)["history_sid"]
+    pick = torch.rand(real.shape[:2], generator=torch.Generator().manual_seed(seed)) < 0.5
+    return {**batch, "history_sid": torch.where(pick[..., None], real, batch["history_sid"])}
+
+
 @FAST
-@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(1, 5))
-def test_beam_rows_are_independent(index, lengths, seed, beam_size):
-    model = tiny_model(seed)
-    batch = make_batch(model, lengths, seed=seed)
+@given(sid_catalogues(), histories, st.integers(0, 1000))
+def test_item_rows_are_the_item_of_each_sid_or_the_shared_row(index, lengths, seed):
+    model = item_model(seed, index)
+    history = some_real_history(make_batch(model, lengths, seed=seed), index, model, seed)["history_sid"]
+    item_of = {tuple(codes): item for item, codes in enumerate(index.item_codes.tolist())}
+    expected = [[item_of.get(tuple((np.array(slot) - model.digit_offsets.numpy()).tolist()), index.n_items)
+                 for slot in row] for row in history.tolist()]                   # PAD: no item either
+    assert model.item_rows(history).tolist() == expected
+    model.train()                     # training: a `dropout` share of the positions take the shared row
+    dropped = model.item_rows(history)
+    assert ((dropped == torch.tensor(expected)) | (dropped == index.n_items)).all()
+
+
+def test_set_items_refuses_shared_or_out_of_range_sids_and_unset_keys_match_nothing():
+    model = tiny_model(0, n_items=3)
+    codes = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5], [0, 0, 0, 0]])
+    assert (model.item_rows(codes[None] + model.digit_offsets) == 3).all()    # before set_items: the shared row
+    for bad, fragment in ((codes[[0, 0, 2]], "a SID shared by two items"), (codes[:2], "expected shape [3, 4]"),
+                          (codes + 255, "values in [0, 256)")):
+        with pytest.raises(ValueError, match=re_escape(fragment)):
+            model.set_items(bad)
+
+
+@FAST
+@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(1, 5), st.booleans())
+def test_beam_rows_are_independent(index, lengths, seed, beam_size, item_ids):
+    model = item_model(seed, index, item_ids)
+    batch = some_real_history(make_batch(model, lengths, seed=seed), index, model, seed)
     together = beam.beam_search(model, batch, beam_size, beam_size, index)
     for row in range(len(lengths)):
         alone = beam.beam_search(model, trim(batch, row), beam_size, beam_size, index)
@@ -652,10 +692,10 @@ def test_beam_rows_are_independent(index, lengths, seed, beam_size):
 
 
 @FAST
-@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(1, 5), st.booleans())
-def test_beam_cache_equals_no_cache(index, lengths, seed, beam_size, constrained):
-    model = tiny_model(seed)
-    batch = make_batch(model, lengths, seed=seed)
+@given(sid_catalogues(), histories, st.integers(0, 1000), st.integers(1, 5), st.booleans(), st.booleans())
+def test_beam_cache_equals_no_cache(index, lengths, seed, beam_size, constrained, item_ids):
+    model = item_model(seed, index, item_ids)
+    batch = some_real_history(make_batch(model, lengths, seed=seed), index, model, seed)
     cached = beam.beam_search(model, batch, beam_size, beam_size, index, constrained=constrained)
     uncached = beam.beam_search(model, batch, beam_size, beam_size, index, use_cache=False, constrained=constrained)
     assert torch.equal(cached.items, uncached.items) and torch.equal(cached.sids, uncached.sids)
@@ -1551,6 +1591,22 @@ def test_bad_input_at_any_stage_leaves_the_run_folder_byte_for_byte(tmp_path):
     shutil.copy(data_path, tmp_path / "moved.inter")                      # the same bytes elsewhere: accepted
     train.main([f"--data={tmp_path / 'moved.inter'}", f"--out_dir={out}", "--eval_only=true"] + TINY_RUN + ["--epochs=1"])
     assert "eval.json" in train.RunFolder(str(out)).verify()["files"]
+
+
+def test_item_id_embeddings_are_saved_with_the_run_and_n_items_is_not_a_flag(tmp_path):
+    data_path = write_formats(tmp_path, interactions(2, n_users=30, n_items=12))["inter"]
+    args = [f"--data={data_path}", f"--out_dir={tmp_path / 'out'}"] + TINY_RUN + ["--emb_source=cf", "--item_id_emb=true"]
+    trained = train.main(args)
+    assert trained["config"]["model"]["n_items"] == trained["dataset"]["items"]
+    assert train.main(args + ["--eval_only=true"])["test"] == trained["test"]    # the item keys were saved
+    run = train.load_run(str(tmp_path / "out"))
+    codes = torch.from_numpy(run.index.item_codes.astype(np.int64))
+    assert torch.equal(run.model.item_rows(codes[None] + run.model.digit_offsets)[0], torch.arange(len(codes)))
+    with pytest.raises(ValueError, match="--n_items: expected no value"):
+        train.make_configs({"n_items": 5})
+    with pytest.raises(ValueError, match="--item_id_emb: the model of --init_from has n_items=12"):
+        train.continue_config({"item_id_emb": False}, trained["config"])
+    assert train.continue_config({"preset": "cpu"}, trained["config"])[0].item_id_emb    # as the model has
 
 
 class Killed(BaseException):

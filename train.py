@@ -82,6 +82,7 @@ class TrainConfig:
                                      # learning-rate schedule then ends at max_steps
     eval_users: int = 0              # score this many users, a fixed random sample (0: all users)
     overwrite: bool = False          # allow a new run into an out_dir that holds another run's files
+    item_id_emb: bool = False        # each history item also adds an embedding of its own id (model.n_items)
     init_from: str = ""              # a finished run's folder: start from its weights and SIDs, add the
                                      # data's new items to its index, train on this data (recommend.py)
 
@@ -125,10 +126,10 @@ PRESETS = {
                 attn_pdrop=0.0, n_user_buckets=0),
     # short histories (under 20 items a user on average, as on Amazon) cost little with batches
     # grouped by length, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP
-    # and depth) trained for longer
+    # and depth) trained for longer; each history item also adds its own id embedding
     "sparse": dict(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
                    attn_pdrop=0.1, n_user_buckets=0, epochs=32, eval_every=4, patience=3, batch_size=512,
-                   lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both"),
+                   lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both", item_id_emb=True),
     # the seed config (RPGEDConfig's defaults, the original design's size), for a GPU
     "seed": dict(epochs=200, eval_every=5, patience=4, batch_size=256, lr=1e-3, warmup_steps=2000),
 }
@@ -240,6 +241,8 @@ def config_stage(given: dict, raw, data: Dataset, log) -> tuple:
         cfg, mcfg = make_configs(given, auto_preset=preset)
     else:
         cfg, mcfg = make_configs(given)
+    if cfg.item_id_emb:
+        mcfg = dataclasses.replace(mcfg, n_items=len(data.item_raw))
     return cfg, mcfg, None, None, data
 
 
@@ -312,6 +315,8 @@ def model_stage(mcfg: RPGEDConfig, run: "Run", base, log) -> RPG_ED:
     cfg, dist = run.cfg, run.dist
     torch.manual_seed(cfg.seed)
     model = RPG_ED(mcfg).to(dist.device)
+    if mcfg.n_items:
+        model.set_items(run.item_tokens[:mcfg.n_items].to(dist.device) - model.digit_offsets)
     if base is not None and not (cfg.resume or cfg.eval_only):
         model.load_state_dict(base.model.state_dict())
     torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
@@ -1146,6 +1151,8 @@ def make_configs(given: dict, auto_preset: str | None = None) -> tuple[TrainConf
         given["preset"] = "auto" if auto_preset is None else auto_preset
     if preset not in PRESETS:
         raise ValueError(f"--preset: expected one of {['auto'] + sorted(PRESETS)}, got {preset!r}")
+    if "n_items" in given:
+        raise ValueError("--n_items: expected no value: it is the data's item count, set by --item_id_emb=true")
     values = {**PRESETS[preset], **given}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
@@ -1173,7 +1180,7 @@ def choose_preset(data: Dataset) -> tuple[str, str]:
     per_user = data.n_interactions / len(data.user_raw)
     if per_user < SPARSE_BELOW:
         return "sparse", (f"{per_user:.1f} interactions per user (< {SPARSE_BELOW}): short histories are cheap "
-                          "with dynamic batches, so a wider, deeper model trained longer")
+                          "with dynamic batches, so a wider, deeper model with item-id embeddings, trained longer")
     return "cpu", f"{per_user:.1f} interactions per user (>= {SPARSE_BELOW}): long histories, the small model"
 
 
@@ -1188,7 +1195,10 @@ def continue_config(given: dict, base_config: dict) -> tuple[TrainConfig, RPGEDC
         if key in given and value != getattr(base_model, key):
             raise ValueError(f"--{key}: the model of --init_from has {key}={getattr(base_model, key)!r}, "
                              f"got {value!r}; a continued run keeps the model's shape")
-    return cfg, base_model
+    if "item_id_emb" in given and cfg.item_id_emb != bool(base_model.n_items):
+        raise ValueError(f"--item_id_emb: the model of --init_from has n_items={base_model.n_items}, got "
+                         f"{cfg.item_id_emb}; a continued run keeps the model's shape")
+    return dataclasses.replace(cfg, item_id_emb=bool(base_model.n_items)), base_model
 
 
 def add_new_items(base, item_emb: str, n_own: int, new_rows: np.ndarray) -> tuple[sid.SIDIndex, int]:
