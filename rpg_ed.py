@@ -5,12 +5,11 @@ SID-token embeddings are reduced to one vector and passed through an MLP, so 50 
 encoder positions, not 200. With `n_items` > 0, each history item also adds an embedding of its
 own id, the exact key a Markov chain or SASRec reads; set_items(codes) tells the model which SID
 is which item. It is on the input side only: an item the model was not built with, such as one
-added after training, uses one shared row. The decoder reads
-[BOS, s0, s1, s2, s3] and predicts [s0, s1, s2, s3, EOS], attending to the encoder output through
-cross-attention. It follows TIGER (Rajput et al., NeurIPS 2023) over OPQ semantic IDs as in RPG
-(Hou et al., 2025); the block layout follows GPT-2 / whisper (pre-LayerNorm). RPGEDConfig's
-defaults are the "seed config", the model size of the original design (for a GPU); train.py's
-presets shrink it for a CPU.
+added after training, uses one shared row. The decoder reads [BOS, s0, s1, s2, s3] and predicts
+[s0, s1, s2, s3, EOS], attending to the encoder output through cross-attention. It follows
+TIGER (Rajput et al., NeurIPS 2023) over OPQ semantic IDs as in RPG (Hou et al., 2025); the block
+layout follows GPT-2 / whisper (pre-LayerNorm). RPGEDConfig's defaults are the "seed config", the
+model size of the original design (for a GPU); train.py's presets shrink it for a CPU.
 
 One vocabulary, no overlapping ranges (the same layout as sid.py):
 
@@ -328,9 +327,11 @@ class RPG_ED(nn.Module):
     def set_items(self, codes: torch.Tensor) -> None:
         """codes (n_items, 4): the SID codes of item 0..n_items-1, whose id embeddings are rows 0..n_items-1."""
         c = self.config
+        if not c.n_items:
+            raise ValueError("set_items: expected a model with item-id embeddings, got config.n_items = 0")
         if tuple(codes.shape) != (c.n_items, c.n_digit) or codes.min() < 0 or codes.max() >= c.codebook_size:
             raise ValueError(f"codes: expected shape [{c.n_items}, {c.n_digit}] with values in [0, {c.codebook_size}), "
-                             f"got shape {tuple(codes.shape)}")
+                             f"got shape {tuple(codes.shape)}, values in [{int(codes.min())}, {int(codes.max())}]")
         keys = self._sid_keys(codes.to(self.item_keys.device).long())
         order = keys.argsort()
         if (keys[order][1:] == keys[order][:-1]).any():
