@@ -639,6 +639,15 @@ def test_every_result_is_real_unique_and_sorted(index, lengths, seed, beam_size,
         assert (row_scores[:-1] >= row_scores[1:]).all()
 
 
+def with_real_history(batch, index, model):
+    """The batch with each real history slot replaced by the SID of a random item of `index`."""
+    history = batch["history_sid"]
+    real = history[..., 0] != rpg_ed.PAD
+    pick = torch.randint(0, index.n_items, real.shape, generator=torch.Generator().manual_seed(0))
+    codes = torch.from_numpy(index.item_codes.astype(np.int64))[pick] + model.digit_offsets
+    return {**batch, "history_sid": torch.where(real[..., None], codes, history)}
+
+
 def item_model(seed: int, index, item_ids: bool = True):
     """tiny_model with an item-id embedding for each item of `index` (or none)."""
     if not item_ids:
@@ -723,15 +732,6 @@ def test_greedy_is_the_constrained_argmax_chain(index, lengths, seed):
     assert torch.equal(greedy.sids[:, 0], prefix)
     assert torch.equal(greedy.items[:, 0], index.lookup(prefix))
     assert torch.allclose(greedy.scores[:, 0], total, atol=1e-5)
-
-
-def with_real_history(batch, index, model):
-    """The batch with each real history slot replaced by the SID of a random item of `index`."""
-    history = batch["history_sid"]
-    real = history[..., 0] != rpg_ed.PAD
-    pick = torch.randint(0, index.n_items, real.shape, generator=torch.Generator().manual_seed(0))
-    codes = torch.from_numpy(index.item_codes.astype(np.int64))[pick] + model.digit_offsets
-    return {**batch, "history_sid": torch.where(real[..., None], codes, history)}
 
 
 def test_unconstrained_reports_invalid_rate_and_generate_shape():
@@ -1600,8 +1600,8 @@ def test_item_id_embeddings_are_saved_with_the_run_and_n_items_is_not_a_flag(tmp
     args = [f"--data={data_path}", f"--out_dir={tmp_path / 'out'}"] + TINY_RUN + ["--emb_source=cf", "--item_id_emb=true"]
     trained = train.main(args)
     assert trained["config"]["model"]["n_items"] == trained["dataset"]["items"]
-    assert train.main(args + ["--eval_only=true"])["test"] == trained["test"]    # the item keys were saved
-    run = train.load_run(str(tmp_path / "out"))
+    assert train.main(args + ["--eval_only=true"])["test"] == trained["test"]
+    run = train.load_run(str(tmp_path / "out"))                # no set_items here: the keys come from the checkpoint
     codes = torch.from_numpy(run.index.item_codes.astype(np.int64))
     assert torch.equal(run.model.item_rows(codes[None] + run.model.digit_offsets)[0], torch.arange(len(codes)))
     with pytest.raises(ValueError, match="--n_items: expected no value"):

@@ -316,7 +316,7 @@ def model_stage(mcfg: RPGEDConfig, run: "Run", base, log) -> RPG_ED:
     torch.manual_seed(cfg.seed)
     model = RPG_ED(mcfg).to(dist.device)
     if mcfg.n_items:
-        model.set_items(run.item_tokens[:mcfg.n_items].to(dist.device) - model.digit_offsets)
+        model.set_items(torch.from_numpy(run.index.item_codes[:mcfg.n_items].astype(np.int64)))
     if base is not None and not (cfg.resume or cfg.eval_only):
         model.load_state_dict(base.model.state_dict())
     torch.manual_seed(cfg.seed + dist.rank)    # dropout: one random stream per process
