@@ -330,8 +330,9 @@ class RPG_ED(nn.Module):
         if not c.n_items:
             raise ValueError("set_items: expected a model with item-id embeddings, got config.n_items = 0")
         if tuple(codes.shape) != (c.n_items, c.n_digit) or codes.min() < 0 or codes.max() >= c.codebook_size:
+            values = f", values in [{int(codes.min())}, {int(codes.max())}]" if codes.numel() else ""
             raise ValueError(f"codes: expected shape [{c.n_items}, {c.n_digit}] with values in [0, {c.codebook_size}), "
-                             f"got shape {tuple(codes.shape)}, values in [{int(codes.min())}, {int(codes.max())}]")
+                             f"got shape {tuple(codes.shape)}{values}")
         keys = self._sid_keys(codes.to(self.item_keys.device).long())
         order = keys.argsort()
         if (keys[order][1:] == keys[order][:-1]).any():

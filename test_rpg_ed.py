@@ -683,7 +683,8 @@ def test_set_items_refuses_shared_or_out_of_range_sids_and_unset_keys_match_noth
     codes = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5], [0, 0, 0, 0]])
     assert (model.item_rows(codes[None] + model.digit_offsets) == 3).all()    # before set_items: the shared row
     for bad, fragment in ((codes[[0, 0, 2]], "a SID shared by two items"), (codes[:2], "expected shape [3, 4]"),
-                          (codes + 255, "values in [0, 256), got shape (3, 4), values in [255, 260]")):
+                          (codes + 255, "values in [0, 256), got shape (3, 4), values in [255, 260]"),
+                          (codes[:0], "got shape (0, 4)")):
         with pytest.raises(ValueError, match=re_escape(fragment)):
             model.set_items(bad)
     with pytest.raises(ValueError, match="config.n_items = 0"):
