@@ -563,13 +563,42 @@ def leave_one_out(data: Dataset, max_history: int) -> dict:
         raise ValueError(f"user {data.user_raw[short[0]]!r}: expected at least 3 interactions for "
                          f"leave-one-out, got {lengths[short[0]]}")
     users = np.arange(len(lengths))
-    starts = data.offsets[:-1]
-    n_train = lengths - 3                                             # positions 1 .. n-3 of each user
-    train_user = np.repeat(users, n_train)
-    train_pos = starts[train_user] + 1 + ragged_arange(n_train)
-    split = lambda user, pos: Split(data.items, starts[user], pos, user, max_history)
-    return {"train": split(train_user, train_pos), "valid": split(users, data.offsets[1:] - 2),
-            "test": split(users, data.offsets[1:] - 1)}
+    split = lambda pos: Split(data.items, data.offsets[:-1], pos, users, max_history)
+    return {"train": train_split(data.offsets, data.items, max_history), "valid": split(data.offsets[1:] - 2),
+            "test": split(data.offsets[1:] - 1)}
+
+
+def train_split(offsets: np.ndarray, items: np.ndarray, max_history: int) -> Split:
+    """The training targets: positions 1 .. n-3 of each user (n = the user's item count)."""
+    n_train = np.maximum(np.diff(offsets) - 3, 0)
+    user = np.repeat(np.arange(len(n_train)), n_train)
+    start = offsets[:-1][user]
+    return Split(items, start, start + 1 + ragged_arange(n_train), user, max_history)
+
+
+@dataclass
+class Transitions:
+    """How often item a came directly before item b in training: each training target and the item
+    before it, counted. Stored as sorted keys a * n_items + b, so a lookup is one searchsorted."""
+    keys: np.ndarray                 # (P,) int64, sorted and unique
+    counts: np.ndarray               # (P,) int64, > 0
+    n_items: int
+
+    @classmethod
+    def fit(cls, train: Split, n_items: int) -> "Transitions":
+        before, target = train.items[train.pos - 1], train.items[train.pos]   # pos > start for every target
+        keys, counts = np.unique(before.astype(np.int64) * n_items + target, return_counts=True)
+        return cls(keys, counts.astype(np.int64), n_items)
+
+    def count(self, last: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """last (U,) and items (U, K) item ids, -1 = none -> (U, K) int64: times last -> item in training."""
+        last, items = np.asarray(last, np.int64), np.asarray(items, np.int64)
+        if not len(self.keys):
+            return np.zeros(items.shape, np.int64)
+        key = last[:, None] * self.n_items + items
+        at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        real = (last[:, None] >= 0) & (items >= 0) & (self.keys[at] == key)
+        return np.where(real, self.counts[at], 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ A run folder, as train.py writes it, holds all that is needed: config.json, chec
 weights), the SID index (item_id2tokens.npy, tokens2item.pkl, opq.npz) and data.npz (raw item
 and user ids, a title per item, every user's sequence). `train.load_run` reads them, rebuilds nothing,
 and refuses a folder whose files disagree. Recommendations are the model's beam search over real
-SIDs, best first, with the summed log-probability of each SID as its score; items the user has
-already seen are kept (as in evaluation) and flagged.
+SIDs, ranked as evaluation ranks them: by the summed log-probability of each SID, plus the run's
+transition_weight times log(1 + how often the history's last item came directly before the item in
+the run's training data). Items the user has already seen are kept (as in evaluation) and flagged.
 
 New items (`add_items`): the run's saved OPQ encodes their embeddings, collision resolution gives
 them SIDs no other item has, and the index files are rewritten; old items keep their SIDs, so
@@ -98,7 +99,8 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
               new_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Top n_return items for each history (item ids, oldest first) of each raw user id.
 
-    Returns (items (U, n_return) int64, scores (U, n_return) float32), best first. Users are
+    Returns (items (U, n_return) int64, scores (U, n_return) float32), best first; a score is the
+    SID's summed log-probability plus the run's transition term (train.rerank). Users are
     grouped by history length into batches of at most batch_size rows (train.length_batches, as in
     evaluation). With several processes, batch j runs on
     rank j % world and the results are summed over processes, so each batch is the one a single
@@ -129,8 +131,13 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
             continue
         batch = train.make_batch(split, rows, item_tokens, buckets, dist.device, with_target=False)
         with train.autocast(dist.device, compute):
-            result = beam.beam_search(run.model, batch, beam_size, n_return, run.index)
-        items[rows], scores[rows], codes[rows] = result.items.cpu(), result.scores.float().cpu(), result.sids.cpu()
+            result = beam.beam_search(run.model, batch, beam_size, beam_size, run.index)
+        counts = run.transitions.count(split.items[split.pos[rows] - 1], result.items.cpu().numpy())
+        order, fused = train.rerank(result.scores.float().cpu().numpy(), counts, run.transition_weight)
+        order = torch.from_numpy(order[:, :n_return])
+        items[rows] = result.items.cpu().gather(1, order)
+        scores[rows] = torch.from_numpy(fused[:, :n_return]).float()
+        codes[rows] = result.sids.cpu().gather(1, order[:, :, None].expand(-1, -1, mcfg.n_digit))
     items, scores, codes = dist.sum(items).numpy(), dist.sum(scores).numpy(), dist.sum(codes).numpy()
     if new_share > 0:
         mixed = with_new_items(items, codes, run.index, run.trained_items, round(new_share * n_return))

@@ -1332,6 +1332,40 @@ def test_vectorised_markov_baseline_equals_the_per_user_loop(seed, k):
     assert (fast[:, slow.shape[1]:] == -1).all()                          # fewer items than k: padding
 
 
+@FAST
+@given(st.integers(0, 2**16))
+def test_transition_counts_equal_a_counter_of_each_users_training_pairs(seed):
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.integers(2, 15))
+    seqs = [rng.integers(0, n_items, rng.integers(3, 12)) for _ in range(rng.integers(1, 8))]
+    data = data_py.Dataset.from_sequences(seqs, user_raw=[f"u{u}" for u in range(len(seqs))],
+                                        item_raw=[str(i) for i in range(n_items)])
+    train_split = data_py.leave_one_out(data, 5)["train"]
+    pairs = Counter((int(a), int(b)) for s in seqs for a, b in zip(s[:-3], s[1:-2]))   # within s[:-2]
+    last, items = rng.integers(-1, n_items, 9), rng.integers(-1, n_items, (9, 6))      # -1: no item
+    expected = [[pairs[(a, b)] if a >= 0 and b >= 0 else 0 for b in row] for a, row in zip(last, items)]
+    assert data_py.Transitions.fit(train_split, n_items).count(last, items).tolist() == expected
+    rebuilt = data_py.train_split(data.offsets, data.items, 5)          # what load_run builds from data.npz
+    assert all(np.array_equal(getattr(rebuilt, f), getattr(train_split, f)) for f in ("start", "pos", "user"))
+
+
+@FAST
+@given(st.integers(0, 2**16), st.sampled_from([0.0, 0.5, 2.0, 100.0]))
+def test_rerank_sorts_each_beam_by_score_plus_weighted_log_count(seed, weight):
+    rng = np.random.default_rng(seed)
+    B, K = int(rng.integers(1, 5)), int(rng.integers(1, 9))
+    scores = -np.sort(rng.choice([0.5, 1.0, 1.5, 3.0], (B, K)), axis=1)     # non-increasing, with ties
+    scores[np.arange(K)[None, :] >= K - rng.integers(0, K + 1, (B, 1))] = -np.inf       # padding at the end
+    counts = np.where(np.isfinite(scores), rng.integers(0, 4, (B, K)), 0)
+    order, fused = train.rerank(scores, counts, weight)
+    for b in range(B):
+        value = [scores[b, j] + weight * np.log1p(counts[b, j]) for j in range(K)]
+        by_hand = sorted(range(K), key=lambda j: (-value[j], j))              # ties keep the beam's order
+        assert order[b].tolist() == by_hand and fused[b].tolist() == [value[j] for j in by_hand]
+    if weight == 0:
+        assert (order == np.arange(K)).all()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1483,12 +1517,27 @@ def test_evaluation_does_not_depend_on_grouping():
                              torch.full((1, 4), sid.PAD)])
     buckets = torch.arange(len(data.user_raw)) % TINY["n_user_buckets"]
     model = tiny_model(3)
+    transitions = data_py.Transitions.fit(splits["train"], len(data.item_raw))
     results = []
     for size in (256, 3, 7, 1):
         cfg = train.TrainConfig(eval_batch_size=size)
-        run = train.Run(cfg, {}, train.Dist(0, 1, torch.device("cpu")), "", splits, index, item_tokens, buckets)
-        results.append(train.evaluate(model, run, "test"))
-    assert results[0]["ndcg@10"] > 0 and all(r == results[0] for r in results[1:])
+        run = train.Run(cfg, {}, train.Dist(0, 1, torch.device("cpu")), "", splits, index, item_tokens, buckets,
+                        transitions)
+        results.append(train.evaluate(model, run, "test", weights=(0.0, 2.0)))
+    assert results[0][0]["ndcg@10"] > 0 and all(r == results[0] for r in results[1:])
+    # The oracle: each user alone, the beam sorted by hand with the transitions counted by hand
+    test, ranks = splits["test"], []
+    pairs = Counter((int(a), int(b)) for s in data.sequences for a, b in zip(s[:-3], s[1:-2]))
+    for u in range(len(test.pos)):
+        batch = train.make_batch(test, np.array([u]), item_tokens, buckets, torch.device("cpu"), with_target=False)
+        result = beam.beam_search(model.eval(), batch, 10, 10, index)
+        items, scores = result.items[0].tolist(), result.scores[0].tolist()
+        last = int(test.items[test.pos[u] - 1])
+        value = [sc + 2.0 * np.log1p(pairs[(last, it)]) for it, sc in zip(items, scores)]
+        ranked = [items[j] for j in sorted(range(10), key=lambda j: (-value[j], j))]
+        ranks.append(ranked.index(test.target[u]) + 1 if test.target[u] in ranked else 0)
+    assert results[0][1] == pytest.approx(train.metrics_from_ranks(np.array(ranks)))
+    assert results[0][1] != results[0][0]                              # the transitions changed some ranks
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -1857,11 +1906,33 @@ def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
     rng = np.random.default_rng(1)
     histories = [rng.integers(0, run.index.n_items, rng.integers(1, 9)) for _ in range(13)]
     users = [f"u{k}" for k in range(13)]
+    run.transition_weight = 2.0                           # a batch's counts are its own rows'
     items, scores = recommend.recommend(run, histories, users, batch_size=4)
     for k in range(13):
         one_items, one_scores = recommend.recommend(run, [histories[k]], [users[k]])
         assert np.array_equal(one_items[0], items[k])
         np.testing.assert_allclose(one_scores[0], scores[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_recommend_ranks_the_beam_by_the_runs_training_transitions(group_run):
+    run = train.load_run(group_run["out"])
+    users = run.user_raw[:20].tolist()
+    histories = [run.sequence(u) for u in users]          # real users: their last items have successors
+    assert run.transition_weight == 0                     # the cpu preset: the beam's own order
+    beam_items, beam_scores = recommend.recommend(run, histories, users, n_return=run.model.config.beam_size)
+    run.transition_weight = 3.0
+    items, scores = recommend.recommend(run, histories, users)
+    seqs = [run.items[a:b][:-2] for a, b in zip(run.offsets[:-1], run.offsets[1:])]     # the training parts
+    pairs = Counter((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:]))
+    changed = 0
+    for k, history in enumerate(histories):
+        value = [sc + 3.0 * np.log1p(pairs[(int(history[-1]), int(it))]) for it, sc in zip(beam_items[k], beam_scores[k])]
+        by_hand = sorted(range(len(value)), key=lambda j: (-value[j], j))[:10]
+        assert items[k].tolist() == beam_items[k, by_hand].tolist()
+        np.testing.assert_allclose(scores[k], np.array(value)[by_hand], rtol=1e-6)
+        changed += by_hand != list(range(10))
+    assert changed > 0
 
 
 @given(st.lists(st.lists(st.integers(0, 50), min_size=0, max_size=12), min_size=0, max_size=6), st.integers(1, 7))

@@ -41,8 +41,9 @@ import torch
 
 import beam
 import sid
-from data import (EVAL_SAMPLE_SEED, Dataset, Split, extend_catalogue, item_embeddings, leave_one_out, load_data,
-                  prepare, ragged_arange, read_item_emb, read_run_data, run_data_bytes, sample_users, unique_keys)
+from data import (EVAL_SAMPLE_SEED, Dataset, Split, Transitions, extend_catalogue, item_embeddings, leave_one_out,
+                  load_data, prepare, ragged_arange, read_item_emb, read_run_data, run_data_bytes, sample_users,
+                  train_split, unique_keys)
 from rpg_ed import RPG_ED, RPGEDConfig
 
 
@@ -83,6 +84,8 @@ class TrainConfig:
     eval_users: int = 0              # score this many users, a fixed random sample (0: all users)
     overwrite: bool = False          # allow a new run into an out_dir that holds another run's files
     item_id_emb: bool = False        # each history item also adds an embedding of its own id (model.n_items)
+    transition_weight: float = 0.0   # w: the beam's items are ranked by log-prob + w * log(1 + n), n = how
+                                     # often the user's last item came directly before the item in training
     init_from: str = ""              # a finished run's folder: start from its weights and SIDs, add the
                                      # data's new items to its index, train on this data (recommend.py)
 
@@ -109,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"--{name}: expected a positive int, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr: expected > 0, got {self.lr}")
+        if self.transition_weight < 0:
+            raise ValueError(f"--transition_weight: expected >= 0 (0: the model alone), got {self.transition_weight}")
         if self.resume and self.eval_only:
             raise ValueError("--resume and --eval_only: expected at most one of them")
 
@@ -126,10 +131,12 @@ PRESETS = {
                 attn_pdrop=0.0, n_user_buckets=0),
     # short histories (under 20 items a user on average, as on Amazon) cost little with batches
     # grouped by length, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP
-    # and depth) trained for longer; each history item also adds its own id embedding
+    # and depth) trained for longer; each history item also adds its own id embedding; and the
+    # beam is ranked with the training transitions from the user's last item
     "sparse": dict(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
                    attn_pdrop=0.1, n_user_buckets=0, epochs=32, eval_every=4, patience=3, batch_size=512,
-                   lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both", item_id_emb=True),
+                   lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both", item_id_emb=True,
+                   transition_weight=3.0),
     # the seed config (RPGEDConfig's defaults, the original design's size), for a GPU
     "seed": dict(epochs=200, eval_every=5, patience=4, batch_size=256, lr=1e-3, warmup_steps=2000),
 }
@@ -180,7 +187,8 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
         index = load_verified_index(out_dir, len(data.item_raw), log)
     item_tokens = item_token_table(index, mcfg)
     user_buckets = user_bucket_table(data.user_raw, mcfg.n_user_buckets)
-    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets)
+    transitions = Transitions.fit(splits["train"], index.n_items)
+    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets, transitions)
     model = model_stage(mcfg, run, base, log)
     trained = None if cfg.eval_only else train_model(model, run)
     return report_stage(model, run, data, trained, stats, raw.source, seconds, start_time)
@@ -336,13 +344,19 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
     results = {"config": run.resolved, "dataset": {**stats, "source": source}, "processes": dist.world,
                "best_epoch": state["best_epoch"], "valid_history": (trained or state)["valid_history"],
                "loss_history": (trained or state)["loss_history"],
-               "valid": evaluate(model, run, "valid"), "test": evaluate(model, run, "test"),
                "train_seconds": round((trained or state)["train_seconds"], 1)}
+    weights = (0.0, cfg.transition_weight) if cfg.transition_weight else (0.0,)   # the model alone first
+    ranked = {split: evaluate(model, run, split, weights=weights) for split in ("valid", "test")}
     seconds["eval_valid_and_test"] = time.time() - tick
-    results["seconds"] = {k: round(v, 2) for k, v in {**seconds, "train": results["train_seconds"]}.items()}
+    results.update(valid=ranked["valid"][0], test=ranked["test"][0])
+    if cfg.transition_weight:
+        results["transitions"] = {split: m[1] for split, m in ranked.items()}
     if cfg.report_beam_size:
-        results[f"beam{cfg.report_beam_size}"] = {split: evaluate(model, run, split, cfg.report_beam_size)
-                                                  for split in ("valid", "test")}
+        wide = {split: evaluate(model, run, split, cfg.report_beam_size, weights) for split in ("valid", "test")}
+        results[f"beam{cfg.report_beam_size}"] = {split: m[0] for split, m in wide.items()}
+        if cfg.transition_weight:
+            results[f"transitions_beam{cfg.report_beam_size}"] = {split: m[1] for split, m in wide.items()}
+    results["seconds"] = {k: round(v, 2) for k, v in {**seconds, "train": results["train_seconds"]}.items()}
     if dist.is_main:
         results["baselines"] = {split: baseline_rankings(data, run.splits, split) for split in ("valid", "test")}
         results["total_seconds"] = round(time.time() - start_time, 1)
@@ -415,7 +429,7 @@ def validate(model: RPG_ED, run: Run, progress: dict, epoch: int, last: bool) ->
     improved = False
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or last:
         eval_start = time.time()
-        metrics = evaluate(model, run, "valid")
+        metrics = evaluate(model, run, "valid")[0]                      # the model alone selects
         progress["valid_history"].append({"epoch": epoch, "examples": progress["examples"], **metrics})
         run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
                 f" | {time.time() - eval_start:.0f} s", flush=True)
@@ -676,6 +690,11 @@ def print_table(results: dict) -> None:
     for split in ("valid", "test"):
         rows = [("RPG_ED", results[split])]
         rows += [(f"RPG_ED, {key[4:]} beams", results[key][split]) for key in results if key.startswith("beam")]
+        weight = results["config"]["train"].get("transition_weight")
+        for key in [key for key in results if key.startswith("transitions")]:
+            beams = key.removeprefix("transitions").removeprefix("_beam")
+            rows.append((f"RPG_ED + transitions (weight {weight:g})" + (f", {beams} beams" if beams else ""),
+                         results[key][split]))
         rows += [(n, m) for n, m in results["baselines"][split].items()]
         for name, m in rows:
             print(f"| {name} | {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
@@ -766,7 +785,8 @@ def train_step(model, optimizer, batch: dict, weight: float, lr: float, device: 
 # ----------------------------------------------------------------------------------------------
 
 CHECKPOINT_VERSION = 3       # checkpoints of another version are refused, not misread
-RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "log_every", "eval_batch_size", "out_dir", "report_beam_size")
+RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "log_every", "eval_batch_size", "out_dir", "report_beam_size",
+                     "transition_weight")
 
 
 def checkpoint_bytes(state: dict) -> bytes:
@@ -845,6 +865,8 @@ class TrainedRun:
     def __post_init__(self):
         self.item_id = {raw: i for i, raw in enumerate(self.item_raw.tolist())}
         self.user_id = {raw: u for u, raw in enumerate(self.user_raw.tolist())}
+        self.transitions = Transitions.fit(train_split(self.offsets, self.items, 1), self.index.n_items)
+        self.transition_weight = float(self.config["train"].get("transition_weight", 0.0))
 
     def sequence(self, user_raw: str) -> np.ndarray:
         """A user's items in the run's data, oldest first; ValueError for an unknown user."""
@@ -1002,9 +1024,21 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
             "markov": rank_metrics(markov, target)}
 
 
+def rerank(scores: np.ndarray, counts: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """A beam's (B, K) scores and transition counts -> (order, fused), (B, K): positions in the beam,
+    best first by fused = score + weight * log(1 + count), ties in beam order. Weight 0 keeps the
+    beam's own order. Padding (score -inf) stays last."""
+    fused = scores + weight * np.log1p(counts)
+    order = np.argsort(-fused, axis=1, kind="stable")
+    return order, np.take_along_axis(fused, order, 1)
+
+
 @torch.no_grad()
-def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None = None) -> dict:
-    """Beam search (beam_size, default the model config's; 10 returned) over real SIDs -> metrics.
+def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None = None,
+             weights: tuple = (0.0,)) -> list:
+    """Beam search (beam_size, default the model config's) over real SIDs; the whole beam ranked
+    with each transition weight (rerank; 0 = the model alone) -> metrics of its top 10, one dict
+    per weight.
 
     With several processes, evaluation batch j runs on rank j % world and the target's rank of
     each user is summed over processes with all_reduce (each user is filled in by exactly one
@@ -1013,8 +1047,9 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
     """
     model.eval()
     split, cfg = run.splits[split_name], run.cfg
-    target = split.target
-    rank = np.zeros(len(target), np.int64)                                      # 0 = not in the top 10
+    target, last = split.target, split.items[split.pos - 1]                     # every history has an item
+    beam_size = beam_size or model.config.beam_size
+    rank = np.zeros((len(weights), len(target)), np.int64)                      # 0 = not in the top 10
     batches = length_batches(split.lengths(), cfg.eval_batch_size,   # users grouped by history length
                              cfg.eval_batch_size * model.config.max_history)
     dtype = compute_dtype(cfg, run.dist.device)
@@ -1023,10 +1058,14 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
             continue
         batch = run.batch(split_name, rows, with_target=False)
         with autocast(run.dist.device, dtype):
-            items = beam.beam_search(model, batch, beam_size or model.config.beam_size, 10, run.index).items  # (b, 10)
-        rank[rows] = hit_ranks(items.cpu().numpy(), target[rows])
+            result = beam.beam_search(model, batch, beam_size, beam_size, run.index)
+        items, scores = result.items.cpu().numpy(), result.scores.float().cpu().numpy()   # (b, beam)
+        counts = run.transitions.count(last[rows], items)
+        for w, weight in enumerate(weights):
+            top = np.take_along_axis(items, rerank(scores, counts, weight)[0][:, :10], 1)
+            rank[w, rows] = hit_ranks(top, target[rows])
     model.train()
-    return metrics_from_ranks(run.dist.sum(torch.from_numpy(rank)).numpy())
+    return [metrics_from_ranks(r) for r in run.dist.sum(torch.from_numpy(rank)).numpy()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1117,6 +1156,7 @@ class Run:
     index: sid.SIDIndex
     item_tokens: torch.Tensor        # (n_items + 1, 4) SID tokens of each item; the last row is PAD
     user_buckets: torch.Tensor       # (n_users,) hashed user-token bucket of each user
+    transitions: Transitions         # adjacent item pairs of the training targets, counted
 
     def log(self, *args, **kwargs) -> None:
         if self.dist.is_main:
@@ -1180,7 +1220,9 @@ def choose_preset(data: Dataset) -> tuple[str, str]:
     per_user = data.n_interactions / len(data.user_raw)
     if per_user < SPARSE_BELOW:
         return "sparse", (f"{per_user:.1f} interactions per user (< {SPARSE_BELOW}): short histories are cheap "
-                          "with dynamic batches, so a wider, deeper model with item-id embeddings, trained longer")
+                          "with dynamic batches, so a wider, deeper model with item-id embeddings, trained longer; "
+                          "the beam is also ranked by how often the last item led to each candidate in training, "
+                          "which counting recalls better than the model")
     return "cpu", f"{per_user:.1f} interactions per user (>= {SPARSE_BELOW}): long histories, the small model"
 
 
