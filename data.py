@@ -569,7 +569,8 @@ def leave_one_out(data: Dataset, max_history: int) -> dict:
 
 
 def train_split(offsets: np.ndarray, items: np.ndarray, max_history: int) -> Split:
-    """The training targets: positions 1 .. n-3 of each user (n = the user's item count)."""
+    """The training targets: positions 1 .. n-3 of each user's items (0-based, n = their count), so
+    never the validation (n-2) or the test (n-1) item."""
     n_train = np.maximum(np.diff(offsets) - 3, 0)
     user = np.repeat(np.arange(len(n_train)), n_train)
     start = offsets[:-1][user]
@@ -579,14 +580,18 @@ def train_split(offsets: np.ndarray, items: np.ndarray, max_history: int) -> Spl
 @dataclass
 class Transitions:
     """How often item a came directly before item b in training: each training target and the item
-    before it, counted. Stored as sorted keys a * n_items + b, so a lookup is one searchsorted."""
+    before it, counted (so no pair reaches a validation or test target). Stored as sorted keys
+    a * n_items + b, so a lookup is one searchsorted."""
     keys: np.ndarray                 # (P,) int64, sorted and unique
     counts: np.ndarray               # (P,) int64, > 0
     n_items: int
 
     @classmethod
     def fit(cls, train: Split, n_items: int) -> "Transitions":
-        before, target = train.items[train.pos - 1], train.items[train.pos]   # pos > start for every target
+        if np.any(train.pos <= train.start) or (len(train.pos) and train.items.max() >= n_items):
+            raise ValueError(f"Transitions.fit: expected training targets with an item before each and item "
+                             f"ids below n_items={n_items}")
+        before, target = train.items[train.pos - 1], train.items[train.pos]
         keys, counts = np.unique(before.astype(np.int64) * n_items + target, return_counts=True)
         return cls(keys, counts.astype(np.int64), n_items)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -96,11 +97,12 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
 @torch.no_grad()
 def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10, beam_size: int | None = None,
               dtype: str = "fp32", batch_size: int = 256, dist: train.Dist | None = None,
-              new_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+              new_share: float = 0.0, transition_weight: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
     """Top n_return items for each history (item ids, oldest first) of each raw user id.
 
     Returns (items (U, n_return) int64, scores (U, n_return) float32), best first; a score is the
-    SID's summed log-probability plus the run's transition term (train.rerank). Users are
+    SID's summed log-probability plus the transition term (train.rerank) with transition_weight
+    (-1: the run's, from its config.json). Users are
     grouped by history length into batches of at most batch_size rows (train.length_batches, as in
     evaluation). With several processes, batch j runs on
     rank j % world and the results are summed over processes, so each batch is the one a single
@@ -118,6 +120,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     if any(len(h) == 0 for h in histories):
         raise ValueError("histories: every history needs at least one item")
     dist = dist or train.Dist(0, 1, next(run.model.parameters()).device)
+    weight = run.transition_weight if transition_weight == -1 else transition_weight
     split = request_split(histories, mcfg.max_history)
     item_tokens = train.item_token_table(run.index, mcfg)
     buckets = train.user_bucket_table(users, mcfg.n_user_buckets)
@@ -133,7 +136,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
         with train.autocast(dist.device, compute):
             result = beam.beam_search(run.model, batch, beam_size, beam_size, run.index)
         counts = run.transitions.count(split.items[split.pos[rows] - 1], result.items.cpu().numpy())
-        order, fused = train.rerank(result.scores.float().cpu().numpy(), counts, run.transition_weight)
+        order, fused = train.rerank(result.scores.float().cpu().numpy(), counts, weight)
         order = torch.from_numpy(order[:, :n_return])
         items[rows] = result.items.cpu().gather(1, order)
         scores[rows] = torch.from_numpy(fused[:, :n_return]).float()
@@ -223,6 +226,7 @@ class RecommendConfig:
     dtype: str = "fp32"              # fp32 | bf16
     device: str = "cpu"              # cpu | cuda | mps | auto
     new_share: float = 0.0           # share of the list open to items added after training (TIGER's rule)
+    transition_weight: float = -1.0  # -1: the run's (config.json); 0: the beam's own order; see train.rerank
     overwrite: bool = False          # --all: replace an existing --out file (never one the run reads)
 
     def __post_init__(self):
@@ -242,6 +246,8 @@ class RecommendConfig:
             raise ValueError(f"--beam_size: expected 0 (the model's) or a positive int, got {self.beam_size}")
         if not 0 <= self.new_share <= 1:
             raise ValueError(f"--new_share: expected a number in [0, 1], got {self.new_share}")
+        if not (self.transition_weight == -1 or 0 <= self.transition_weight < math.inf):
+            raise ValueError(f"--transition_weight: expected -1 (the run's) or a number >= 0, got {self.transition_weight}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"--dtype: expected fp32 or bf16, got {self.dtype!r}")
 
@@ -276,7 +282,8 @@ def write_all(run: TrainedRun, args: RecommendConfig, dist: train.Dist) -> None:
     users = run.user_raw.tolist()
     histories = [run.items[run.offsets[u]:run.offsets[u + 1]] for u in range(len(users))]
     items, scores = recommend(run, histories, users, args.n_return, args.beam_size or None, args.dtype,
-                              args.batch_size, dist=dist, new_share=args.new_share)
+                              args.batch_size, dist=dist, new_share=args.new_share,
+                              transition_weight=args.transition_weight)
     seconds = time.time() - start
     if dist.is_main:
         lines = [json.dumps({"user": u, "items": run.item_raw[row[row >= 0]].tolist(),
@@ -344,7 +351,8 @@ def main(argv: list) -> None:
             who = "the given history"
         start = time.time()
         items, scores = recommend(run, [history], [args.user], args.n_return, args.beam_size or None, args.dtype,
-                                  new_share=args.new_share)
+                                  new_share=args.new_share,
+                                  transition_weight=args.transition_weight)
         print(f"{who}: {len(history)} items, the model reads the last {min(len(history), run.model.config.max_history)}; "
               f"top {args.n_return} in {time.time() - start:.2f} s")
         show(run, items[0], scores[0], set(history.tolist()))

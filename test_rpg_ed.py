@@ -1340,13 +1340,13 @@ def test_transition_counts_equal_a_counter_of_each_users_training_pairs(seed):
     seqs = [rng.integers(0, n_items, rng.integers(3, 12)) for _ in range(rng.integers(1, 8))]
     data = data_py.Dataset.from_sequences(seqs, user_raw=[f"u{u}" for u in range(len(seqs))],
                                         item_raw=[str(i) for i in range(n_items)])
-    train_split = data_py.leave_one_out(data, 5)["train"]
+    training = data_py.leave_one_out(data, 5)["train"]
     pairs = Counter((int(a), int(b)) for s in seqs for a, b in zip(s[:-3], s[1:-2]))   # within s[:-2]
     last, items = rng.integers(-1, n_items, 9), rng.integers(-1, n_items, (9, 6))      # -1: no item
     expected = [[pairs[(a, b)] if a >= 0 and b >= 0 else 0 for b in row] for a, row in zip(last, items)]
-    assert data_py.Transitions.fit(train_split, n_items).count(last, items).tolist() == expected
+    assert data_py.Transitions.fit(training, n_items).count(last, items).tolist() == expected
     rebuilt = data_py.train_split(data.offsets, data.items, 5)          # what load_run builds from data.npz
-    assert all(np.array_equal(getattr(rebuilt, f), getattr(train_split, f)) for f in ("start", "pos", "user"))
+    assert all(np.array_equal(getattr(rebuilt, f), getattr(training, f)) for f in ("start", "pos", "user"))
 
 
 @FAST
@@ -1523,7 +1523,7 @@ def test_evaluation_does_not_depend_on_grouping():
         cfg = train.TrainConfig(eval_batch_size=size)
         run = train.Run(cfg, {}, train.Dist(0, 1, torch.device("cpu")), "", splits, index, item_tokens, buckets,
                         transitions)
-        results.append(train.evaluate(model, run, "test", weights=(0.0, 2.0)))
+        results.append(train.evaluate(model, run, "test", transition_weights=(0.0, 2.0)))
     assert results[0][0]["ndcg@10"] > 0 and all(r == results[0] for r in results[1:])
     # The oracle: each user alone, the beam sorted by hand with the transitions counted by hand
     test, ranks = splits["test"], []
@@ -1566,9 +1566,12 @@ def test_cli_rejects_bad_arguments(argv, fragment):
     (lambda: train.TrainConfig(dtype="fp64"), "--dtype: expected one of"),
     (lambda: train.TrainConfig(epochs="7"), "--epochs: expected int, got '7'"),
     (lambda: train.TrainConfig(lr=float("nan")), "--lr: expected a finite number"),
+    (lambda: train.TrainConfig(transition_weight=-0.5), "--transition_weight: expected >= 0"),
+    (lambda: recommend.RecommendConfig(run_dir="r", user="u", transition_weight=-2.0),
+     "--transition_weight: expected -1 (the run's) or a number >= 0, got -2.0"),
     (lambda: train.TrainConfig(preset="huge"), "--preset: expected one of"),
 ])
-def test_train_config_checks_its_fields(make, fragment):
+def test_configs_check_their_fields(make, fragment):
     with pytest.raises(ValueError, match=re_escape(fragment)):
         make()
 
@@ -1906,7 +1909,7 @@ def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
     rng = np.random.default_rng(1)
     histories = [rng.integers(0, run.index.n_items, rng.integers(1, 9)) for _ in range(13)]
     users = [f"u{k}" for k in range(13)]
-    run.transition_weight = 2.0                           # a batch's counts are its own rows'
+    run.transition_weight = 2.0                           # as if config.json said so
     items, scores = recommend.recommend(run, histories, users, batch_size=4)
     for k in range(13):
         one_items, one_scores = recommend.recommend(run, [histories[k]], [users[k]])
@@ -1921,8 +1924,7 @@ def test_recommend_ranks_the_beam_by_the_runs_training_transitions(group_run):
     histories = [run.sequence(u) for u in users]          # real users: their last items have successors
     assert run.transition_weight == 0                     # the cpu preset: the beam's own order
     beam_items, beam_scores = recommend.recommend(run, histories, users, n_return=run.model.config.beam_size)
-    run.transition_weight = 3.0
-    items, scores = recommend.recommend(run, histories, users)
+    items, scores = recommend.recommend(run, histories, users, transition_weight=3.0)
     seqs = [run.items[a:b][:-2] for a, b in zip(run.offsets[:-1], run.offsets[1:])]     # the training parts
     pairs = Counter((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:]))
     changed = 0

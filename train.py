@@ -85,7 +85,8 @@ class TrainConfig:
     overwrite: bool = False          # allow a new run into an out_dir that holds another run's files
     item_id_emb: bool = False        # each history item also adds an embedding of its own id (model.n_items)
     transition_weight: float = 0.0   # w: the beam's items are ranked by log-prob + w * log(1 + n), n = how
-                                     # often the user's last item came directly before the item in training
+                                     # often the user's last item came directly before the item in training;
+                                     # evaluation and serving only (validation during training uses 0)
     init_from: str = ""              # a finished run's folder: start from its weights and SIDs, add the
                                      # data's new items to its index, train on this data (recommend.py)
 
@@ -345,17 +346,19 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
                "best_epoch": state["best_epoch"], "valid_history": (trained or state)["valid_history"],
                "loss_history": (trained or state)["loss_history"],
                "train_seconds": round((trained or state)["train_seconds"], 1)}
-    weights = (0.0, cfg.transition_weight) if cfg.transition_weight else (0.0,)   # the model alone first
-    ranked = {split: evaluate(model, run, split, weights=weights) for split in ("valid", "test")}
+    weight = cfg.transition_weight
+    weights = (0.0, weight) if weight else (0.0,)                      # [0]: the model alone, [1]: ranked
+    by_split = {split: evaluate(model, run, split, None, weights) for split in ("valid", "test")}
     seconds["eval_valid_and_test"] = time.time() - tick
-    results.update(valid=ranked["valid"][0], test=ranked["test"][0])
-    if cfg.transition_weight:
-        results["transitions"] = {split: m[1] for split, m in ranked.items()}
+    results.update(valid=by_split["valid"][0], test=by_split["test"][0])
+    if weight:
+        results["transitions"] = {"weight": weight, **{split: m[1] for split, m in by_split.items()}}
     if cfg.report_beam_size:
-        wide = {split: evaluate(model, run, split, cfg.report_beam_size, weights) for split in ("valid", "test")}
-        results[f"beam{cfg.report_beam_size}"] = {split: m[0] for split, m in wide.items()}
-        if cfg.transition_weight:
-            results[f"transitions_beam{cfg.report_beam_size}"] = {split: m[1] for split, m in wide.items()}
+        by_split = {split: evaluate(model, run, split, cfg.report_beam_size, weights) for split in ("valid", "test")}
+        results[f"beam{cfg.report_beam_size}"] = {split: m[0] for split, m in by_split.items()}
+        if weight:
+            results[f"transitions_beam{cfg.report_beam_size}"] = {"weight": weight,
+                                                                  **{split: m[1] for split, m in by_split.items()}}
     results["seconds"] = {k: round(v, 2) for k, v in {**seconds, "train": results["train_seconds"]}.items()}
     if dist.is_main:
         results["baselines"] = {split: baseline_rankings(data, run.splits, split) for split in ("valid", "test")}
@@ -429,7 +432,7 @@ def validate(model: RPG_ED, run: Run, progress: dict, epoch: int, last: bool) ->
     improved = False
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or last:
         eval_start = time.time()
-        metrics = evaluate(model, run, "valid")[0]                      # the model alone selects
+        metrics = evaluate(model, run, "valid")[0]                      # weight 0: the model alone selects
         progress["valid_history"].append({"epoch": epoch, "examples": progress["examples"], **metrics})
         run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
                 f" | {time.time() - eval_start:.0f} s", flush=True)
@@ -690,11 +693,10 @@ def print_table(results: dict) -> None:
     for split in ("valid", "test"):
         rows = [("RPG_ED", results[split])]
         rows += [(f"RPG_ED, {key[4:]} beams", results[key][split]) for key in results if key.startswith("beam")]
-        weight = results["config"]["train"].get("transition_weight")
-        for key in [key for key in results if key.startswith("transitions")]:
+        for key in [key for key in results if key.startswith("transitions")]:      # transitions[_beamN]
             beams = key.removeprefix("transitions").removeprefix("_beam")
-            rows.append((f"RPG_ED + transitions (weight {weight:g})" + (f", {beams} beams" if beams else ""),
-                         results[key][split]))
+            rows.append((f"RPG_ED + transitions (weight {results[key]['weight']:g})" +
+                         (f", {beams} beams" if beams else ""), results[key][split]))
         rows += [(n, m) for n, m in results["baselines"][split].items()]
         for name, m in rows:
             print(f"| {name} | {split} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |")
@@ -1026,8 +1028,9 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
 
 def rerank(scores: np.ndarray, counts: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
     """A beam's (B, K) scores and transition counts -> (order, fused), (B, K): positions in the beam,
-    best first by fused = score + weight * log(1 + count), ties in beam order. Weight 0 keeps the
-    beam's own order. Padding (score -inf) stays last."""
+    best first by fused = score + weight * log(1 + count), ties in beam order. That is the order of
+    p_model(item) * (1 + count) ** weight. Weight 0 keeps the beam's own order; padding (score -inf)
+    stays last."""
     fused = scores + weight * np.log1p(counts)
     order = np.argsort(-fused, axis=1, kind="stable")
     return order, np.take_along_axis(fused, order, 1)
@@ -1035,10 +1038,10 @@ def rerank(scores: np.ndarray, counts: np.ndarray, weight: float) -> tuple[np.nd
 
 @torch.no_grad()
 def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None = None,
-             weights: tuple = (0.0,)) -> list:
+             transition_weights: tuple = (0.0,)) -> list:
     """Beam search (beam_size, default the model config's) over real SIDs; the whole beam ranked
     with each transition weight (rerank; 0 = the model alone) -> metrics of its top 10, one dict
-    per weight.
+    per weight. With 10 beams the ranking reorders the same 10 items: only @5 and NDCG can move.
 
     With several processes, evaluation batch j runs on rank j % world and the target's rank of
     each user is summed over processes with all_reduce (each user is filled in by exactly one
@@ -1049,7 +1052,7 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
     split, cfg = run.splits[split_name], run.cfg
     target, last = split.target, split.items[split.pos - 1]                     # every history has an item
     beam_size = beam_size or model.config.beam_size
-    rank = np.zeros((len(weights), len(target)), np.int64)                      # 0 = not in the top 10
+    rank = np.zeros((len(transition_weights), len(target)), np.int64)           # 0 = not in the top 10
     batches = length_batches(split.lengths(), cfg.eval_batch_size,   # users grouped by history length
                              cfg.eval_batch_size * model.config.max_history)
     dtype = compute_dtype(cfg, run.dist.device)
@@ -1061,7 +1064,7 @@ def evaluate(model: RPG_ED, run: "Run", split_name: str, beam_size: int | None =
             result = beam.beam_search(model, batch, beam_size, beam_size, run.index)
         items, scores = result.items.cpu().numpy(), result.scores.float().cpu().numpy()   # (b, beam)
         counts = run.transitions.count(last[rows], items)
-        for w, weight in enumerate(weights):
+        for w, weight in enumerate(transition_weights):
             top = np.take_along_axis(items, rerank(scores, counts, weight)[0][:, :10], 1)
             rank[w, rows] = hit_ranks(top, target[rows])
     model.train()
@@ -1221,8 +1224,8 @@ def choose_preset(data: Dataset) -> tuple[str, str]:
     if per_user < SPARSE_BELOW:
         return "sparse", (f"{per_user:.1f} interactions per user (< {SPARSE_BELOW}): short histories are cheap "
                           "with dynamic batches, so a wider, deeper model with item-id embeddings, trained longer; "
-                          "the beam is also ranked by how often the last item led to each candidate in training, "
-                          "which counting recalls better than the model")
+                          "and the beam's items are also ranked by how often the last item came before each in "
+                          "training, transitions a count recalls better than the model does")
     return "cpu", f"{per_user:.1f} interactions per user (>= {SPARSE_BELOW}): long histories, the small model"
 
 
