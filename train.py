@@ -980,11 +980,10 @@ def rank_metrics(ranked: np.ndarray, target: np.ndarray, ks=(5, 10)) -> dict:
     return metrics_from_ranks(hit_ranks(ranked, target), ks)
 
 
-def markov_top(src: np.ndarray, dst: np.ndarray, pop: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """For each of `items`, the k most frequent successors (transitions src -> dst), popularity
-    then item id breaking ties, filled up from the popularity order: (len(items), k)."""
-    n_items = len(pop)
-    keys, counts = np.unique(src.astype(np.int64) * n_items + dst, return_counts=True)
+def markov_top(transitions: Transitions, pop: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """For each of `items`, the k most frequent successors in `transitions`, popularity then item
+    id breaking ties, filled up from the popularity order: (len(items), k)."""
+    n_items, keys, counts = transitions.n_items, transitions.keys, transitions.counts
     succ_src, succ = keys // n_items, keys % n_items
     # successors of each source, best first: count desc, popularity desc, item id asc
     order = np.lexsort((succ, -pop[succ], -counts, succ_src))
@@ -1017,10 +1016,9 @@ def baseline_rankings(data: Dataset, splits: dict, which: str, k: int = 10) -> d
     in_train = local < np.repeat(lengths - 2, lengths)                                 # train parts
     pop = np.bincount(data.items[in_train], minlength=n_items).astype(np.float64)
     by_pop = np.argsort(-pop, kind="stable")
-    step = np.flatnonzero(in_train[:-1] & in_train[1:] & (local[1:] > 0))             # p -> p+1 in one train part
     split = splits[which]
     last = split.items[split.pos - 1]                                   # item before the target
-    markov = markov_top(data.items[step], data.items[step + 1], pop, last, k)
+    markov = markov_top(Transitions.fit(splits["train"], n_items), pop, last, k)
     target = split.target
     return {"popularity": rank_metrics(np.tile(by_pop[:k], (len(target), 1)), target),
             "markov": rank_metrics(markov, target)}
