@@ -30,7 +30,9 @@ import torch
 import torch.nn as nn
 
 import beam
-import data as data_py
+import cli
+import dataset
+import evaluate
 import sid
 import train
 from rpg_ed import RPG_ED, RPGEDConfig
@@ -330,20 +332,20 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     index = sid.SIDIndex(codes)
     history = np.where(np.arange(c.max_history)[None, :] >= c.max_history - lengths[:, None],
                        rng.integers(0, index.n_items, (len(lengths), c.max_history)), -1)
-    split = data_py.Split.from_windows(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
-    item_tokens = train.item_token_table(index, c)
+    split = dataset.Split.from_windows(history, rng.integers(0, index.n_items, len(lengths)), np.zeros(len(lengths), np.int64))
+    item_tokens = evaluate.item_token_table(index, c)
     user_buckets = torch.zeros(1, dtype=torch.long)
     cpu = torch.device("cpu")
     cfg = train.TrainConfig(batch_size=B)
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).numpy()
     fixed = [order[start:start + B] for start in range(0, len(order), B)]       # random rows, any lengths
-    dynamic = train.length_batches(lengths, B, B * c.max_history, torch.Generator().manual_seed(1))
+    dynamic = evaluate.length_batches(lengths, B, B * c.max_history, torch.Generator().manual_seed(1))
     padded = sum(len(r) * lengths[r].max() for r in fixed) / sum(lengths[r].sum() for r in fixed)
 
     def examples_per_s(batches: list, dtype: torch.dtype) -> float:
         model = RPG_ED(c).train()
         opt = train.make_optimizer(model, cfg)
-        made = [train.make_batch(split, rows, item_tokens, user_buckets, cpu) for rows in batches]
+        made = [evaluate.make_batch(split, rows, item_tokens, user_buckets, cpu) for rows in batches]
 
         def epoch(part=made):
             for batch in part:
@@ -356,11 +358,11 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
 
     model = RPG_ED(c).eval()
     rows = np.flatnonzero(lengths == min(c.max_history, 8))[:beam_B]               # one length, like an eval batch
-    batch = train.make_batch(split, rows, item_tokens, user_buckets, cpu, with_target=False)
+    batch = evaluate.make_batch(split, rows, item_tokens, user_buckets, cpu, with_target=False)
 
     def search(dtype):
         def run():
-            with train.autocast(cpu, dtype):
+            with cli.autocast(cpu, dtype):
                 return beam.beam_search(model, batch, c.beam_size, c.beam_size, index)
         return run
     fp32_s, bf16_s = median_time(search(torch.float32), repeats), median_time(search(torch.bfloat16), repeats)
@@ -464,6 +466,7 @@ def bench_scale(sizes: list, steps: int, eval_users: int) -> None:
 
 @dataclass
 class BenchConfig:
+    """Which sections of the benchmark to run."""
     quick: bool = False              # tiny sizes, to check that every section runs
     only: int = 0                    # run one section (1-6); 0 = all
     scale: bool = False              # only section 7: train.py on 1M, 5M, 20M synthetic interactions
@@ -474,7 +477,7 @@ class BenchConfig:
 
 
 def main(argv: list) -> None:
-    args = BenchConfig(**sid.parse_flags(argv, BenchConfig))
+    args = BenchConfig(**cli.parse_flags(argv, BenchConfig, usage=__doc__))
     if args.scale:
         bench_scale([(1_000_000, 50_000, 50_000), (5_000_000, 250_000, 250_000), (20_000_000, 1_000_000, 1_000_000)],
                     steps=100, eval_users=10_000)
@@ -516,4 +519,4 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    sid.run_main(main)
+    cli.run_main(main)

@@ -19,15 +19,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-import data as data_py  # data.py (the name `data` is taken by datasets here)
+import cli
+import dataset
+import embeddings
+import evaluate
+import runs
 import recommend
-import sid
 import train
 
 
@@ -47,11 +49,11 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
     at least 3), OUT/warm/NAME_content.npy (their items' rows), OUT/run, and OUT/cold_start.json.
     """
     cfg = train.TrainConfig(data=data_path)
-    raw = data_py.load_data(cfg)
+    raw = dataset.load_data(cfg)
     if not raw.item_emb:
         raise ValueError(f"--data: the cold-start experiment expects content embeddings beside {data_path} (NAME_*.npy), found none")
-    data = data_py.prepare(raw, not raw.time_ordered)
-    emb = data_py.read_item_emb(raw.item_emb, len(data.item_raw))
+    data = dataset.prepare(raw, not raw.time_ordered)
+    emb = embeddings.read_item_emb(raw.item_emb, len(data.item_raw))
     rng = np.random.default_rng(seed)
     n_items = len(data.item_raw)
     cold = np.zeros(n_items, bool)
@@ -64,42 +66,42 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
         kept = seq[~cold[seq]]
         if len(kept) >= 3:
             lines.append(" ".join([user] + [data.item_raw[i] for i in kept]))
-    sid.atomic_write(os.path.join(warm_dir, stem + ".txt"), ("\n".join(lines) + "\n").encode())
+    cli.atomic_write(os.path.join(warm_dir, stem + ".txt"), ("\n".join(lines) + "\n").encode())
     warm_items = {i for line in lines for i in line.split()[1:]}
-    warm_items = sorted(warm_items, key=data_py.sort_key(warm_items))       # the warm run's item order
+    warm_items = sorted(warm_items, key=dataset.sort_key(warm_items))       # the warm run's item order
     row = {raw_id: k for k, raw_id in enumerate(data.item_raw)}
     buf = io.BytesIO()
     np.save(buf, emb[[row[i] for i in warm_items]])
-    sid.atomic_write(os.path.join(warm_dir, stem + "_content.npy"), buf.getvalue())
+    cli.atomic_write(os.path.join(warm_dir, stem + "_content.npy"), buf.getvalue())
     run_dir = os.path.join(out, "run")
     train.main([f"--data={os.path.join(warm_dir, stem + '.txt')}", "--format=s3rec", "--emb_source=text",
                 f"--out_dir={run_dir}", f"--seed={seed}"] + list(train_args))
 
-    run = train.load_run(run_dir)
+    run = runs.load_run(run_dir)
     new = [i for i in range(n_items) if cold[i] and data.item_raw[i] not in run.item_id]
     recommend.add_items(run_dir, emb[new], [data.item_raw[i] for i in new])
     return score_cold_start(out, data, new, seed)
 
 
-def score_cold_start(out: str, data: data_py.Dataset, new: list, seed: int = 0) -> dict:
+def score_cold_start(out: str, data: dataset.Dataset, new: list, seed: int = 0) -> dict:
     """The users of `data` whose last item is one of `new` (added to OUT/run after training):
     the model with 0, 1 or 3 of the top 10 open to added items, random and popularity rankings."""
     run_dir, rng = os.path.join(out, "run"), np.random.default_rng(seed + 1)
-    run, cold = train.load_run(run_dir), np.isin(np.arange(len(data.item_raw)), new)
+    run, cold = runs.load_run(run_dir), np.isin(np.arange(len(data.item_raw)), new)
     users = [u for u, seq in enumerate(data.sequences) if cold[seq[-1]] and len(seq) > 1]
     histories = [run.item_ids([data.item_raw[i] for i in data.sequences[u][:-1]]) for u in users]
     target = run.item_ids([data.item_raw[data.sequences[u][-1]] for u in users])
     popular = np.argsort(-np.bincount(run.items, minlength=run.index.n_items), kind="stable")[:10]
     random_top = np.argsort(rng.random((len(users), run.index.n_items)), axis=1)[:, :10]
     results = {"held_out_items": len(new), "users": len(users), "items": run.index.n_items,
-               "random": train.rank_metrics(random_top, target),
-               "popularity": train.rank_metrics(np.tile(popular, (len(users), 1)), target)}
+               "random": evaluate.rank_metrics(random_top, target),
+               "popularity": evaluate.rank_metrics(np.tile(popular, (len(users), 1)), target)}
     is_new = run.item_ids([data.item_raw[i] for i in new])
     for share in NEW_SHARES:
         items, _ = recommend.recommend(run, histories, [data.user_raw[u] for u in users], new_share=share)
-        results[f"model, new_share {share}"] = {**train.rank_metrics(items, target),
+        results[f"model, new_share {share}"] = {**evaluate.rank_metrics(items, target),
                                                 "held_out_slots": float(np.isin(items, is_new).mean())}
-    sid.atomic_write(os.path.join(out, "cold_start.json"), json.dumps(results, indent=2).encode())
+    cli.atomic_write(os.path.join(out, "cold_start.json"), json.dumps(results, indent=2).encode())
     print(f"\ncold start: {len(new)} held-out items added to {run_dir}; {len(users)} users whose last item is one")
     print("| ranking | R@5 | N@5 | R@10 | N@10 | top-10 slots given to held-out items |\n|---|---|---|---|---|---|")
     for name in [f"model, new_share {share}" for share in NEW_SHARES] + ["random", "popularity"]:
@@ -115,13 +117,13 @@ def score_cold_start(out: str, data: data_py.Dataset, new: list, seed: int = 0) 
 
 def _write_inter(path: str, rows: list) -> None:
     text = "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"{u}\t{i}\t{t!r}\n" for u, i, t in rows)
-    sid.atomic_write(path, text.encode())
+    cli.atomic_write(path, text.encode())
 
 
-def _text_emb_file(path: str, data: data_py.Dataset, vectors: dict) -> None:
+def _text_emb_file(path: str, data: dataset.Dataset, vectors: dict) -> None:
     buf = io.BytesIO()
     np.save(buf, np.stack([vectors[i] for i in data.item_raw]))
-    sid.atomic_write(path, buf.getvalue())
+    cli.atomic_write(path, buf.getvalue())
 
 
 def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), continue_args: list = (),
@@ -132,15 +134,15 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
     (TF-IDF of title and genres, fitted on the whole catalogue: content, no interactions), because a
     run must place items it never saw. Scores both final runs on every test user and on the later
     period's (test item after the cut); writes OUT/continue.json."""
-    raw = data_py.load_data(train.TrainConfig(data=data_path))          # timestamps and item text
+    raw = dataset.load_data(train.TrainConfig(data=data_path))          # timestamps and item text
     cut_time = float(np.quantile(raw.times, cut))
     rows = list(zip(raw.users, raw.items, raw.times))
     early = [r for r in rows if r[2] < cut_time]
-    data = {"early": data_py.prepare(data_py.RawData(*map(list, zip(*early)))),
-            "all": data_py.prepare(data_py.RawData(list(raw.users), list(raw.items), list(raw.times)))}
-    catalogue = data_py.Dataset.from_sequences([], [], data["all"].item_raw)
-    vectors = dict(zip(catalogue.item_raw, data_py.text_embeddings(catalogue, raw.item_text, 64, 0)))
-    runs = {}
+    data = {"early": dataset.prepare(dataset.RawData(*map(list, zip(*early)))),
+            "all": dataset.prepare(dataset.RawData(list(raw.users), list(raw.items), list(raw.times)))}
+    catalogue = dataset.Dataset.from_sequences([], [], data["all"].item_raw)
+    vectors = dict(zip(catalogue.item_raw, embeddings.text_embeddings(catalogue, raw.item_text, 64, 0)))
+    trained = {}
     for name, part in (("early", early), ("all", rows)):
         os.makedirs(os.path.join(out, name), exist_ok=True)
         _write_inter(os.path.join(out, name, f"{name}.inter"), part)
@@ -150,20 +152,20 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
                        ("continued", [f"--data={out}/all/all.inter", f"--init_from={out}/base"] + list(continue_args)),
                        ("scratch", [f"--data={out}/all/all.inter"])):
         start = time.time()
-        runs[name] = {"results": train.main(args + common + [f"--out_dir={out}/{name}"]),
+        trained[name] = {"results": train.main(args + common + [f"--out_dir={out}/{name}"]),
                       "minutes": round((time.time() - start) / 60, 2)}
     time_of = {(u, i): t for u, i, t in rows}          # ML-100K: a user rates an item once
     results = {"cut_time": cut_time, "interactions": {"early": len(early), "all": len(rows)}}
     for name in ("continued", "scratch"):
-        run = train.load_run(os.path.join(out, name))
+        run = runs.load_run(os.path.join(out, name))
         seqs = [run.items[run.offsets[u]:run.offsets[u + 1]] for u in range(len(run.user_raw))]
         later = np.array([time_of[(run.user_raw[u], run.item_raw[s[-1]])] >= cut_time for u, s in enumerate(seqs)])
         items, _ = recommend.recommend(run, [s[:-1] for s in seqs], run.user_raw.tolist())
         target = np.array([s[-1] for s in seqs])
-        results[name] = {"minutes": runs[name]["minutes"], "test": runs[name]["results"]["test"],
-                         "later_users": int(later.sum()), "later": train.rank_metrics(items[later], target[later])}
-    results["base_minutes"] = runs["base"]["minutes"]
-    sid.atomic_write(os.path.join(out, "continue.json"), json.dumps(results, indent=2).encode())
+        results[name] = {"minutes": trained[name]["minutes"], "test": trained[name]["results"]["test"],
+                         "later_users": int(later.sum()), "later": evaluate.rank_metrics(items[later], target[later])}
+    results["base_minutes"] = trained["base"]["minutes"]
+    cli.atomic_write(os.path.join(out, "continue.json"), json.dumps(results, indent=2).encode())
     print(f"\ncut at {cut:.0%} of interactions by time; later-period test users: {results['scratch']['later_users']}")
     print("| run | minutes | test R@10 | test N@10 | later R@10 | later N@10 |\n|---|---|---|---|---|---|")
     for name in ("continued", "scratch"):
@@ -180,12 +182,13 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
 
 @dataclass
 class ExperimentConfig:
+    """One experiment, its data and its output folder."""
     experiment: str = ""             # cold_start | continue
     out: str = ""                    # folder for the experiment's data, runs and results
     data: str = "ml-100k"            # the data (cold_start: a file with NAME_*.npy content embeddings beside it)
     train_args: str = ""             # flags for every training run, space-separated
     continue_args: str = ""          # flags for the continued run only (continue)
-    seed: int = 0
+    seed: int = 0                    # cold_start: the sample of new items and the training run's --seed
     overwrite: bool = False          # write into an --out folder that is not empty
 
     def __post_init__(self):
@@ -198,7 +201,7 @@ class ExperimentConfig:
 
 
 def main(argv: list) -> dict:
-    args = ExperimentConfig(**sid.parse_flags(argv, ExperimentConfig))
+    args = ExperimentConfig(**cli.parse_flags(argv, ExperimentConfig, usage=__doc__))
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.overwrite:
         raise ValueError(f"--out: {args.out} exists and is not an empty folder; choose another, or write into it "
                          "with --overwrite=true")
@@ -209,4 +212,4 @@ def main(argv: list) -> dict:
 
 
 if __name__ == "__main__":
-    sid.run_main(main)
+    cli.run_main(main)

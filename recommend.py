@@ -8,11 +8,12 @@
 
 A run folder, as train.py writes it, holds all that is needed: config.json, checkpoint.pt (the
 weights), the SID index (item_id2tokens.npy, tokens2item.pkl, opq.npz) and data.npz (raw item
-and user ids, a title per item, every user's sequence). `train.load_run` reads them, rebuilds nothing,
+and user ids, a title per item, every user's sequence). `runs.load_run` reads them, rebuilds nothing,
 and refuses a folder whose files disagree. Recommendations are the model's beam search over real
-SIDs, ranked as evaluation ranks them: by the summed log-probability of each SID, plus the run's
-transition_weight times log(1 + how often the history's last item came directly before the item in
-the run's training data). Items the user has already seen are kept (as in evaluation) and flagged.
+SIDs, ranked as evaluation ranks them: by the summed log-probability of each SID, plus a weight
+times ln(1 + how often the history's last item came directly before the item in the run's
+training data); the weight is the one training chose on validation, or --transition_weight.
+Items the user has already seen are kept (as in evaluation) and flagged.
 
 New items (`add_items`): the run's saved OPQ encodes their embeddings, collision resolution gives
 them SIDs no other item has, and the index files are rewritten; old items keep their SIDs, so
@@ -27,30 +28,30 @@ import io
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import beam
 import sid
-import data as data_py  # data.py (the name `data` is taken by datasets here)
-import train
-from train import TrainedRun, load_run
+from cli import Dist, atomic_write, init_distributed, parse_flags, run_main
+from dataset import CONTROL, Split, ragged_arange
+from embeddings import read_item_emb
+from evaluate import TransitionRanker, beam_batches, item_token_table, user_bucket_table
+from runs import MANIFEST, TITLE_CHARS, RunFolder, TrainedRun, load_run, read_run_data
 
 # ----------------------------------------------------------------------------------------------
 # Recommending: histories -> top items, in length-grouped batches
 # ----------------------------------------------------------------------------------------------
 
-def request_split(histories: list, max_history: int) -> data_py.Split:
+def request_split(histories: list, max_history: int) -> Split:
     """Item-id sequences of any length -> a Split whose windows (cut per batch) are their last
     max_history items; each history is followed by a placeholder target that nothing reads."""
     lengths = np.array([len(h) for h in histories], np.int64)
     pos = np.cumsum(lengths + 1) - 1
     flat = np.concatenate([np.append(np.asarray(h, np.int64), 0) for h in histories]) if histories else np.zeros(0, np.int64)
-    return data_py.Split(flat, pos - lengths, pos, np.arange(len(histories)), max_history)
+    return Split(flat, pos - lengths, pos, np.arange(len(histories)), max_history)
 
 
 def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, first_new: int, n_new: int) -> np.ndarray:
@@ -73,7 +74,7 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
     lo, hi = np.searchsorted(added_keys, keys, "left"), np.searchsorted(added_keys, keys, "right")
     count = np.where(items >= 0, hi - lo, 0).reshape(-1)
     slot = np.repeat(np.arange(U * k), count)                              # candidates, in (user, rank) order
-    cand = added[np.repeat(lo.reshape(-1), count) + data_py.ragged_arange(count)]
+    cand = added[np.repeat(lo.reshape(-1), count) + ragged_arange(count)]
     user, after = slot // k, slot % k
     fresh = ~(items[user] == cand[:, None]).any(1)                         # not generated already
     _, first = np.unique(user * index.n_items + cand, return_index=True)   # once, after its first match
@@ -96,18 +97,17 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
 
 @torch.no_grad()
 def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10, beam_size: int | None = None,
-              dtype: str = "fp32", batch_size: int = 256, dist: train.Dist | None = None,
+              dtype: str = "fp32", batch_size: int = 256, dist: Dist | None = None,
               new_share: float = 0.0, transition_weight: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
     """Top n_return items for each history (item ids, oldest first) of each raw user id.
 
-    Returns (items (U, n_return) int64, scores (U, n_return) float32), best first; a score is the
-    SID's summed log-probability plus the transition term (train.rerank) with transition_weight
-    (-1: the run's, from its config.json). Users are
-    grouped by history length into batches of at most batch_size rows (train.length_batches, as in
-    evaluation). With several processes, batch j runs on
-    rank j % world and the results are summed over processes, so each batch is the one a single
-    process runs and the output is identical. `new_share` > 0 applies TIGER's cold-start rule
-    (with_new_items) to at most round(new_share * n_return) slots; scores of inserted items are NaN.
+    Returns (items (U, n_return) int64, scores (U, n_return) float32), best first. The beam search
+    and its batches are evaluation's (evaluate.beam_batches), and so is the ranking: a score is the
+    SID's summed log-probability plus the transition term of evaluate.TransitionRanker, with
+    transition_weight (-1: the run's, chosen on validation when it was trained; 0: the model
+    alone). The output is the same with several processes. `new_share` > 0 applies TIGER's
+    cold-start rule (with_new_items) to at most round(new_share * n_return) slots; scores of
+    inserted items are NaN.
     """
     if len(histories) != len(users):
         raise ValueError(f"histories and users: expected one user per history, got {len(histories)} and {len(users)}")
@@ -119,28 +119,22 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
         raise ValueError(f"--n_return: expected 1..beam_size ({beam_size}), got {n_return}")
     if any(len(h) == 0 for h in histories):
         raise ValueError("histories: every history needs at least one item")
-    dist = dist or train.Dist(0, 1, next(run.model.parameters()).device)
-    weight = run.transition_weight if transition_weight == -1 else transition_weight
+    dist = dist or Dist(0, 1, next(run.model.parameters()).device)
+    ranker = TransitionRanker(run.transitions, run.transition_weight if transition_weight == -1 else transition_weight)
     split = request_split(histories, mcfg.max_history)
-    item_tokens = train.item_token_table(run.index, mcfg)
-    buckets = train.user_bucket_table(users, mcfg.n_user_buckets)
+    last = split.items[split.pos - 1]
     items = torch.zeros(len(histories), n_return, dtype=torch.long)
     scores = torch.zeros(len(histories), n_return)
     codes = torch.zeros(len(histories), n_return, mcfg.n_digit, dtype=torch.long)
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-    batches = train.length_batches(split.lengths(), batch_size, batch_size * mcfg.max_history)
-    for j, rows in enumerate(batches):
-        if j % dist.world != dist.rank:
-            continue
-        batch = train.make_batch(split, rows, item_tokens, buckets, dist.device, with_target=False)
-        with train.autocast(dist.device, compute):
-            result = beam.beam_search(run.model, batch, beam_size, beam_size, run.index)
-        counts = run.transitions.count(split.items[split.pos[rows] - 1], result.items.cpu().numpy())
-        order, fused = train.rerank(result.scores.float().cpu().numpy(), counts, weight)
+    for rows, beam_items, beam_scores, beam_sids in beam_batches(
+            run.model, split, run.index, item_token_table(run.index, mcfg),
+            user_bucket_table(users, mcfg.n_user_buckets), beam_size, batch_size, compute, dist):
+        order, fused = ranker.rank(last[rows], beam_items, beam_scores)
         order = torch.from_numpy(order[:, :n_return])
-        items[rows] = result.items.cpu().gather(1, order)
+        items[rows] = torch.from_numpy(beam_items).gather(1, order)
         scores[rows] = torch.from_numpy(fused[:, :n_return]).float()
-        codes[rows] = result.sids.cpu().gather(1, order[:, :, None].expand(-1, -1, mcfg.n_digit))
+        codes[rows] = beam_sids.gather(1, order[:, :, None].expand(-1, -1, mcfg.n_digit))
     items, scores, codes = dist.sum(items).numpy(), dist.sum(scores).numpy(), dist.sum(codes).numpy()
     if new_share > 0:
         mixed = with_new_items(items, codes, run.index, run.trained_items, round(new_share * n_return))
@@ -164,13 +158,13 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
 
     embeddings (n_new, D) must be of the kind the run's SIDs came from (same D). Old items keep
     their SIDs. Every check happens before the first write; then the new index files and data.npz
-    are published together (train.RunFolder: one commit), so a kill leaves the old run or the new.
+    are published together (runs.RunFolder: one commit), so a kill leaves the old run or the new.
     Returns how many new items collision resolution moved.
     """
-    run_folder = train.RunFolder(folder)
+    run_folder = RunFolder(folder)
     run_folder.recover()
     run_folder.verify(needs=("item_id2tokens.npy", "tokens2item.pkl", "data.npz"))
-    run_data, index = data_py.read_run_data(folder), sid.SIDIndex.load(folder)
+    run_data, index = read_run_data(folder), sid.SIDIndex.load(folder)
     if len(run_data["item_raw"]) != index.n_items:
         raise ValueError(f"{folder}: the SID index has {index.n_items} items, data.npz maps {len(run_data['item_raw'])}")
     if not bool(run_data["content_sids"]):
@@ -226,7 +220,7 @@ class RecommendConfig:
     dtype: str = "fp32"              # fp32 | bf16
     device: str = "cpu"              # cpu | cuda | mps | auto
     new_share: float = 0.0           # share of the list open to items added after training (TIGER's rule)
-    transition_weight: float = -1.0  # -1: the run's (config.json); 0: the beam's own order; see train.rerank
+    transition_weight: float = -1.0  # -1: the run's (chosen on validation, in results.json); 0: the model alone
     overwrite: bool = False          # --all: replace an existing --out file (never one the run reads)
 
     def __post_init__(self):
@@ -260,12 +254,12 @@ def read_item_ids(path: str) -> tuple[list, list]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--item_ids: cannot read {path} ({e})") from None
     parts = [line.split("\t", 1) + [""] for line in lines]
-    return [p[0] for p in parts], [" ".join(p[1].split())[:data_py.TITLE_CHARS] for p in parts]
+    return [p[0] for p in parts], [" ".join(p[1].split())[:TITLE_CHARS] for p in parts]
 
 
 def printable(text: str) -> str:
     """Control characters escaped (\\x1b, \\n, ...): text from a data file must not drive the terminal."""
-    return data_py.CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
 
 
 def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> None:
@@ -277,7 +271,7 @@ def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> N
         print(f"{rank:>4}  {printable(run.item_raw[item]):>10}  {score:>8.3f}  {printable(run.item_title[item])}{flag}")
 
 
-def write_all(run: TrainedRun, args: RecommendConfig, dist: train.Dist) -> None:
+def write_all(run: TrainedRun, args: RecommendConfig, dist: Dist) -> None:
     start = time.time()
     users = run.user_raw.tolist()
     histories = [run.items[run.offsets[u]:run.offsets[u + 1]] for u in range(len(users))]
@@ -289,7 +283,7 @@ def write_all(run: TrainedRun, args: RecommendConfig, dist: train.Dist) -> None:
         lines = [json.dumps({"user": u, "items": run.item_raw[row[row >= 0]].tolist(),
                              "scores": [None if np.isnan(x) else round(float(x), 5) for x in sc[row >= 0]]})
                  for u, row, sc in zip(users, items, scores)]
-        sid.atomic_write(args.out, ("\n".join(lines) + "\n").encode())
+        atomic_write(args.out, ("\n".join(lines) + "\n").encode())
         print(f"{len(users)} users in {seconds:.1f} s ({len(users) / seconds:.0f} users/s, {dist.world} process(es), "
               f"{args.dtype}); wrote {args.out}")
 
@@ -299,9 +293,9 @@ def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
     run.json, a file it lists, the data it was trained on), whatever the flags."""
     if os.path.isdir(path):
         raise ValueError(f"--out: {path} is a folder; expected a file path")
-    folder = train.RunFolder(run_dir)
+    folder = RunFolder(run_dir)
     manifest = folder.manifest() or {"files": {}, "data": None}
-    reads = [folder.file(n) for n in [train.MANIFEST, *manifest["files"]]] + [(manifest["data"] or {}).get("path", "")]
+    reads = [folder.file(n) for n in [MANIFEST, *manifest["files"]]] + [(manifest["data"] or {}).get("path", "")]
     if os.path.exists(path) and any(os.path.exists(r) and os.path.samefile(path, r) for r in reads if r):
         raise ValueError(f"--out: {path} is a file the run reads; choose another path")
     if os.path.exists(path) and not overwrite:
@@ -314,7 +308,7 @@ def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
             os.remove(os.path.join(parent, name))
 
 
-def load_for(run_dir: str, dist: train.Dist) -> TrainedRun:
+def load_for(run_dir: str, dist: Dist) -> TrainedRun:
     """load_run in every process; rank 0 first, since it may finish what a killed step left."""
     if not dist.is_main:
         dist.barrier()
@@ -328,16 +322,16 @@ def load_for(run_dir: str, dist: train.Dist) -> TrainedRun:
 
 
 def main(argv: list) -> None:
-    args = RecommendConfig(**sid.parse_flags(argv, RecommendConfig))
+    args = RecommendConfig(**parse_flags(argv, RecommendConfig, usage=__doc__))
     if args.all:
         check_out_file(args.out, args.run_dir, args.overwrite)
     if args.add_items:
         ids, titles = read_item_ids(args.item_ids)
-        emb = data_py.read_item_emb(args.add_items, len(ids), "--add_items")
+        emb = read_item_emb(args.add_items, len(ids), "--add_items")
         moved = add_items(args.run_dir, emb, ids, titles)
         print(f"added {len(ids)} items to {args.run_dir} ({moved} moved by collision resolution)")
         return
-    dist = train.init_distributed(args.device)
+    dist = init_distributed(args.device)
     try:
         run = load_for(args.run_dir, dist)
         if args.all:
@@ -362,4 +356,4 @@ def main(argv: list) -> None:
 
 
 if __name__ == "__main__":
-    sid.run_main(main)
+    run_main(main)

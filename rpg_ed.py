@@ -38,6 +38,7 @@ hd = E / H, N decoder rows; d is a digit index.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, fields
 
@@ -52,6 +53,7 @@ N_SPECIAL = 3
 
 @dataclass
 class RPGEDConfig:
+    """The model's shape; the defaults are the original design's (seed) values."""
     n_digit: int = 4                 # SID length (tokens per item)
     codebook_size: int = 256         # codes per digit
     n_user_buckets: int = 10000      # users are hashed into this many tokens; 0: no user token
@@ -531,7 +533,9 @@ class RPG_ED(nn.Module):
             row, slot = real.nonzero()[(items < 0).nonzero()[0, 0]].tolist()
             raise ValueError(f"history_sid[{row}, {slot}] = {history_sid[row, slot].tolist()}: "
                              "expected the SID of an item in the index, got one that no item has")
-        import beam  # needed here only: the model itself does not depend on beam.py
+        # imported here only: the model itself does not depend on beam.py. Beside this file, in a
+        # flat folder or in the same package (mypkg/rpg_ed.py and mypkg/beam.py)
+        beam = importlib.import_module(".beam", __package__) if __package__ else importlib.import_module("beam")
         result = beam.beam_search(self, batch, beam_size, n_return, index, use_cache=use_cache)
         return result.items[..., None]
 

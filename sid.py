@@ -25,18 +25,18 @@ Only numpy is needed; torch tensors are accepted (and returned) by `SIDIndex.pre
 
     python sid.py --emb=items.npy --out=DIR   # build and save an index from any [N, D] matrix
 
+The command line alone uses cli.py (flags, --help, errors as one line); copied without it, the
+module still imports and does everything else.
+
 The file reads top-down: k-means and OPQ (the quantiser), the SIDs (token ids, packed keys,
 input checks), the index (SIDIndex, its files, build_index), collision resolution, command line.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
 import pickle
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -467,10 +467,14 @@ class SIDIndex:
         return out
 
     def save(self, folder: str) -> None:
-        """The files() into `folder`, each written atomically."""
+        """The files() into `folder`, each written whole (a temporary file renamed over the name)."""
         os.makedirs(folder, exist_ok=True)
         for name, data in self.files().items():
-            atomic_write(os.path.join(folder, name), data)
+            tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(folder, name))
 
     @classmethod
     def load(cls, folder: str) -> "SIDIndex":
@@ -533,35 +537,6 @@ class _RefuseGlobals(pickle.Unpickler):
     def find_class(self, module, name):
         raise ValueError(f"tokens2item.pkl: refusing to load {module}.{name}; only a plain "
                          "{(c0, c1, c2, c3): item_id} dict is allowed")
-
-
-def _umask() -> int:
-    """The process's umask (os.umask can only read it by setting it, so it is set back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())                       # mkstemp's 0600 -> what open() would give
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)      # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_index(embeddings, seed: int = 0, n_iter: int = 10, kmeans_iter: int = 5,
@@ -844,43 +819,15 @@ def _first_free_in_rank_order(order: np.ndarray, taken: _TakenSIDs) -> np.ndarra
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: the one --key=value parser of every script in this project
+# Command line (cli.py's flag parser, imported here only: the rest of this file needs no other module)
 # ----------------------------------------------------------------------------------------------
-
-def _flag_value(name: str, text: str, kind: str):
-    try:
-        if kind == "bool":
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        return {"int": int, "float": float, "str": str}[kind](text)
-    except (ValueError, KeyError):
-        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
-
-
-def parse_flags(argv: list, *configs) -> dict:
-    """`--key=value` arguments -> {key: value}, each value typed by its field in the dataclasses
-    `configs` (int, float, bool or str); a flag given twice takes its last value, as in argparse.
-    Unknown and malformed flags are refused here, naming the flag; each dataclass's __post_init__
-    then checks what its values allow."""
-    kinds = {f.name: f.type for cls in configs for f in dataclasses.fields(cls)}
-    given = {}
-    for arg in argv:
-        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq:
-            raise ValueError(f"argument {arg!r}: expected --key=value (keys: {', '.join(sorted(kinds))})")
-        if key not in kinds:
-            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(kinds))}")
-        given[key] = _flag_value(key, text, kinds[key])
-    return given
-
 
 @dataclass
 class IndexConfig:
-    """python sid.py --emb=E.npy --out=DIR [--seed=0] [--n_iter=10] [--overwrite=false]"""
+    """python sid.py --emb=E.npy --out=DIR: build a SID index from any [n_items, D] embeddings"""
     emb: str = ""                    # [n_items, D] float .npy file
     out: str = ""                    # folder for item_id2tokens.npy, tokens2item.pkl, opq.npz
-    seed: int = 0
+    seed: int = 0                    # seeds k-means++ (the same seed gives the same SIDs)
     n_iter: int = 10                 # OPQ iterations
     overwrite: bool = False          # replace an index already in --out
 
@@ -893,7 +840,8 @@ class IndexConfig:
 
 
 def main(argv: list) -> None:
-    args = IndexConfig(**parse_flags(argv, IndexConfig))
+    from cli import parse_flags
+    args = IndexConfig(**parse_flags(argv, IndexConfig, usage=__doc__))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out: {args.out} is a file; expected a folder")
     if os.path.exists(os.path.join(args.out, "run.json")):          # never under a trained model's feet
@@ -908,30 +856,6 @@ def main(argv: list) -> None:
     print(f"{index.n_items} items, {time.perf_counter() - start:.1f} s, saved to {args.out}")
 
 
-def run_main(main) -> None:
-    """The __main__ of every script here. Bad input or a file problem: one line on stderr, status 1.
-    Output piped into `head`: ends quietly. Under torchrun, a process whose peer stopped on bad
-    input says so in one line (the peer's own line says why) instead of a traceback."""
-    try:
-        main(sys.argv[1:])
-        sys.stdout.flush()                      # here, where a closed pipe is caught, not at exit
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # a torchrun process, its process group destroyed: skip the interpreter's teardown, where
-            # gloo's threads now and then abort the process ("terminate called without an active
-            # exception"), failing a run that has written all its files
-            sys.stderr.flush()
-            os._exit(0)
-    except BrokenPipeError:                     # the reader left: say nothing, and let exit not retry
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    except RuntimeError as e:                   # torch.distributed's error when a peer process is gone
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ("peer" in str(e) or "remote" in str(e)):
-            raise SystemExit(f"error: process {os.environ.get('RANK', '?')} stopped: another process failed "
-                             "(its error line says why)")
-        raise
-
-
 if __name__ == "__main__":
+    from cli import run_main
     run_main(main)

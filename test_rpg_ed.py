@@ -38,7 +38,11 @@ from hypothesis import strategies as st
 
 import beam
 import bench
-import data as data_py  # data.py (the name `data` is taken by datasets here)
+import cli
+import dataset
+import embeddings
+import evaluate
+import runs
 import experiments
 import recommend
 import rpg_ed
@@ -380,11 +384,11 @@ def test_user_bucket_is_stable_across_processes():
 ])
 def test_parse_flags_refuses_what_it_cannot_read(argv, fragment):
     with pytest.raises(ValueError, match=re_escape(fragment)):
-        sid.parse_flags(argv, sid.IndexConfig)
+        cli.parse_flags(argv, sid.IndexConfig)
 
 
 def test_parse_flags_types_values_and_the_last_one_wins():
-    given = sid.parse_flags(["--emb=a.npy", "--seed=3", "--overwrite=true", "--seed=4"], sid.IndexConfig)
+    given = cli.parse_flags(["--emb=a.npy", "--seed=3", "--overwrite=true", "--seed=4"], sid.IndexConfig)
     assert given == {"emb": "a.npy", "seed": 4, "overwrite": True}
 
 
@@ -442,7 +446,7 @@ def test_no_user_token_means_no_user_rows_and_user_ids_unread():
         memory, mask = model.encode(batch["user_ids"], batch["history_sid"])
         again, _ = model.encode(batch["user_ids"] + 12345, batch["history_sid"])
     assert memory.shape[1] == batch["history_sid"].shape[1] and torch.equal(memory, again)
-    assert torch.equal(train.user_bucket_table(["a", "b"], 0), torch.zeros(2, dtype=torch.long))
+    assert torch.equal(evaluate.user_bucket_table(["a", "b"], 0), torch.zeros(2, dtype=torch.long))
 
 
 @FAST
@@ -804,43 +808,43 @@ def test_every_loader_reads_the_same_data(tmp_path):
     prepared = []
     for name, path in paths.items():
         cfg = train.TrainConfig(data=str(path))
-        raw = data_py.load_data(cfg)
-        prepared.append(data_py.prepare(raw, five_core=False))
+        raw = dataset.load_data(cfg)
+        prepared.append(dataset.prepare(raw, five_core=False))
     # S3Rec: the time-ordered sequences written out, one user per line
     ref = prepared[0]
     s3 = tmp_path / "seq.txt"
     s3.write_text("".join(f"{u} " + " ".join(ref.item_raw[i] for i in seq) + "\n"
                           for u, seq in zip(ref.user_raw, ref.sequences)))
-    prepared.append(data_py.prepare(data_py.load_data(train.TrainConfig(data=str(s3))), five_core=False))
+    prepared.append(dataset.prepare(dataset.load_data(train.TrainConfig(data=str(s3))), five_core=False))
     for other in prepared[1:]:
         assert other.user_raw == ref.user_raw and other.item_raw == ref.item_raw
         assert all(np.array_equal(a, b) for a, b in zip(other.sequences, ref.sequences))
 
 
 def test_ids_are_stripped_in_every_format(tmp_path):
-    spaced = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "a.csv", "user,item,timestamp\n u0 , i0 ,5\nu0,i1, 6\n")))
+    spaced = dataset.load_data(train.TrainConfig(data=_write(tmp_path, "a.csv", "user,item,timestamp\n u0 , i0 ,5\nu0,i1, 6\n")))
     assert spaced.users == ["u0", "u0"] and spaced.items == ["i0", "i1"] and list(spaced.times) == [5.0, 6.0]
 
 
 def test_timestamps_are_exact_integers(tmp_path):
     base = 1_700_000_000_000_000_000                                       # nanoseconds: beyond float64's 2**53
     rows = "".join(f"u\ti{k}\t{base + (3 - k)}\n" for k in range(4)) + "u\ti9\t" + str(base + 9) + "\n"
-    data = data_py.prepare(data_py.load_data(train.TrainConfig(data=_write(tmp_path, "d.inter", INTER_HEADER + rows))), False)
+    data = dataset.prepare(dataset.load_data(train.TrainConfig(data=_write(tmp_path, "d.inter", INTER_HEADER + rows))), False)
     assert [data.item_raw[i] for i in data.items] == ["i3", "i2", "i1", "i0", "i9"]     # 1 ns apart, in time order
-    mixed = data_py.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
+    mixed = dataset.load_data(train.TrainConfig(data=_write(tmp_path, "m.inter", INTER_HEADER + "u\ti\t5\nu\tj\t5.5\n")))
     assert mixed.times.typecode == "d" and list(mixed.times) == [5.0, 5.5]   # a fraction: the file is float64
 
 
 def test_stable_time_sort_keeps_file_order_on_ties():
-    raw = data_py.RawData(users=["a"] * 4, items=["3", "1", "2", "0"], times=[5.0, 1.0, 5.0, 1.0])
-    data = data_py.prepare(raw, five_core=False)
+    raw = dataset.RawData(users=["a"] * 4, items=["3", "1", "2", "0"], times=[5.0, 1.0, 5.0, 1.0])
+    data = dataset.prepare(raw, five_core=False)
     assert [data.item_raw[i] for i in data.sequences[0]] == ["1", "0", "3", "2"]   # not sorted by id
 
 
 def test_item_order_does_not_depend_on_pythonhashseed(tmp_path):
     rows = "".join(f"u{u}\t{i}\t{t}\n" for u in range(6) for t, i in enumerate(["7", "07", "007", "8", "08", "9"]))
     path = _write(tmp_path, "d.inter", INTER_HEADER + rows)
-    code = ("import sys, train, sid, data as data_py; d = data_py.prepare(data_py.load_data(train.TrainConfig(data=sys.argv[1])), False); "
+    code = ("import sys, train, dataset; d = dataset.prepare(dataset.load_data(train.TrainConfig(data=sys.argv[1])), False); "
             "print(d.item_raw, d.items.tolist())")
     outs = {subprocess.run([sys.executable, "-c", code, path], cwd=HERE, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}, timeout=120).stdout for seed in ("1", "2", "3")}
@@ -850,7 +854,7 @@ def test_item_order_does_not_depend_on_pythonhashseed(tmp_path):
 def test_five_core_matches_slow_filter():
     rng = np.random.default_rng(0)
     rows = [(f"u{rng.integers(30)}", f"i{rng.integers(25)}", float(t)) for t in range(400)]
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=True)
+    data = dataset.prepare(dataset.RawData(*map(list, zip(*rows))), five_core=True)
     kept = list(rows)
     while True:  # the obvious loop
         users = {u: sum(r[0] == u for r in kept) for u, _, _ in kept}
@@ -886,9 +890,9 @@ def _parse(folder, name: str, fmt: str, content):
     """Rows (or the item-text dict) of a file; prepare() runs too, so it is fuzzed as well."""
     path = _write(folder, name, content)
     if fmt == "text":
-        return sorted(data_py.read_file(path, data_py.load_item_text).items())
-    raw = data_py.load_data(train.TrainConfig(data=path, format=fmt))
-    data_py.prepare(raw, five_core=True)
+        return sorted(dataset.read_file(path, dataset.load_item_text).items())
+    raw = dataset.load_data(train.TrainConfig(data=path, format=fmt))
+    dataset.prepare(raw, five_core=True)
     if raw.time_ordered:                                 # s3rec times are file positions
         return sorted(zip(raw.users, raw.items))
     return sorted(zip(raw.users, raw.items, raw.times))
@@ -942,8 +946,8 @@ def test_random_bytes_raise_only_value_error(content, fmt, name):
 @FAST
 @given(st.integers(0, 2**16), st.integers(1, 6))
 def test_no_target_leaks_into_its_history(seed, max_history):
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed)))), five_core=False)
-    splits = data_py.leave_one_out(data, max_history)
+    data = dataset.prepare(dataset.RawData(*map(list, zip(*interactions(seed)))), five_core=False)
+    splits = dataset.leave_one_out(data, max_history)
     for name, split in splits.items():
         for history, target, user in zip(split.history, split.target, split.user):
             assert target not in history                                      # items are unique per user
@@ -961,9 +965,9 @@ def test_no_target_leaks_into_its_history(seed, max_history):
 @FAST
 @given(st.integers(0, 2**16), st.integers(1, 7))
 def test_windows_cut_per_batch_equal_the_materialised_ones(seed, max_history):
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(seed, n_users=9, n_items=8)))), five_core=False)
+    data = dataset.prepare(dataset.RawData(*map(list, zip(*interactions(seed, n_users=9, n_items=8)))), five_core=False)
     sequences = data.sequences
-    for split in data_py.leave_one_out(data, max_history).values():
+    for split in dataset.leave_one_out(data, max_history).values():
         rows = np.random.default_rng(seed).permutation(len(split.pos))[: max(1, len(split.pos) // 2)]
         for row, window in zip(rows, split.windows(rows)):
             seq = sequences[split.user[row]]
@@ -979,31 +983,31 @@ def test_item_files_beside_the_data_are_found_unless_none(tmp_path):
     np.save(tmp_path / "shop_text.npy", np.ones((5, 3), np.float32))
     (tmp_path / "shop_items.jsonl").write_text('{"item_id": "1", "title": "soap"}\n')
     cfg = train.TrainConfig(data=str(tmp_path / "shop.txt"))
-    found = data_py.load_data(cfg)
+    found = dataset.load_data(cfg)
     assert found.item_emb == str(tmp_path / "shop_text.npy") and found.item_text.keys() == {"1"}
-    assert data_py.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
-    assert data_py.load_data(dataclasses.replace(cfg, item_text="none")).item_text == {}
+    assert dataset.load_data(dataclasses.replace(cfg, item_emb="none")).item_emb == ""
+    assert dataset.load_data(dataclasses.replace(cfg, item_text="none")).item_text == {}
     np.save(tmp_path / "shop_image.npy", np.ones((5, 3), np.float32))
     with pytest.raises(ValueError, match="found several item-embedding files"):
-        data_py.load_data(cfg)
+        dataset.load_data(cfg)
     chosen = str(tmp_path / "shop_image.npy")                                   # an explicit file wins
-    assert data_py.load_data(dataclasses.replace(cfg, item_emb=chosen)).item_emb == chosen
+    assert dataset.load_data(dataclasses.replace(cfg, item_emb=chosen)).item_emb == chosen
 
 
 def test_both_joins_the_embeddings_file_with_cf(tmp_path):
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(2, n_users=20, n_items=9)))), five_core=False)
-    split = data_py.leave_one_out(data, 5)["train"]
+    data = dataset.prepare(dataset.RawData(*map(list, zip(*interactions(2, n_users=20, n_items=9)))), five_core=False)
+    split = dataset.leave_one_out(data, 5)["train"]
     content = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
     np.save(tmp_path / "e.npy", content)
-    raw = data_py.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
+    raw = dataset.RawData([], [], [], item_emb=str(tmp_path / "e.npy"))
     cfg = train.TrainConfig(emb_source="both")
-    joined, name = data_py.item_embeddings(cfg, data, raw, split)
-    cf = data_py.cf_embeddings(split, 9, data_py.EMB_DIM, cfg.seed)
+    joined, name = embeddings.item_embeddings(cfg, data, raw, split)
+    cf = embeddings.cf_embeddings(split, 9, embeddings.EMB_DIM, cfg.seed)
     norm = lambda x: x / np.linalg.norm(x, axis=1).mean()                    # equal weight for each part
     assert name.endswith("+ cf") and np.allclose(joined, np.concatenate([norm(content), norm(cf)], 1), atol=1e-6)
-    alone, name = data_py.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
+    alone, name = embeddings.item_embeddings(dataclasses.replace(cfg, emb_source="cf"), data, raw, split)
     assert np.array_equal(alone, content) and name.startswith("file")
-    fallback, name = data_py.item_embeddings(cfg, data, data_py.RawData([], [], []), split)   # no text, no file
+    fallback, name = embeddings.item_embeddings(cfg, data, dataset.RawData([], [], []), split)   # no text, no file
     assert np.allclose(fallback, cf) and name.startswith("cf")
 
 
@@ -1019,7 +1023,7 @@ def dense_cf_embeddings(history: np.ndarray, target: np.ndarray, n_items: int, d
     with np.errstate(divide="ignore", invalid="ignore"):
         pmi = np.log(counts * total / np.outer(row, row))
     ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0)
-    u, s = data_py.truncated_svd(ppmi, dim, seed)
+    u, s = embeddings.truncated_svd(ppmi, dim, seed)
     return counts, ppmi, (u * np.sqrt(s)).astype(np.float32)
 
 
@@ -1027,14 +1031,14 @@ def dense_cf_embeddings(history: np.ndarray, target: np.ndarray, n_items: int, d
 @given(st.integers(0, 2**16), st.integers(1, 6), st.integers(1, 8))
 def test_sparse_ppmi_and_svd_equal_the_dense_ones(seed, max_history, dim):
     rows = interactions(seed, n_users=15, n_items=12)
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
-    split = data_py.leave_one_out(data, max_history)["train"]
+    data = dataset.prepare(dataset.RawData(*map(list, zip(*rows))), five_core=False)
+    split = dataset.leave_one_out(data, max_history)["train"]
     n_items = len(data.item_raw)
     counts, ppmi, emb = dense_cf_embeddings(split.history, split.target, n_items, dim, seed)
-    sparse_counts = data_py.cooccurrence(split, n_items, blocks=3)
+    sparse_counts = embeddings.cooccurrence(split, n_items, blocks=3)
     assert np.array_equal(sparse_counts.toarray(), counts)
-    np.testing.assert_allclose(data_py.ppmi(sparse_counts).toarray(), ppmi, rtol=1e-6, atol=0)
-    np.testing.assert_allclose(data_py.cf_embeddings(split, n_items, dim, seed), emb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(embeddings.ppmi(sparse_counts).toarray(), ppmi, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(embeddings.cf_embeddings(split, n_items, dim, seed), emb, rtol=1e-4, atol=1e-5)
 
 
 @FAST
@@ -1044,7 +1048,7 @@ def test_csr_products_equal_dense_ones(seed, n_rows, n_cols, k):
     dense = np.where(rng.random((n_rows, n_cols)) < 0.3, rng.standard_normal((n_rows, n_cols)), 0).astype(np.float32)
     r, c = np.nonzero(dense)
     shuffle = rng.permutation(len(r))                                    # any order of triples
-    matrix = data_py.CSR.from_triples(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
+    matrix = embeddings.CSR.from_triples(r[shuffle], c[shuffle], dense[r, c][shuffle], dense.shape)
     x, y = rng.standard_normal((n_cols, k)), rng.standard_normal((n_rows, k))
     np.testing.assert_allclose(matrix @ x, dense.astype(np.float64) @ x, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(matrix.T @ y, dense.T.astype(np.float64) @ y, rtol=1e-9, atol=1e-9)
@@ -1056,15 +1060,15 @@ def test_sparse_tfidf_embeddings_equal_the_dense_ones():
     rng = np.random.default_rng(0)
     item_raw = [str(i) for i in range(30)]
     text = {i: " ".join(rng.choice(words, rng.integers(0, 6))) for i in item_raw}
-    data = data_py.Dataset.from_sequences([], [], item_raw)
+    data = dataset.Dataset.from_sequences([], [], item_raw)
     docs = [re.findall(r"[a-z0-9']+", text[i].lower()) for i in item_raw]   # the dense formula
     df = {w: sum(w in d for d in docs) for w in set(w for d in docs for w in d)}
     vocab = sorted(w for w, c in df.items() if c >= 2)
     tfidf = np.array([[d.count(w) for w in vocab] for d in docs], np.float32)
     tfidf *= np.log(len(docs) / np.array([df[w] for w in vocab])) + 1.0
     tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12)
-    u, s = data_py.truncated_svd(tfidf, 4, 0)
-    np.testing.assert_allclose(data_py.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
+    u, s = embeddings.truncated_svd(tfidf, 4, 0)
+    np.testing.assert_allclose(embeddings.text_embeddings(data, text, 4, 0), u * s, rtol=1e-4, atol=1e-5)
 
 
 def test_a_fifo_gives_the_same_dataset_as_the_file(tmp_path):
@@ -1074,9 +1078,9 @@ def test_a_fifo_gives_the_same_dataset_as_the_file(tmp_path):
         fifo = str(tmp_path / ("pipe." + os.path.basename(path).split(".", 1)[1]))
         os.mkfifo(fifo)
         writer = subprocess.Popen(["sh", "-c", f"cat '{path}' > '{fifo}'"])
-        from_fifo = data_py.load_data(train.TrainConfig(data=fifo, item_emb="none"))
+        from_fifo = dataset.load_data(train.TrainConfig(data=fifo, item_emb="none"))
         writer.wait(timeout=60)
-        from_file = data_py.load_data(train.TrainConfig(data=path, item_emb="none"))
+        from_file = dataset.load_data(train.TrainConfig(data=path, item_emb="none"))
         assert (from_fifo.users, from_fifo.items, list(from_fifo.times)) == \
             (from_file.users, from_file.items, list(from_file.times)), fmt
         assert {k: v for k, v in from_fifo.fingerprint.items() if k != "path"} == \
@@ -1085,7 +1089,7 @@ def test_a_fifo_gives_the_same_dataset_as_the_file(tmp_path):
     (tmp_path / "s.txt").write_text("u1 a b c d e\nu2 b c d e f\nu3 a c e f b\n")   # found by its first line
     os.mkfifo(tmp_path / "pipe")
     writer = subprocess.Popen(["sh", "-c", f"cat '{tmp_path / 's.txt'}' > '{tmp_path / 'pipe'}'"])
-    from_fifo = data_py.load_data(train.TrainConfig(data=str(tmp_path / "pipe"), item_emb="none"))
+    from_fifo = dataset.load_data(train.TrainConfig(data=str(tmp_path / "pipe"), item_emb="none"))
     writer.wait(timeout=60)
     assert from_fifo.users == ["u1"] * 5 + ["u2"] * 5 + ["u3"] * 5 and from_fifo.source.startswith("read s3rec")
 
@@ -1095,19 +1099,19 @@ def test_a_folder_holding_one_compressed_data_file_finds_it(tmp_path):
     (tmp_path / "data").mkdir()
     with gzip.open(tmp_path / "data" / "a.csv.gz", "wt") as f:
         f.write("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
-    raw = data_py.load_data(train.TrainConfig(data=str(tmp_path / "data")))
+    raw = dataset.load_data(train.TrainConfig(data=str(tmp_path / "data")))
     assert raw.path.endswith("a.csv.gz") and len(raw.users) == len(rows)
 
 
 def test_a_line_without_end_is_refused_with_its_file_and_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_py, "MAX_LINE_BYTES", 5000)
+    monkeypatch.setattr(dataset, "MAX_LINE_BYTES", 5000)
     path = tmp_path / "d.csv"
     path.write_bytes(b"user,item,time\nu1,i1,1\n" + b"x" * (3 << 20))            # a block boundary inside
     with pytest.raises(ValueError, match=re_escape(f"{path}:3: a line longer than 5,000 bytes")):
-        data_py.load_data(train.TrainConfig(data=str(path)))
-    monkeypatch.setattr(data_py, "MAX_LINE_BYTES", 1 << 20)
+        dataset.load_data(train.TrainConfig(data=str(path)))
+    monkeypatch.setattr(dataset, "MAX_LINE_BYTES", 1 << 20)
     with pytest.raises(ValueError, match=re_escape("/dev/zero:1: a line longer than 1,048,576 bytes")):
-        data_py.load_data(train.TrainConfig(data="/dev/zero", format="csv"))
+        dataset.load_data(train.TrainConfig(data="/dev/zero", format="csv"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1116,7 +1120,7 @@ def test_a_line_without_end_is_refused_with_its_file_and_line(tmp_path, monkeypa
 
 def configs(argv: list, auto_preset: str | None = None) -> tuple:
     """train.py's flags -> (TrainConfig, RPGEDConfig), as train.main makes them."""
-    return train.make_configs(train.parse_args(argv), auto_preset)
+    return train.make_configs(cli.parse_flags(argv, train.TrainConfig, rpg_ed.RPGEDConfig), auto_preset)
 
 
 TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_inner=32", "--encoder_n_layer=1",
@@ -1155,15 +1159,15 @@ def test_end_to_end_run_is_deterministic(tmp_path, dtype):
 @pytest.mark.slow
 def test_max_steps_and_eval_users(tmp_path):
     data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
-    runs = [train.main([f"--data={data_path}", f"--out_dir={tmp_path / str(seed)}", f"--seed={seed}", "--max_steps=3",
-                        "--eval_users=25"] + TINY_RUN) for seed in (0, 1)]
-    for run in runs:
-        state = train.load_checkpoint(str(tmp_path / str(run["config"]["train"]["seed"]) / "last.pt"))
+    results = [train.main([f"--data={data_path}", f"--out_dir={tmp_path / str(seed)}", f"--seed={seed}", "--max_steps=3",
+                           "--eval_users=25"] + TINY_RUN) for seed in (0, 1)]
+    for run in results:
+        state = runs.load_checkpoint(str(tmp_path / str(run["config"]["train"]["seed"]) / "last.pt"))
         assert state["step"] == 3 and state["epoch"] == 1 and len(state["valid_history"]) == 1
         assert run["dataset"]["eval_users"] == 25 and set(run["seconds"]) >= {"load", "split", "sids", "train"}
-    assert runs[0]["baselines"] == runs[1]["baselines"]                   # the same users whatever the seed
+    assert results[0]["baselines"] == results[1]["baselines"]                   # the same users whatever the seed
     every = train.main([f"--data={data_path}", f"--out_dir={tmp_path / 'all'}", "--max_steps=1"] + TINY_RUN)
-    assert every["baselines"] != runs[0]["baselines"] and "eval_users" not in every["dataset"]
+    assert every["baselines"] != results[0]["baselines"] and "eval_users" not in every["dataset"]
     with pytest.raises(ValueError, match="--max_steps: expected 0 .* got -1"):
         configs(["--max_steps=-1"])
 
@@ -1198,7 +1202,7 @@ def _tiny_checkpoint(folder, **changes) -> tuple[str, dict]:
     state = {"model": {}, "config": resolved, "sids_sha256": "0" * 64, **changes}
     path = os.path.join(str(folder), "checkpoint.pt")
     with open(path, "wb") as f:
-        f.write(train.checkpoint_bytes(state))
+        f.write(runs.checkpoint_bytes(state))
     return path, resolved
 
 
@@ -1215,7 +1219,7 @@ def test_truncated_checkpoint_is_a_clear_error(data):
             CHECKPOINT_BYTES = open(path, "rb").read()
         n = data.draw(st.integers(0, len(CHECKPOINT_BYTES) - 1))
         with pytest.raises(ValueError, match="not a readable checkpoint, truncated or corrupt"):
-            train.load_checkpoint(_write(folder, "c.pt", CHECKPOINT_BYTES[:n]))
+            runs.load_checkpoint(_write(folder, "c.pt", CHECKPOINT_BYTES[:n]))
 
 
 def test_crafted_checkpoint_is_refused_and_its_payload_does_not_run(tmp_path):
@@ -1223,7 +1227,7 @@ def test_crafted_checkpoint_is_refused_and_its_payload_does_not_run(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"version": 1, "model": _Bomb(str(target))}, path)
     with pytest.raises(ValueError, match="refusing to load"):
-        train.load_checkpoint(str(path))
+        runs.load_checkpoint(str(path))
     assert not target.exists()
 
 
@@ -1235,13 +1239,13 @@ RESUME_RUN = ["--epochs=3", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_
 # the run that is killed sleeps after writing its first last.pt, so SIGKILL always lands there
 _SLEEP_AFTER_FIRST_CHECKPOINT = """
 import sys, time, train
-publish = train.RunFolder.publish
+publish = runs.RunFolder.publish
 def publish_then_sleep(self, files, *args, **kwargs):
     publish(self, files, *args, **kwargs)
     if "last.pt" in files:
         print("checkpoint written", flush=True)
         time.sleep(600)
-train.RunFolder.publish = publish_then_sleep
+runs.RunFolder.publish = publish_then_sleep
 train.main(sys.argv[1:])
 """
 
@@ -1259,12 +1263,12 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    first = train.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    first = runs.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
     assert first["epoch"] == 1 and not (tmp_path / "killed" / "results.json").exists()
 
     resumed = train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=true"])
-    a = train.load_checkpoint(str(tmp_path / "whole" / "last.pt"))
-    b = train.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    a = runs.load_checkpoint(str(tmp_path / "whole" / "last.pt"))
+    b = runs.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -1280,7 +1284,7 @@ def test_metrics_against_hand_computed_values():
                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]])
     target = np.array([5, 0, 42])                      # rank 3, rank 10, miss
-    m = train.rank_metrics(ranked, target)
+    m = evaluate.rank_metrics(ranked, target)
     assert m["recall@5"] == pytest.approx(1 / 3) and m["recall@10"] == pytest.approx(2 / 3)
     assert m["ndcg@5"] == pytest.approx((1 / np.log2(4)) / 3)                  # 0.5 / 3
     assert m["ndcg@10"] == pytest.approx((0.5 + 1 / np.log2(11)) / 3)
@@ -1288,17 +1292,17 @@ def test_metrics_against_hand_computed_values():
 
 def test_markov_baseline_by_hand():
     # user a: train 0 1 2 0 1 | valid 2 | test 9: transitions 0->1 twice, 1->2 once, 2->0 once
-    data = data_py.Dataset.from_sequences([np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
+    data = dataset.Dataset.from_sequences([np.array([0, 1, 2, 0, 1, 2, 9]), np.array([3, 4, 5, 6, 7, 8, 9])],
                                         user_raw=["a", "b"], item_raw=[str(i) for i in range(10)])
-    splits = data_py.leave_one_out(data, 5)
-    valid = train.baseline_rankings(data, splits, "valid")
+    splits = dataset.leave_one_out(data, 5)
+    valid = evaluate.baseline_rankings(data, splits, "valid")
     # a: last train item 1, only transition 1->2, target 2 -> rank 1.
     # b: last train item 7 has no transitions -> popularity order 0 1 (twice) 2 3 4 5 6 7, then 8 -> rank 9.
     assert valid["markov"]["recall@5"] == pytest.approx(0.5) and valid["markov"]["recall@10"] == pytest.approx(1.0)
     assert valid["markov"]["ndcg@10"] == pytest.approx((1 + 1 / np.log2(10)) / 2)
 
 
-def loop_markov(data: data_py.Dataset, last: np.ndarray, k: int = 10) -> np.ndarray:
+def loop_markov(data: dataset.Dataset, last: np.ndarray, k: int = 10) -> np.ndarray:
     """The first-order Markov ranking one user at a time, as train.py computed it before (the oracle)."""
     n_items = len(data.item_raw)
     seqs = [s[:-2] for s in data.sequences]
@@ -1317,15 +1321,15 @@ def test_vectorised_markov_baseline_equals_the_per_user_loop(seed, k):
     n_items = int(rng.integers(2, 25))
     rows = [(f"u{u}", str(int(i)), t) for u in range(int(rng.integers(1, 12)))
             for t, i in enumerate(rng.integers(0, n_items, rng.integers(3, 12)))]   # repeats allowed
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*rows))), five_core=False)
+    data = dataset.prepare(dataset.RawData(*map(list, zip(*rows))), five_core=False)
     n_items = len(data.item_raw)
-    splits = data_py.leave_one_out(data, 5)
+    splits = dataset.leave_one_out(data, 5)
     last = splits["test"].history[:, -1]
     lengths = data.lengths
     local = np.arange(data.n_interactions) - np.repeat(data.offsets[:-1], lengths)
     in_train = local < np.repeat(lengths - 2, lengths)
     pop = np.bincount(data.items[in_train], minlength=n_items).astype(np.float64)
-    fast = train.markov_top(data_py.Transitions.fit(splits["train"], n_items), pop, last, k)
+    fast = evaluate.markov_top(evaluate.Transitions.fit(splits["train"], n_items), pop, last, k)
     slow = loop_markov(data, last, k)
     assert np.array_equal(fast[:, :slow.shape[1]], slow)
     assert (fast[:, slow.shape[1]:] == -1).all()                          # fewer items than k: padding
@@ -1337,26 +1341,29 @@ def test_transition_counts_equal_a_counter_of_each_users_training_pairs(seed):
     rng = np.random.default_rng(seed)
     n_items = int(rng.integers(2, 15))
     seqs = [rng.integers(0, n_items, rng.integers(3, 12)) for _ in range(rng.integers(1, 8))]
-    data = data_py.Dataset.from_sequences(seqs, user_raw=[f"u{u}" for u in range(len(seqs))],
+    data = dataset.Dataset.from_sequences(seqs, user_raw=[f"u{u}" for u in range(len(seqs))],
                                         item_raw=[str(i) for i in range(n_items)])
-    training = data_py.leave_one_out(data, 5)["train"]
+    training = dataset.leave_one_out(data, 5)["train"]
     pairs = Counter((int(a), int(b)) for s in seqs for a, b in zip(s[:-3], s[1:-2]))   # within s[:-2]
     last, items = rng.integers(-1, n_items, 9), rng.integers(-1, n_items, (9, 6))      # -1: no item
     expected = [[pairs[(a, b)] if a >= 0 and b >= 0 else 0 for b in row] for a, row in zip(last, items)]
-    assert data_py.Transitions.fit(training, n_items).count(last, items).tolist() == expected
-    rebuilt = data_py.train_split(data.offsets, data.items, 5)          # what load_run builds from data.npz
+    assert evaluate.Transitions.fit(training, n_items).count(last, items).tolist() == expected
+    rebuilt = dataset.train_split(data.offsets, data.items, 5)          # what load_run builds from data.npz
     assert all(np.array_equal(getattr(rebuilt, f), getattr(training, f)) for f in ("start", "pos", "user"))
 
 
 @FAST
 @given(st.integers(0, 2**16), st.sampled_from([0.0, 0.5, 2.0, 100.0]))
-def test_rerank_sorts_each_beam_by_score_plus_weighted_log_count(seed, weight):
+def test_ranker_sorts_each_beam_by_score_plus_weighted_log_count(seed, weight):
     rng = np.random.default_rng(seed)
     B, K = int(rng.integers(1, 5)), int(rng.integers(1, 9))
     scores = -np.sort(rng.choice([0.5, 1.0, 1.5, 3.0], (B, K)), axis=1)     # non-increasing, with ties
     scores[np.arange(K)[None, :] >= K - rng.integers(0, K + 1, (B, 1))] = -np.inf       # padding at the end
     counts = np.where(np.isfinite(scores), rng.integers(0, 4, (B, K)), 0)
-    order, fused = train.rerank(scores, counts, weight)
+    class Counted:                                                        # a Transitions that returns `counts`
+        def count(self, last, items):
+            return counts
+    order, fused = evaluate.TransitionRanker(Counted(), weight).rank(np.zeros(B), np.zeros((B, K)), scores)
     for b in range(B):
         value = [scores[b, j] + weight * np.log1p(counts[b, j]) for j in range(K)]
         by_hand = sorted(range(K), key=lambda j: (-value[j], j))              # ties keep the beam's order
@@ -1379,7 +1386,7 @@ def _step_setup():
     rng = np.random.default_rng(0)
     history = np.where(rng.random((13, 6)) < 0.3, -1, rng.integers(0, 9, (13, 6)))
     history = np.sort(history, axis=1)                                   # padding (-1) on the left
-    split = data_py.Split.from_windows(history=history, target=rng.integers(0, 9, 13), user=rng.integers(0, 5, 13))
+    split = dataset.Split.from_windows(history=history, target=rng.integers(0, 9, 13), user=rng.integers(0, 5, 13))
     codes = np.unique(rng.integers(0, 256, (40, 4)), axis=0)[:9]
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(codes, TINY["n_user_buckets"])),
                              torch.full((1, 4), sid.PAD)])
@@ -1391,8 +1398,8 @@ STEPS = [np.arange(10), np.arange(10, 13)]   # a global batch of 2b = 10 rows, t
 
 def _run_steps(model, optimizer, split, item_tokens, buckets, net, dist):
     for rows in STEPS:
-        local, weight = train.shard(rows, dist)
-        batch = train.make_batch(split, local, item_tokens, buckets, torch.device("cpu"))
+        local, weight = dist.shard(rows)
+        batch = evaluate.make_batch(split, local, item_tokens, buckets, torch.device("cpu"))
         train.train_step(net, optimizer, batch, weight, lr=1e-2,
                          device=torch.device("cpu"), dtype=torch.float32)
 
@@ -1400,7 +1407,7 @@ def _run_steps(model, optimizer, split, item_tokens, buckets, net, dist):
 def _ddp_step_worker(rank: int, port: int, out_path: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    dist = train.init_distributed("cpu")
+    dist = cli.init_distributed("cpu")
     model, optimizer, split, item_tokens, buckets = _step_setup()
     net = torch.nn.parallel.DistributedDataParallel(model)
     _run_steps(model, optimizer, split, item_tokens, buckets, net, dist)
@@ -1416,7 +1423,7 @@ def test_ddp_steps_equal_single_process_steps_on_the_union_batch(tmp_path):
     mp.start_processes(_ddp_step_worker, args=(_free_port(), out), nprocs=2, start_method="spawn")
     model, optimizer, split, item_tokens, buckets = _step_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _run_steps(model, optimizer, split, item_tokens, buckets, model, train.Dist(0, 1, torch.device("cpu")))
+    _run_steps(model, optimizer, split, item_tokens, buckets, model, cli.Dist(0, 1, torch.device("cpu")))
     ddp = torch.load(out, weights_only=True)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5, msg=key)   # Adam amplifies float noise in ~0 gradients
@@ -1426,7 +1433,7 @@ def test_ddp_steps_equal_single_process_steps_on_the_union_batch(tmp_path):
 def test_shard_covers_the_batch_once():
     for n in range(1, 9):
         rows = np.arange(100, 100 + n)
-        parts = [train.shard(rows, train.Dist(r, 3, torch.device("cpu"))) for r in range(3)]
+        parts = [cli.Dist(r, 3, torch.device("cpu")).shard(rows) for r in range(3)]
         real = [local for local, weight in parts if weight > 0]
         assert sorted(np.concatenate(real).tolist()) == rows.tolist()
         assert sum(w for _, w in parts) == pytest.approx(3.0)             # weights average to 1
@@ -1455,17 +1462,17 @@ def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
     run = _torchrun(2, args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("dataset:") == 1                              # only rank 0 logs
-    state = train.load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
+    state = runs.load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
     model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])                                 # the unwrapped module's state_dict
     trained = json.loads((tmp_path / "out" / "results.json").read_text())
     assert trained["processes"] == 2
 
-    evaluate = args + ["--eval_only=true", "--eval_batch_size=8"]        # 5 batches: ranks get 3 and 2
-    run = _torchrun(2, evaluate)
+    eval_args = args + ["--eval_only=true"]                               # histories of many lengths: many batches
+    run = _torchrun(2, eval_args)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "out" / "eval.json").read_text())
-    one = train.main(evaluate)
+    one = train.main(eval_args)
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["valid"] == one["valid"] and two["test"] == one["test"]
     assert one["test"] == trained["test"]
@@ -1476,16 +1483,16 @@ def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
        st.integers(0, 1000))
 def test_length_batches_cover_each_row_once_within_budget(lengths, batch_size, batch_tokens, seed):
     lengths = np.array(lengths)
-    batches = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
+    batches = evaluate.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))    # every row once
     for rows in batches:
         assert len(set(lengths[rows].tolist())) == 1                                  # one length a batch
         assert 1 <= len(rows) <= batch_size and len(rows) * max(lengths[rows[0]], 1) <= batch_tokens
-    again = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
+    again = evaluate.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))                  # pure function of the seed
-    other = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed + 1))
+    other = evaluate.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed + 1))
     assert sorted(map(len, other)) == sorted(map(len, batches))                       # same steps every epoch
-    in_order = train.length_batches(lengths, batch_size, batch_tokens)                 # evaluation: by length
+    in_order = evaluate.length_batches(lengths, batch_size, batch_tokens)                 # evaluation: by length
     assert np.all(np.diff(lengths[np.concatenate(in_order)]) >= 0)
 
 
@@ -1497,45 +1504,44 @@ def test_batch_loss_does_not_depend_on_grouping(seed, batch_size, batch_tokens):
     model.eval()
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 7, 13)
-    split = data_py.Split.from_windows(np.where(np.arange(6)[None, :] >= 6 - lengths[:, None], split.history.clip(0), -1),
+    split = dataset.Split.from_windows(np.where(np.arange(6)[None, :] >= 6 - lengths[:, None], split.history.clip(0), -1),
                                      split.target, split.user)
     rows = np.arange(13)
     cpu = torch.device("cpu")
-    whole = model(train.make_batch(split, rows, item_tokens, buckets, cpu)).item()
-    groups = train.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
-    grouped = sum(model(train.make_batch(split, g, item_tokens, buckets, cpu)).item() * len(g) for g in groups) / 13
+    whole = model(evaluate.make_batch(split, rows, item_tokens, buckets, cpu)).item()
+    groups = evaluate.length_batches(lengths, batch_size, batch_tokens, torch.Generator().manual_seed(seed))
+    grouped = sum(model(evaluate.make_batch(split, g, item_tokens, buckets, cpu)).item() * len(g) for g in groups) / 13
     assert grouped == pytest.approx(whole, abs=1e-5)
 
 
 def test_evaluation_does_not_depend_on_grouping():
     """Beam-search metrics do not depend on how users are cut into length-grouped batches."""
-    data = data_py.prepare(data_py.RawData(*map(list, zip(*interactions(3, n_users=30, n_items=12)))), five_core=False)
-    splits = data_py.leave_one_out(data, 6)
+    data = dataset.prepare(dataset.RawData(*map(list, zip(*interactions(3, n_users=30, n_items=12)))), five_core=False)
+    splits = dataset.leave_one_out(data, 6)
     index, _ = sid.build_index(np.random.default_rng(0).normal(size=(len(data.item_raw), 8)), seed=0)
     item_tokens = torch.cat([torch.from_numpy(sid.codes_to_tokens(index.item_codes, TINY["n_user_buckets"])),
                              torch.full((1, 4), sid.PAD)])
     buckets = torch.arange(len(data.user_raw)) % TINY["n_user_buckets"]
     model = tiny_model(3)
-    transitions = data_py.Transitions.fit(splits["train"], len(data.item_raw))
+    transitions = evaluate.Transitions.fit(splits["train"], len(data.item_raw))
     results = []
     for size in (256, 3, 7, 1):
-        cfg = train.TrainConfig(eval_batch_size=size)
-        run = train.Run(cfg, {}, train.Dist(0, 1, torch.device("cpu")), "", splits, index, item_tokens, buckets,
-                        transitions)
-        results.append(train.evaluate(model, run, "test", transition_weights=(0.0, 2.0)))
+        rankers = [evaluate.TransitionRanker(transitions, w) for w in (0.0, 2.0)]
+        results.append(evaluate.evaluate_split(model, splits["test"], index, item_tokens, buckets, rankers, 10,
+                                               torch.float32, cli.Dist(0, 1, torch.device("cpu")), batch_size=size))
     assert results[0][0]["ndcg@10"] > 0 and all(r == results[0] for r in results[1:])
     # The oracle: each user alone, the beam sorted by hand with the transitions counted by hand
     test, ranks = splits["test"], []
     pairs = Counter((int(a), int(b)) for s in data.sequences for a, b in zip(s[:-3], s[1:-2]))
     for u in range(len(test.pos)):
-        batch = train.make_batch(test, np.array([u]), item_tokens, buckets, torch.device("cpu"), with_target=False)
+        batch = evaluate.make_batch(test, np.array([u]), item_tokens, buckets, torch.device("cpu"), with_target=False)
         result = beam.beam_search(model.eval(), batch, 10, 10, index)
         items, scores = result.items[0].tolist(), result.scores[0].tolist()
         last = int(test.items[test.pos[u] - 1])
         value = [sc + 2.0 * np.log1p(pairs[(last, it)]) for it, sc in zip(items, scores)]
         ranked = [items[j] for j in sorted(range(10), key=lambda j: (-value[j], j))]
         ranks.append(ranked.index(test.target[u]) + 1 if test.target[u] in ranked else 0)
-    assert results[0][1] == pytest.approx(train.metrics_from_ranks(np.array(ranks)))
+    assert results[0][1] == pytest.approx(evaluate.metrics_from_ranks(np.array(ranks)))
     assert results[0][1] != results[0][0]                              # the transitions changed some ranks
 
 
@@ -1565,7 +1571,6 @@ def test_cli_rejects_bad_arguments(argv, fragment):
     (lambda: train.TrainConfig(dtype="fp64"), "--dtype: expected one of"),
     (lambda: train.TrainConfig(epochs="7"), "--epochs: expected int, got '7'"),
     (lambda: train.TrainConfig(lr=float("nan")), "--lr: expected a finite number"),
-    (lambda: train.TrainConfig(transition_weight=-0.5), "--transition_weight: expected >= 0"),
     (lambda: recommend.RecommendConfig(run_dir="r", user="u", transition_weight=-2.0),
      "--transition_weight: expected -1 (the run's) or a number >= 0, got -2.0"),
     (lambda: train.TrainConfig(preset="huge"), "--preset: expected one of"),
@@ -1586,10 +1591,10 @@ def test_cli_overrides_and_presets():
 
 
 def test_auto_preset_follows_interactions_per_user():
-    def dataset(per_user: int) -> data_py.Dataset:
-        return data_py.Dataset.from_sequences([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)])
-    assert train.choose_preset(dataset(9))[0] == "sparse"
-    assert train.choose_preset(dataset(train.SPARSE_BELOW))[0] == "cpu"
+    def four_users(per_user: int) -> dataset.Dataset:
+        return dataset.Dataset.from_sequences([np.arange(per_user)] * 4, list("abcd"), [str(i) for i in range(per_user)])
+    assert train.choose_preset(four_users(9))[0] == "sparse"
+    assert train.choose_preset(four_users(train.SPARSE_BELOW))[0] == "cpu"
 
 
 def _files(folder) -> dict:
@@ -1611,7 +1616,7 @@ def test_a_new_run_into_another_runs_folder_changes_nothing(tmp_path):
     train.main([f"--data={data_path}", f"--out_dir={out}", "--overwrite=true", "--seed=1"] + TINY_RUN + ["--epochs=1"])
     assert not (out / ".tmp-checkpoint.ptabc").exists() and (out / "notes.txt").read_text() == "mine"
     assert _files(out)["config.json"] != before["config.json"]
-    mask = sid._umask()
+    mask = cli._umask()
     for name in ("config.json", "checkpoint.pt", "item_id2tokens.npy", "results.json"):
         assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~mask            # the umask's, not mkstemp's 0600
 
@@ -1644,7 +1649,7 @@ def test_bad_input_at_any_stage_leaves_the_run_folder_byte_for_byte(tmp_path):
         assert _files(out) == before, extra
     shutil.copy(data_path, tmp_path / "moved.inter")                      # the same bytes elsewhere: accepted
     train.main([f"--data={tmp_path / 'moved.inter'}", f"--out_dir={out}", "--eval_only=true"] + TINY_RUN + ["--epochs=1"])
-    assert "eval.json" in train.RunFolder(str(out)).verify()["files"]
+    assert "eval.json" in runs.RunFolder(str(out)).verify()["files"]
 
 
 def test_item_id_embeddings_are_saved_with_the_run_and_n_items_is_not_a_flag(tmp_path):
@@ -1653,7 +1658,7 @@ def test_item_id_embeddings_are_saved_with_the_run_and_n_items_is_not_a_flag(tmp
     trained = train.main(args)
     assert trained["config"]["model"]["n_items"] == trained["dataset"]["items"]
     assert train.main(args + ["--eval_only=true"])["test"] == trained["test"]
-    run = train.load_run(str(tmp_path / "out"))                # no set_items here: the keys come from the checkpoint
+    run = runs.load_run(str(tmp_path / "out"))                # no set_items here: the keys come from the checkpoint
     codes = torch.from_numpy(run.index.item_codes.astype(np.int64))
     assert torch.equal(run.model.item_rows(codes[None] + run.model.digit_offsets)[0], torch.arange(len(codes)))
     with pytest.raises(ValueError, match="--n_items: expected no value"):
@@ -1694,11 +1699,11 @@ def killed_at(k: int, under: str):
 
 def _state(out: str):
     """What a reader sees after a kill: None (no run) or the verified manifest."""
-    folder = train.RunFolder(out)
+    folder = runs.RunFolder(out)
     manifest = folder.recover()
     if manifest is not None:
         folder.verify()
-        assert not [f for f in os.listdir(out) if f.startswith((".tmp-", train.PENDING))]
+        assert not [f for f in os.listdir(out) if f.startswith((".tmp-", runs.PENDING))]
     return manifest
 
 
@@ -1710,7 +1715,7 @@ def test_a_kill_at_any_file_operation_of_train_leaves_the_old_run_or_the_new(tmp
     data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
     old = str(tmp_path / "old")
     train.main([f"--data={data_path}", f"--out_dir={old}"] + TINY_RUN + ["--epochs=1"])
-    old_manifest = train.RunFolder(old).manifest()
+    old_manifest = runs.RunFolder(old).manifest()
     out = str(tmp_path / "run")
     argv = [f"--data={data_path}", f"--out_dir={out}", "--overwrite=true", "--seed=3"] + TINY_RUN
     states, k = set(), 0
@@ -1725,15 +1730,15 @@ def test_a_kill_at_any_file_operation_of_train_leaves_the_old_run_or_the_new(tmp
         manifest = _state(out)
         if manifest == old_manifest:
             states.add("old")
-            assert train.load_run(out).config["train"]["seed"] == 0
+            assert runs.load_run(out).config["train"]["seed"] == 0
         else:
             assert json.load(open(os.path.join(out, "config.json")))["train"]["seed"] == 3
             states.add("finished" if "results.json" in manifest["files"] else "unfinished")
             if "results.json" in manifest["files"]:
-                train.load_run(out)
+                runs.load_run(out)
             elif k % 4 == 0:                                          # a rerun starts it over (a sample of k)
                 train.main(argv[:2] + argv[3:])
-                assert "results.json" in train.RunFolder(out).verify()["files"]
+                assert "results.json" in runs.RunFolder(out).verify()["files"]
         if not seen["killed"]:
             break
         k += 1
@@ -1743,7 +1748,7 @@ def test_a_kill_at_any_file_operation_of_train_leaves_the_old_run_or_the_new(tmp
 @pytest.mark.slow
 def test_a_kill_at_any_file_operation_of_add_items_or_out_leaves_the_old_state_or_the_new(group_run, tmp_path):
     good = group_run["out"]
-    old_manifest = train.RunFolder(good).manifest()
+    old_manifest = runs.RunFolder(good).manifest()
     emb, ids = group_run["emb"][:3], ["n1", "n2", "n3"]
     k, states = 0, set()
     while True:
@@ -1754,12 +1759,12 @@ def test_a_kill_at_any_file_operation_of_add_items_or_out_leaves_the_old_state_o
             except Killed:
                 pass
         manifest = _state(out)
-        run = train.load_run(out)
+        run = runs.load_run(out)
         states.add("old" if manifest == old_manifest else "new")
         assert run.index.n_items == (36 if manifest == old_manifest else 39)
         if manifest == old_manifest:
             recommend.add_items(out, emb, ids)                          # the rerun
-            assert train.load_run(out).index.n_items == 39
+            assert runs.load_run(out).index.n_items == 39
         if not seen["killed"]:
             break
         k += 1
@@ -1774,7 +1779,7 @@ def test_a_kill_at_any_file_operation_of_add_items_or_out_leaves_the_old_state_o
                 except Killed:
                     pass
             text = recs.read_text() if recs.exists() else ""
-            assert text == "" or text.endswith("\n") and len(text.splitlines()) == len(train.load_run(good).user_raw)
+            assert text == "" or text.endswith("\n") and len(text.splitlines()) == len(runs.load_run(good).user_raw)
             assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] or seen["killed"]
             if not seen["killed"]:
                 break
@@ -1845,7 +1850,7 @@ def _copy_run(run: dict, dest) -> str:
 @pytest.mark.slow
 def test_added_items_are_recommended_when_the_history_points_to_their_group(group_run, tmp_path):
     out = _copy_run(group_run, tmp_path / "run")
-    before = train.load_run(out)
+    before = runs.load_run(out)
     new_ids = [group_raw(g, s) for g, s in group_run["held_out"]]
     new_emb = group_run["emb"][[g * N_SLOTS + s for g, s in group_run["held_out"]]]
     histories = [before.item_ids([group_raw(g, (s + 1) % N_SLOTS), group_raw(g, (s + 2) % N_SLOTS)])
@@ -1853,7 +1858,7 @@ def test_added_items_are_recommended_when_the_history_points_to_their_group(grou
     users = [f"new{g}" for g in range(N_GROUPS)]
     old_items, _ = recommend.recommend(before, histories, users)
     assert recommend.add_items(out, new_emb, new_ids, [f"added {i}" for i in new_ids]) == 0
-    after = train.load_run(out)
+    after = runs.load_run(out)
     assert after.index.n_items == before.index.n_items + N_GROUPS
     assert np.array_equal(after.index.item_codes[:before.index.n_items], before.index.item_codes)  # old SIDs kept
     assert (after.index.item_codes[before.index.n_items:, :3] ==
@@ -1904,11 +1909,11 @@ def test_new_item_rule_equals_the_per_user_loop(seed, k, n_new):
 
 @pytest.mark.slow
 def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
-    run = train.load_run(group_run["out"])
+    run = runs.load_run(group_run["out"])
     rng = np.random.default_rng(1)
     histories = [rng.integers(0, run.index.n_items, rng.integers(1, 9)) for _ in range(13)]
     users = [f"u{k}" for k in range(13)]
-    run.transition_weight = 2.0                           # as if config.json said so
+    run.transition_weight = 2.0                           # as if training had chosen it
     items, scores = recommend.recommend(run, histories, users, batch_size=4)
     for k in range(13):
         one_items, one_scores = recommend.recommend(run, [histories[k]], [users[k]])
@@ -1918,11 +1923,11 @@ def test_recommend_a_batch_equals_its_rows_one_at_a_time(group_run):
 
 @pytest.mark.slow
 def test_recommend_ranks_the_beam_by_the_runs_training_transitions(group_run):
-    run = train.load_run(group_run["out"])
+    run = runs.load_run(group_run["out"])
     users = run.user_raw[:20].tolist()
     histories = [run.sequence(u) for u in users]          # real users: their last items have successors
-    assert run.transition_weight == 0                     # the cpu preset: the beam's own order
-    beam_items, beam_scores = recommend.recommend(run, histories, users, n_return=run.model.config.beam_size)
+    beam_items, beam_scores = recommend.recommend(run, histories, users, n_return=run.model.config.beam_size,
+                                                  transition_weight=0.0)                # the beam's own order
     items, scores = recommend.recommend(run, histories, users, transition_weight=3.0)
     seqs = [run.items[a:b][:-2] for a, b in zip(run.offsets[:-1], run.offsets[1:])]     # the training parts
     pairs = Counter((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:]))
@@ -1949,10 +1954,10 @@ def test_request_windows_keep_the_last_items_left_padded(histories, width):
 def _reseal(folder) -> None:
     """Rewrite run.json to vouch for the files as they are now: a consistent folder of wrong files,
     to reach the checks that run after the manifest's."""
-    path = os.path.join(folder, train.MANIFEST)
+    path = os.path.join(folder, runs.MANIFEST)
     manifest = json.loads(open(path).read())
     for name in manifest["files"]:
-        size, digest = train.file_digest(os.path.join(folder, name))
+        size, digest = runs.file_digest(os.path.join(folder, name))
         manifest["files"][name] = {"size": size, "sha256": digest}
     open(path, "w").write(json.dumps(manifest))
 
@@ -1963,56 +1968,56 @@ def test_load_run_refuses_missing_or_mismatched_files(group_run, tmp_path):
         out = _copy_run(group_run, tmp_path / f"no_{name}")
         os.remove(os.path.join(out, name))
         with pytest.raises(ValueError, match=f"{name}: does not match run.json .*found missing"):
-            train.load_run(out)
+            runs.load_run(out)
     for name, change in (("checkpoint.pt", lambda b: b + b"\0"), ("item_id2tokens.npy", lambda b: b[:-4] + b[-4:][::-1])):
         out = _copy_run(group_run, tmp_path / f"edited_{name}")               # one byte more, or swapped codes
         blob = open(os.path.join(out, name), "rb").read()
         open(os.path.join(out, name), "wb").write(change(blob))
         with pytest.raises(ValueError, match=f"{name}: does not match run.json"):
-            train.load_run(out)
+            runs.load_run(out)
     out = _copy_run(group_run, tmp_path / "fewer_items")                    # the item map of another run
     z = dict(np.load(os.path.join(out, "data.npz")))
     z["item_raw"], z["item_title"] = z["item_raw"][:-1], z["item_title"][:-1]
     np.savez(os.path.join(out, "data.npz"), **z)
     with pytest.raises(ValueError, match="data.npz: does not match run.json"):
-        train.load_run(out)
+        runs.load_run(out)
     _reseal(out)
     with pytest.raises(ValueError, match="index has 36 items, data.npz maps 35"):
-        train.load_run(out)
+        runs.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_sids")                      # SIDs the model was not trained on
     codes = np.load(os.path.join(good, "item_id2tokens.npy"))
     sid.SIDIndex(codes[::-1].copy()).save(out)
     _reseal(out)
     with pytest.raises(ValueError, match="opq.npz: belongs to another index"):
-        train.load_run(out)
+        runs.load_run(out)
     os.remove(os.path.join(out, "opq.npz"))                                 # then the checkpoint's digest says it
-    manifest = json.loads(open(os.path.join(out, train.MANIFEST)).read())
+    manifest = json.loads(open(os.path.join(out, runs.MANIFEST)).read())
     del manifest["files"]["opq.npz"]
-    open(os.path.join(out, train.MANIFEST), "w").write(json.dumps(manifest))
+    open(os.path.join(out, runs.MANIFEST), "w").write(json.dumps(manifest))
     with pytest.raises(ValueError, match="other SIDs"):
-        train.load_run(out)
+        runs.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_model")                     # config.json of another model
     config = json.loads(open(os.path.join(out, "config.json")).read())
     config["model"]["n_embd"] = 32
     open(os.path.join(out, "config.json"), "w").write(json.dumps(config))
     _reseal(out)
     with pytest.raises(ValueError, match="model.n_embd is 16 there, 32 here"):
-        train.load_run(out)
+        runs.load_run(out)
     out = _copy_run(group_run, tmp_path / "pickled")                         # an object array needs a pickle
     np.savez(os.path.join(out, "data.npz"), **{**z, "item_raw": np.array([object()] * 36, dtype=object)})
     _reseal(out)
     with pytest.raises(ValueError, match="data.npz: not a readable run data file"):
-        train.load_run(out)
+        runs.load_run(out)
     out = _copy_run(group_run, tmp_path / "no_manifest")
-    os.remove(os.path.join(out, train.MANIFEST))
+    os.remove(os.path.join(out, runs.MANIFEST))
     with pytest.raises(ValueError, match="not a run folder \\(no run.json"):
-        train.load_run(out)
+        runs.load_run(out)
 
 
 @pytest.mark.slow
 def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_path):
     out = _copy_run(group_run, tmp_path / "run")
-    run = train.load_run(out)
+    run = runs.load_run(out)
     with pytest.raises(ValueError, match="'nobody' is not a user"):
         run.sequence("nobody")
     with pytest.raises(ValueError, match="item 'x9' is not an item"):
@@ -2032,10 +2037,11 @@ def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_pat
                         (["--run_dir=" + out, "--all=true"], "--all: expected --out"),
                         (["--run_dir=" + out, "--user=u000", "--all=true"], "exactly one of"),
                         (["--run_dir=" + str(tmp_path / "none"), "--user=u000"], "not a run folder (no run.json")):
-        cli = subprocess.run([sys.executable, os.path.join(HERE, "recommend.py")] + argv, capture_output=True,
-                             text=True, cwd=HERE, timeout=120)
-        assert cli.returncode == 1 and cli.stderr.startswith("error: ") and match.replace("\\", "") in cli.stderr, cli.stderr
-        assert "Traceback" not in cli.stderr
+        done = subprocess.run([sys.executable, os.path.join(HERE, "recommend.py")] + argv, capture_output=True,
+                              text=True, cwd=HERE, timeout=120)
+        assert done.returncode == 1 and done.stderr.startswith("error: ") and match.replace("\\", "") in done.stderr, \
+            done.stderr
+        assert "Traceback" not in done.stderr
 
 
 @pytest.mark.slow
@@ -2048,13 +2054,13 @@ def test_outputs_never_overwrite_unasked_nor_a_file_the_run_reads(group_run, tmp
     with pytest.raises(ValueError, match="exists; choose another path, or replace it with --overwrite=true"):
         recommend.main(args + [f"--out={mine}"])
     assert mine.read_text() == "mine"
-    data_path = train.RunFolder(out).manifest()["data"]["path"]
+    data_path = runs.RunFolder(out).manifest()["data"]["path"]
     for name in ("checkpoint.pt", "run.json", "data.npz", data_path):               # what the run reads
         with pytest.raises(ValueError, match="is a file the run reads"):
             recommend.main(args + [f"--out={os.path.join(out, name)}", "--overwrite=true"])
     assert _files(out) == before and open(data_path).read()
     recommend.main(args + [f"--out={mine}", "--overwrite=true"])                   # asked: replaced
-    assert mine.read_text().count("\n") == len(train.load_run(out).user_raw)
+    assert mine.read_text().count("\n") == len(runs.load_run(out).user_raw)
     np.save(tmp_path / "e.npy", group_run["emb"])
     for argv, fragment in (([f"--out={out}", "--overwrite=true"], "is a run folder"),
                            ([f"--out={mine}"], "is a file; expected a folder")):
@@ -2117,7 +2123,7 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
     (newer / "d.inter").write_text(INTER_HEADER + "\n".join(rows) + "\n")
     every = sorted((g, s) for g in range(N_GROUPS) for s in range(N_SLOTS))
     np.save(newer / "d_content.npy", emb[[g * N_SLOTS + s for g, s in sorted(every, key=lambda p: group_raw(*p))]])
-    base = train.load_run(group_run["out"])
+    base = runs.load_run(group_run["out"])
     out = tmp_path / "continued"
     args = [f"--data={newer / 'd.inter'}", f"--init_from={group_run['out']}", f"--out_dir={out}"]
     with pytest.raises(ValueError, match="--n_embd: the model of --init_from has n_embd=16, got 32"):
@@ -2125,7 +2131,7 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
     with pytest.raises(ValueError, match="--out_dir: expected a folder other than --init_from"):
         train.main(args[:2] + [f"--out_dir={group_run['out']}"])
     results = train.main(args + ["--epochs=1", "--lr=1e-9", "--warmup_steps=0", "--log_every=1000"])
-    cont = train.load_run(str(out))
+    cont = runs.load_run(str(out))
     assert cont.item_raw[:base.index.n_items].tolist() == base.item_raw.tolist()     # old items keep their ids ...
     assert np.array_equal(cont.index.item_codes[:base.index.n_items], base.index.item_codes)  # ... and SIDs
     assert sorted(cont.item_raw[base.index.n_items:].tolist()) == sorted(group_raw(g, s) for g, s in group_run["held_out"])
@@ -2148,7 +2154,7 @@ def test_cold_start_experiment_adds_the_held_out_items_and_scores_their_users(tm
     out = tmp_path / "cold"
     results = experiments.cold_start(str(tmp_path / "d.txt"), str(out), fraction=0.1, train_args=GROUP_RUN)
     warm = (out / "warm" / "d.txt").read_text()
-    run = train.load_run(str(out / "run"))
+    run = runs.load_run(str(out / "run"))
     added = run.item_raw[run.index.n_items - results["held_out_items"]:].tolist()
     assert results["held_out_items"] == 5 and not any(f" {i} " in f" {line} " for i in added for line in warm.splitlines())
     assert results["items"] == N_GROUPS * N_SLOTS and results["users"] > 0
@@ -2171,7 +2177,7 @@ def test_continue_experiment_runs_base_continued_and_scratch(tmp_path):
     assert results["interactions"]["early"] < results["interactions"]["all"]
     for name in ("continued", "scratch"):
         assert set(results[name]["later"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
-    base, cont = train.load_run(str(out / "base")), train.load_run(str(out / "continued"))
+    base, cont = runs.load_run(str(out / "base")), runs.load_run(str(out / "continued"))
     assert np.array_equal(cont.index.item_codes[:base.index.n_items], base.index.item_codes)
 
 
@@ -2185,7 +2191,7 @@ def test_synthetic_interactions_are_deterministic_and_train_reads_them(tmp_path)
     user, item, when = a
     assert item.min() >= 0 and item.max() < 200 and (np.diff(when)[np.diff(user) == 0] == 1).all()
     bench.write_csv(str(tmp_path / "s.csv"), user, item, when, chunk=1000)
-    raw = data_py.load_data(train.TrainConfig(data=str(tmp_path / "s.csv")))
+    raw = dataset.load_data(train.TrainConfig(data=str(tmp_path / "s.csv")))
     assert raw.users[:3] == [f"u{u}" for u in user[:3]] and list(raw.times[:3]) == when[:3].tolist()
     assert len(raw.users) == len(user) and raw.users[0] is raw.users[1]   # one str object per distinct id
 
@@ -2195,26 +2201,26 @@ def test_synthetic_interactions_are_deterministic_and_train_reads_them(tmp_path)
 # ----------------------------------------------------------------------------------------------
 
 def _load(folder, name: str, content, fmt: str = "auto"):
-    return data_py.load_data(train.TrainConfig(data=_write(folder, name, content), format=fmt))
+    return dataset.load_data(train.TrainConfig(data=_write(folder, name, content), format=fmt))
 
 
 def _emb(folder, array) -> np.ndarray:
     """item_embeddings() for a 4-item dataset with `array` as --item_emb."""
-    data = data_py.Dataset.from_sequences([np.arange(4)], ["u"], ["a", "b", "c", "d"])
+    data = dataset.Dataset.from_sequences([np.arange(4)], ["u"], ["a", "b", "c", "d"])
     path = os.path.join(str(folder), "e.npy")
     np.save(path, array)
-    return data_py.item_embeddings(train.TrainConfig(item_emb=path), data, data_py.RawData([], [], [], item_emb=path), None)
+    return embeddings.item_embeddings(train.TrainConfig(item_emb=path), data, dataset.RawData([], [], [], item_emb=path), None)
 
 
 def _check_other_config(folder):
     path, resolved = _tiny_checkpoint(folder)
     here = {**resolved, "model": {**resolved["model"], "n_embd": 32}}
-    train.check_checkpoint(train.load_checkpoint(path), path, here, "0" * 64, to_resume=False)
+    runs.check_checkpoint(runs.load_checkpoint(path), path, here, "0" * 64)
 
 
 def _check_other_sids(folder):
     path, resolved = _tiny_checkpoint(folder)
-    train.check_checkpoint(train.load_checkpoint(path), path, resolved, "1" * 64, to_resume=False)
+    runs.check_checkpoint(runs.load_checkpoint(path), path, resolved, "1" * 64)
 
 
 def _old_index(folder):
@@ -2227,9 +2233,9 @@ def _old_index(folder):
 
 
 def _train_batch_with_unknown_item(folder):
-    split = data_py.Split.from_windows(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
+    split = dataset.Split.from_windows(history=np.array([[-1, 0, 7]]), target=np.array([1]), user=np.array([0]))
     item_tokens = torch.zeros(4, 4, dtype=torch.long)                    # 3 items + the PAD row
-    train.make_batch(split, np.array([0]), item_tokens, torch.zeros(1, dtype=torch.long), torch.device("cpu"))
+    evaluate.make_batch(split, np.array([0]), item_tokens, torch.zeros(1, dtype=torch.long), torch.device("cpu"))
 
 
 def _generate_with_unknown_sid(folder):
@@ -2241,8 +2247,8 @@ def _generate_with_unknown_sid(folder):
 # bad input to every module in one table: data files, sid.py, the model, beam search, checkpoints, CLI
 # (what is wrong, how to trigger it in a temporary folder, a fragment of the expected message)
 BAD_INPUTS = [
-    ("empty data file", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER)), "no interactions"),
-    ("nothing left after 5-core", lambda d: data_py.prepare(_load(d, "d.inter", INTER_HEADER + "u1\ti1\t1\n")),
+    ("empty data file", lambda d: dataset.prepare(_load(d, "d.inter", INTER_HEADER)), "no interactions"),
+    ("nothing left after 5-core", lambda d: dataset.prepare(_load(d, "d.inter", INTER_HEADER + "u1\ti1\t1\n")),
      "empty after 5-core"),
     (".inter without a timestamp column", lambda d: _load(d, "d.inter", "user_id:token\titem_id:token\nu\ti\n"),
      "expected a timestamp column"),
@@ -2269,10 +2275,10 @@ BAD_INPUTS = [
     ("amazon JSON with a key twice", lambda d: _load(d, "d.json", '{"reviewerID": "u", "asin": "a", "asin": "b", '
                                                                   '"unixReviewTime": 1}\n'),
      "d.json:1: not a JSON object (the key 'asin' appears twice"),
-    ("item text JSON with a key twice", lambda d: data_py.load_item_text(_write(d, "t.jsonl", '{"asin": "a", "title": "x", '
+    ("item text JSON with a key twice", lambda d: dataset.load_item_text(_write(d, "t.jsonl", '{"asin": "a", "title": "x", '
                                                                                               '"title": "y"}\n')),
      "t.jsonl:1: the key 'title' appears twice"),
-    ("a text file as .npy", lambda d: data_py.read_item_emb(_write(d, "e.npy", "1 2 3\n"), 2),
+    ("a text file as .npy", lambda d: embeddings.read_item_emb(_write(d, "e.npy", "1 2 3\n"), 2),
      "e.npy is not a .npy file (it does not start with the .npy header)"),
     ("csv without an item column", lambda d: _load(d, "d.csv", "user,thing,timestamp\nu,i,1\n"),
      "d.csv:1: expected the item column"),
@@ -2285,9 +2291,9 @@ BAD_INPUTS = [
      "d.txt:2: expected `user item item ...`"),
     (".json.gz that is not gzip", lambda d: _load(d, "d.json.gz", b"not gzip at all"), "d.json.gz: cannot read it (BadGzipFile"),
     ("bytes that are not UTF-8", lambda d: _load(d, "d.csv", b"user,item,timestamp\n\xff\xfe,i,1\n"), "d.csv: not UTF-8 text"),
-    ("item text line that is not a dict", lambda d: data_py.load_item_text(_write(d, "m.jsonl", "[1, 2]\n")),
+    ("item text line that is not a dict", lambda d: dataset.load_item_text(_write(d, "m.jsonl", "[1, 2]\n")),
      "m.jsonl:1: expected a JSON object or Python dict"),
-    ("item text with an item twice", lambda d: data_py.load_item_text(_write(d, "m.jsonl", '{"asin": "a"}\n{"asin": "a"}\n')),
+    ("item text with an item twice", lambda d: dataset.load_item_text(_write(d, "m.jsonl", '{"asin": "a"}\n{"asin": "a"}\n')),
      "m.jsonl:2: item 'a' appears a second time"),
     ("--item_emb with NaN", lambda d: _emb(d, np.array([[0.0], [np.nan], [1.0], [2.0]])), "got NaN or inf in row 1"),
     ("--item_emb with 3 rows for 4 items", lambda d: _emb(d, np.zeros((3, 8))), "expected shape [4 items, D], got (3, 8)"),
@@ -2304,11 +2310,11 @@ BAD_INPUTS = [
      "beam_size: expected a positive int"),
     ("checkpoint config != this run's", _check_other_config, "model.n_embd is 16 there, 32 here"),
     ("checkpoint SIDs != the index on disk", _check_other_sids, "made with other SIDs than the index on disk"),
-    ("checkpoint of another version", lambda d: train.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
+    ("checkpoint of another version", lambda d: runs.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
      "checkpoint version 0, this code reads version 3"),
-    ("truncated checkpoint", lambda d: train.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
+    ("truncated checkpoint", lambda d: runs.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
      "not a readable checkpoint, truncated or corrupt"),
-    ("missing checkpoint", lambda d: train.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
+    ("missing checkpoint", lambda d: runs.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
     ("opq.npz of another version", _old_index, "index version 99, this code reads 1"),
     ("CLI unknown --key", lambda d: configs(["--learning_rate=1"]), "unknown option --learning_rate"),
     ("CLI value of the wrong type", lambda d: configs(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),
@@ -2327,7 +2333,7 @@ BAD_INPUTS = [
     ("csv field over the size limit", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i,1\nu," + "x" * 200_000 + ",2\n"),
      "d.csv:3: not a readable CSV row (field larger than field limit"),
     ("csv id of spaces only", lambda d: _load(d, "d.csv", "user,item,timestamp\n  ,i0,1\n"), "d.csv:2: expected the user id to be 1 to 1000 printable characters, got empty"),
-    ("--item_emb given a .npz", lambda d: data_py.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
+    ("--item_emb given a .npz", lambda d: embeddings.read_item_emb(_npz(d), 2), "expected one .npy array, got a .npz archive"),
     ("bool embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), bool)), "expected a numeric array, got dtype"),
     ("complex embeddings (sid)", lambda d: sid.build_index(np.ones((4, 2), complex)), "expected a numeric array, got dtype"),
     ("numeric strings as embeddings (sid)", lambda d: sid.build_index(np.array([["1", "2"]] * 4)), "expected a numeric array, got dtype"),
@@ -2347,11 +2353,11 @@ BAD_INPUTS = [
      lambda d: beam.beam_search(tiny_model(codebook_size=16), make_batch(tiny_model(codebook_size=16), [2]), 2, 1,
                                 sid.SIDIndex(np.eye(2, 4, dtype=np.uint8))),
      "the index and the model disagree on codebook_size"),
-    ("header-only data file names the file", lambda d: data_py.prepare(_load(d, "empty.csv", "user,item,timestamp\n")),
+    ("header-only data file names the file", lambda d: dataset.prepare(_load(d, "empty.csv", "user,item,timestamp\n")),
      "empty.csv: no interactions"),
     ("timestamp beyond 64 bits", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t99999999999999999999\n"),
      "expected a timestamp that fits in 64 bits"),
-    ("--device=mps where there is none", lambda d: train.pick_device("mps") if not torch.backends.mps.is_available()
+    ("--device=mps where there is none", lambda d: cli.pick_device("mps") if not torch.backends.mps.is_available()
      else (_ for _ in ()).throw(ValueError("--device: mps is not available")), "--device: mps is not available"),
 ]
 
@@ -2408,7 +2414,7 @@ def run_alone(tmp_path, files: list, code: str) -> str:
 def test_rpg_ed_and_beam_copied_alone_generate_with_a_hand_made_constraint(tmp_path):
     out = run_alone(tmp_path, ["rpg_ed.py", "beam.py"], """
 import sys, torch, rpg_ed
-assert not any(m in sys.modules for m in ("sid", "train", "data")), "imported a project module it should not need"
+assert not any(m in sys.modules for m in ("sid", "train", "dataset")), "imported a project module it should not need"
 
 class FiveItems:                                     # a hand-made constraint: 5 SIDs, brute force
     codes = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 4], [0, 5, 0, 0], [7, 7, 7, 7], [2, 0, 1, 3]])
@@ -2511,6 +2517,58 @@ assert np.array_equal(bigger.lookup(bigger.item_codes), np.arange(320))
 print("ok")
 """)
     assert out.startswith("ok")
+
+
+GENERATE_WITH_SIDS = """
+import sys, numpy as np, torch
+{imports}
+rng = np.random.default_rng(0)
+index, _ = sid.build_index(rng.standard_normal((60, 8)).astype(np.float32), n_iter=2, kmeans_iter=2)
+config = rpg_ed.RPGEDConfig(n_user_buckets=3, max_history=4, encoder_n_layer=1, decoder_n_layer=1, n_head=2,
+                            n_embd=16, n_inner=32, beam_size=10)
+model = rpg_ed.RPG_ED(config).eval()
+history = torch.from_numpy(sid.codes_to_tokens(index.item_codes[[[0, 5, 7], [1, 1, 2]]], 3))
+items = model.generate({{"user_ids": torch.tensor([0, 2]), "history_sid": history}}, index)[..., 0]
+assert items.shape == (2, 10) and ((items >= 0) & (items < 60)).all()
+assert all(len(set(row)) == 10 for row in items.tolist())               # real items, each once
+assert "{beam}" in sys.modules and "{absent}" not in sys.modules, sorted(sys.modules)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("layout", ["flat", "package"])
+def test_rpg_ed_beam_and_sid_copied_flat_or_into_a_package_generate(tmp_path, layout):
+    """The three core files, copied beside each other or into mypkg/ (with __init__.py): generate
+    finds beam.py beside rpg_ed.py either way."""
+    if layout == "flat":
+        code = GENERATE_WITH_SIDS.format(imports="import rpg_ed, sid", beam="beam", absent="mypkg")
+        out = run_alone(tmp_path, ["rpg_ed.py", "beam.py", "sid.py"], code)
+    else:
+        (tmp_path / "mypkg").mkdir()
+        (tmp_path / "mypkg" / "__init__.py").write_text("")
+        for name in ("rpg_ed.py", "beam.py", "sid.py"):
+            shutil.copy(os.path.join(HERE, name), tmp_path / "mypkg" / name)
+        code = GENERATE_WITH_SIDS.format(imports="from mypkg import rpg_ed, sid", beam="mypkg.beam", absent="beam")
+        out = run_alone(tmp_path, [], code)
+    assert out.startswith("ok")
+
+
+@pytest.mark.parametrize("script, configs", [("train.py", ["TrainConfig", "RPGEDConfig"]),
+                                             ("recommend.py", ["RecommendConfig"]), ("sid.py", ["IndexConfig"]),
+                                             ("experiments.py", ["ExperimentConfig"]), ("bench.py", ["BenchConfig"])])
+def test_help_lists_every_flag_with_its_default_and_comment_and_exits_0(script, configs):
+    done = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    modules = {"TrainConfig": train, "RPGEDConfig": rpg_ed, "RecommendConfig": recommend, "IndexConfig": sid,
+               "ExperimentConfig": experiments, "BenchConfig": bench}
+    for name in configs:
+        cls = getattr(modules[name], name)
+        comments = cli.field_comments(cls)
+        for f in dataclasses.fields(cls):
+            default = str(f.default).lower() if isinstance(f.default, bool) else f.default
+            line = next((l for l in done.stdout.splitlines() if l.strip().startswith(f"--{f.name}=")), "")
+            assert line.split()[0] == f"--{f.name}={default}", (f.name, line)
+            assert comments.get(f.name) and comments[f.name] in line, (f.name, line)
 
 
 TOY_DIGITS, TOY_CODES, TOY_BEAM = 2, 3, 2          # the README's worked beam search
@@ -2655,21 +2713,38 @@ def test_python_rpg_ed_prints_the_readme_walk_through():
     assert out.getvalue() in readme()
 
 
-LAYERS = ["sid", "beam", "rpg_ed", "data", "train", "recommend", "experiments"]   # lowest first
+LAYERS = [("sid", "beam"), ("rpg_ed",), ("dataset",), ("embeddings",), ("evaluate",), ("runs",), ("train",),
+          ("recommend",), ("experiments", "bench")]                     # lowest first; cli.py beside them all
+
+
+def project_imports(path: str) -> list:
+    """(line, module, at top level) for each import of a project module in a file, including
+    imports inside functions."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        names = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module.split(".")[0]] if isinstance(node, ast.ImportFrom) and node.module else []
+        found += [(node.lineno, n, id(node) in top) for n in names if os.path.exists(os.path.join(HERE, n + ".py"))]
+    return found
 
 
 def test_no_module_imports_one_above_it():
-    """sid, beam < rpg_ed < data < train < recommend < experiments, and beam.py and sid.py import
-    no project module; an import inside a function counts too."""
-    for i, name in enumerate(LAYERS):
-        allowed = set() if name in ("sid", "beam") else set(LAYERS[:i])
-        with open(os.path.join(HERE, name + ".py"), encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            names = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module.split(".")[0]] if isinstance(node, ast.ImportFrom) and node.module else []
-            wrong = [n for n in names if n in LAYERS and n not in allowed]
-            assert not wrong, f"{name}.py:{node.lineno} imports {wrong}; it may import only {sorted(allowed)}"
+    """Each module imports only modules of lower layers (sid and beam none at all), even inside a
+    function; cli.py imports none, and any module may use it, but sid.py only for its command
+    line (inside a function), so that sid.py still copies alone. Every module has a layer."""
+    layer = {name: k for k, group in enumerate(LAYERS) for name in group}
+    modules = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
+    assert modules == set(layer) | {"cli"}, f"modules without a layer: {modules - set(layer) - {'cli'}}"
+    for name in sorted(modules):
+        for line, imported, top_level in project_imports(os.path.join(HERE, name + ".py")):
+            if imported == "cli":
+                assert name != "cli" and not (name == "sid" and top_level), f"{name}.py:{line} imports cli"
+                continue
+            assert name != "cli" and layer[imported] < layer[name] and name not in ("sid", "beam"), \
+                f"{name}.py:{line} imports {imported}, which is not in a lower layer"
 
 
 if __name__ == "__main__":

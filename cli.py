@@ -1,0 +1,248 @@
+"""What every script of this project shares around its own work: flags, `__main__`, devices,
+processes, and writing an output file.
+
+    args = Config(**parse_flags(argv, Config))   # --key=value for each dataclass field; --help lists them
+    run_main(main)                               # errors as one line on stderr, exit status 1
+    dist = init_distributed("auto")              # one process, or one of torchrun's
+    with autocast(dist.device, torch.bfloat16): ...
+    atomic_write(path, data)                     # the file holds the old bytes or the new, never a mix
+
+It imports no module of this project, so any of them may use it; a module that needs it only for
+its own command line (sid.py) imports it there, and still copies alone without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Flags: --key=value, one per field of a config dataclass, typed by the field
+# ----------------------------------------------------------------------------------------------
+
+def _flag_value(name: str, text: str, kind: str):
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except (ValueError, KeyError):
+        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
+
+
+def field_comments(cls) -> dict:
+    """{field: its comment} from the dataclass's source: the `# ...` after each field, with the
+    comment-only lines below it (a comment that wraps)."""
+    comments, current = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"\s+(\w+): [^=#]+=.*?#\s?(.*)$", line)
+        wrapped = re.match(r"\s+#\s?(.*)$", line)
+        if field:
+            current = field.group(1)
+            comments[current] = field.group(2).strip()
+        elif wrapped and current:
+            comments[current] += " " + wrapped.group(1).strip()
+        else:
+            current = None
+    return comments
+
+
+def flag_help(*configs) -> str:
+    """Every flag of the dataclasses `configs`, with its default and its comment."""
+    lines = []
+    for cls in configs:
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        lines.append(f"\n{cls.__name__}: {' '.join(doc.split())}")
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            default = str(f.default).lower() if isinstance(f.default, bool) else f.default
+            flag = f"--{f.name}={default}" if f.default is not dataclasses.MISSING else f"--{f.name}"
+            lines.append(f"  {flag:<26} {comments.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_flags(argv: list, *configs, usage: str = "") -> dict:
+    """`--key=value` arguments -> {key: value}, each value typed by its field in the dataclasses
+    `configs` (int, float, bool or str); a flag given twice takes its last value, as in argparse.
+    `--help` prints `usage` and every flag, then exits 0. Unknown and malformed flags are refused
+    here, naming the flag; each dataclass's __post_init__ then checks what its values allow."""
+    if "--help" in argv or "-h" in argv:
+        print(usage.strip() + "\n" + flag_help(*configs))
+        raise SystemExit(0)
+    kinds = {f.name: f.type for cls in configs for f in dataclasses.fields(cls)}
+    given = {}
+    for arg in argv:
+        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not eq:
+            raise ValueError(f"argument {arg!r}: expected --key=value (--help lists the keys)")
+        if key not in kinds:
+            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(kinds))}")
+        given[key] = _flag_value(key, text, kinds[key])
+    return given
+
+
+def check_types(config) -> None:
+    """Each field of a config dataclass holds its declared type (int, float, bool, str; an int is
+    a float too), and a float is finite."""
+    for f in dataclasses.fields(config):
+        value, expected = getattr(config, f.name), {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+        if type(value) is not expected and not (expected is float and type(value) is int):
+            raise ValueError(f"--{f.name}: expected {f.type}, got {value!r}")
+        if expected is float and not math.isfinite(value):
+            raise ValueError(f"--{f.name}: expected a finite number, got {value}")
+
+
+def run_main(main) -> None:
+    """The __main__ of every script here. Bad input or a file problem: one line on stderr, status 1.
+    Output piped into `head`: ends quietly. Under torchrun, a process whose peer stopped on bad
+    input says so in one line (the peer's own line says why) instead of a traceback."""
+    try:
+        main(sys.argv[1:])
+        sys.stdout.flush()                      # here, where a closed pipe is caught, not at exit
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a torchrun process, its process group destroyed: skip the interpreter's teardown, where
+            # gloo's threads now and then abort the process ("terminate called without an active
+            # exception"), failing a run that has written all its files
+            sys.stderr.flush()
+            os._exit(0)
+    except BrokenPipeError:                     # the reader left: say nothing, and let exit not retry
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    except RuntimeError as e:                   # torch.distributed's error when a peer process is gone
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ("peer" in str(e) or "remote" in str(e)):
+            raise SystemExit(f"error: process {os.environ.get('RANK', '?')} stopped: another process failed "
+                             "(its error line says why)")
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files
+# ----------------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    """The process's umask (os.umask can only read it by setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())                       # mkstemp's 0600 -> what open() would give
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)      # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision, and several processes: `torchrun --nproc_per_node=N SCRIPT.py`.
+# With one process (plain `python SCRIPT.py`) every Dist method is a no-op.
+# ----------------------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    """--device: auto picks cuda, then mps, then cpu; an explicit one must be present here."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if name != "auto":
+        if not available.get(name, False):
+            raise ValueError(f"--device: {name} is not available on this machine (available: "
+                             f"{', '.join(k for k, ok in available.items() if ok)})")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype (auto | bf16 | fp32) -> the autocast dtype: bf16 or fp32 (fp32 = autocast off)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Matmuls in bf16 when asked (CPUs with AVX512-BF16 or AMX run them about twice as fast);
+    weights, optimizer state, LayerNorm, softmax and the loss stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+@dataclass
+class Dist:
+    rank: int                        # this process, 0..world-1; rank 0 logs and writes files
+    world: int                       # number of processes
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over processes (all_reduce)."""
+        if self.world == 1:
+            return tensor
+        tensor = tensor.to(self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.cpu()
+
+    def gather(self, obj) -> list:
+        """One object per process, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def shard(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """This process's part of a global batch, and the loss weight that makes DDP's average of the
+        per-process gradients equal the gradient of the mean loss over all `rows`:
+        (1/W) sum_r (n_r W / N) grad(mean_r) = grad(sum of losses) / N.
+        A process left without rows (a last batch smaller than W) runs one row at weight 0, because
+        every process must take part in each backward pass."""
+        local = rows[self.rank::self.world]
+        if len(local) == 0:
+            return rows[:1], 0.0
+        return local, len(local) * self.world / len(rows)
+
+
+def init_distributed(device_name: str) -> Dist:
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; plain `python train.py` sets none of them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return Dist(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(torch.distributed.get_rank(), world, device)
