@@ -6,7 +6,7 @@
 Sections: 1 decoding (cache vs no cache, FLOP/s vs measured matmul peak), 2 training step
 (vs torch.nn.Transformer of the same shape, and vs the same step with the batch checks that
 generate() runs), 3 history compression (50 vs 200 encoder tokens),
-4 decoding-cache memory, 5 SID index at scale, 6 dynamic batches and bf16
+4 decoding-cache memory, 5 SID index at scale (5b: collision resolution against the plain search), 6 dynamic batches and bf16
 on Beauty-shaped histories, 7 (`--scale`) train.py's data path on up to 20M synthetic interactions
 and 1M items (peak memory, seconds per stage). Times are medians of several runs after warm-up.
 
@@ -14,6 +14,7 @@ and 1M items (peak memory, seconds per stage). Times are medians of several runs
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import pickle
@@ -383,6 +384,66 @@ def bench_dynamic_batches_and_bf16(c: RPGEDConfig, B: int, n_users: int, beam_B:
     ])
 
 
+def best_first_collisions(codes: np.ndarray, distances_of, taken_keys: np.ndarray | None = None):
+    """The baseline of sid.resolve_collisions: its rule as the plain search its docstring describes
+    (the lowest id at each nearest SID keeps it; each other item, in id order, takes the free SID
+    of least (cost, ranks), popped from a heap one tuple at a time). Same results, other cost."""
+    codes = codes.astype(np.int64)
+    keys = sid.pack_codes(codes)
+    taken_keys = np.zeros(0, np.uint32) if taken_keys is None else taken_keys
+    keeps = np.zeros(len(keys), bool)
+    keeps[np.unique(keys, return_index=True)[1]] = True                  # the lowest id at each SID
+    keeps &= ~np.isin(keys, taken_keys)
+    taken = set(taken_keys.tolist()) | set(keys[keeps].tolist())
+    movers = np.flatnonzero(~keeps)
+    for block in np.array_split(movers, -(-len(movers) // 4096)) if len(movers) else []:
+        dist = distances_of(block).astype(np.float64)                     # [m, 4, 256]
+        order = np.argsort(dist, axis=2, kind="stable")                   # codes by rank, nearest first
+        for item, codes_by_rank, dist_by_rank in zip(block, order.tolist(), np.take_along_axis(dist, order, 2).tolist()):
+            cost = lambda r: sum(dist_by_rank[d][r[d]] for d in range(4))
+            heap, seen = [(cost((0, 0, 0, 0)), (0, 0, 0, 0))], {(0, 0, 0, 0)}
+            while True:
+                _, r = heapq.heappop(heap)                                # ties: smallest ranks first
+                key = (codes_by_rank[0][r[0]] << 24 | codes_by_rank[1][r[1]] << 16 | codes_by_rank[2][r[2]] << 8
+                       | codes_by_rank[3][r[3]])                          # the packed SID, as sid.pack_codes
+                if key not in taken:
+                    break
+                for d in range(4):                                        # one digit one rank further
+                    nxt = r[:d] + (r[d] + 1,) + r[d + 1:]
+                    if r[d] + 1 < sid.CODEBOOK_SIZE and nxt not in seen:
+                        seen.add(nxt)
+                        heapq.heappush(heap, (cost(nxt), nxt))
+            codes[item] = sid.unpack_keys(key)
+            taken.add(key)
+    return codes, len(movers)
+
+
+def bench_collisions(sizes: tuple, hard: int) -> None:
+    """sid.resolve_collisions against best_first_collisions on the same codes: `sizes` items of
+    64 dimensions with 10% exact duplicates (bench_index's input), and `hard` items of 2 dimensions,
+    whose last two digits get a single centroid each, so many items must move."""
+    rows = []
+    for n_items, dim in [(n, 64) for n in sizes] + [(hard, 2)]:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n_items, dim)).astype(np.float32)
+        if dim > 2:
+            dup = rng.choice(n_items, n_items // 10, replace=False)
+            x[dup] = x[rng.choice(n_items, len(dup))]
+        opq = sid.train_opq(x, seed=0)
+        codes = opq.encode(x)
+        seconds, results = [], []
+        for rule in (sid.resolve_collisions, best_first_collisions):
+            start = time.perf_counter()
+            results.append(rule(codes, lambda items: opq.distances(x[items])))
+            seconds.append(time.perf_counter() - start)
+        if not (np.array_equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]):
+            raise AssertionError(f"the two collision rules disagree on {n_items} x {dim}-d items")
+        rows.append((f"{n_items:,} x {dim}-d items, {results[0][1]:,} move: sid.resolve_collisions",
+                     f"{seconds[0]:.2f} s", f"best-first heap {seconds[1]:.2f} s",
+                     f"{seconds[1] / seconds[0]:.2f}x", "same SIDs"))
+    table("5b. Collision resolution alone (one run each), the fast rule vs the plain best-first search", rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7 (--scale): the data path at a million items, on synthetic interactions
 # ----------------------------------------------------------------------------------------------
@@ -486,10 +547,12 @@ def main(argv: list) -> None:
         c = RPGEDConfig(n_user_buckets=100, max_history=10, encoder_n_layer=1, decoder_n_layer=1, n_head=2,
                         n_embd=32, n_inner=64)
         sizes = dict(n_items=500, B=8, beam=5, repeats=1, train_B=16, index=(3000, 16, 10_000, 1000), peak_n=256,
+                     collisions=((3000,), 2000),
                      dynamic=(c, 16, 100, 8))
     else:
         c = RPGEDConfig()
         sizes = dict(n_items=10_000, B=64, beam=10, repeats=3, train_B=256, index=(100_000, 128, 1_000_000, 10_000), peak_n=2048,
+                     collisions=((100_000, 1_000_000), 30_000),
                      dynamic=(recipe_model(), 512, 3000, 256))
     print(f"# bench.py{' --quick=true' if args.quick else ''}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU {platform.processor() or platform.machine()} ({_cpu_name()}), numpy {np.__version__}")
@@ -501,7 +564,7 @@ def main(argv: list) -> None:
                                              ("this section's model", c)], sizes["train_B"], 3 * sizes["repeats"])),
                 lambda: bench_history(c, sizes["B"], sizes["repeats"]),
                 lambda: bench_cache_memory(c, sizes["B"], sizes["beam"]),
-                lambda: bench_index(*sizes["index"]),
+                lambda: (bench_index(*sizes["index"]), bench_collisions(*sizes["collisions"])),
                 lambda: bench_dynamic_batches_and_bf16(*sizes["dynamic"], sizes["repeats"])]
     for number, section in enumerate(sections, 1):
         if args.only in (0, number):

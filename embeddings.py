@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 import torch
 
-import sid
 from dataset import Dataset, RawData, Split
+from opq import load_embeddings
 
 class CSR:
     """A sparse matrix in compressed-row form, just enough for a randomised SVD: `A @ X` for a
@@ -156,8 +156,8 @@ def cf_embeddings(train: Split, n_items: int, dim: int, seed: int, window: int =
 
 
 def read_item_emb(path: str, n_items: int, flag: str = "--item_emb") -> np.ndarray:
-    """An [n_items, D] numeric .npy file -> float32 (sid.load_embeddings checks file and dtype)."""
-    emb = sid.load_embeddings(path, flag)
+    """An [n_items, D] numeric .npy file -> float32 (opq.load_embeddings checks file and dtype)."""
+    emb = load_embeddings(path, flag)
     if emb.shape[0] != n_items:
         raise ValueError(f"{flag}: expected shape [{n_items} items, D], got {emb.shape} from {path}")
     return emb.astype(np.float32)

@@ -38,7 +38,6 @@ hd = E / H, N decoder rows; d is a digit index.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, fields
 
@@ -533,9 +532,12 @@ class RPG_ED(nn.Module):
             row, slot = real.nonzero()[(items < 0).nonzero()[0, 0]].tolist()
             raise ValueError(f"history_sid[{row}, {slot}] = {history_sid[row, slot].tolist()}: "
                              "expected the SID of an item in the index, got one that no item has")
-        # imported here only: the model itself does not depend on beam.py. Beside this file, in a
-        # flat folder or in the same package (mypkg/rpg_ed.py and mypkg/beam.py)
-        beam = importlib.import_module(".beam", __package__) if __package__ else importlib.import_module("beam")
+        # imported here only: the model itself does not depend on beam.py, which sits beside this
+        # file, in a flat folder or in the same package (mypkg/rpg_ed.py and mypkg/beam.py)
+        if __package__:
+            from . import beam
+        else:
+            import beam
         result = beam.beam_search(self, batch, beam_size, n_return, index, use_cache=use_cache)
         return result.items[..., None]
 

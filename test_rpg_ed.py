@@ -42,6 +42,7 @@ import cli
 import dataset
 import embeddings
 import evaluate
+import opq
 import runs
 import experiments
 import recommend
@@ -264,7 +265,7 @@ def test_adding_items_keeps_old_sids(old, new):
 @given(st.integers(0, 2**16), st.integers(2, 6))
 def test_opq_error_is_non_increasing(seed, n_iter):
     x = np.random.default_rng(seed).standard_normal((300, 12)).astype(np.float32)
-    errors = sid.train_opq(x, codebook_size=16, n_iter=n_iter, kmeans_iter=2, seed=seed).errors
+    errors = opq.train_opq(x, codebook_size=16, n_iter=n_iter, kmeans_iter=2, seed=seed).errors
     assert len(errors) == n_iter
     assert all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:])), errors
 
@@ -275,32 +276,32 @@ def test_opq_beats_pq_on_rotated_anisotropic_data():
     x = rng.standard_normal((2000, 16)) * scales
     rotation, _ = np.linalg.qr(rng.standard_normal((16, 16)))
     x = (x @ rotation).astype(np.float32)
-    pq = sid.train_opq(x, codebook_size=16, n_iter=8, kmeans_iter=4, rotate=False).errors[-1]
-    opq = sid.train_opq(x, codebook_size=16, n_iter=8, kmeans_iter=4).errors[-1]
-    assert opq < 0.9 * pq, (opq, pq)
+    pq = opq.train_opq(x, codebook_size=16, n_iter=8, kmeans_iter=4, rotate=False).errors[-1]
+    rotated = opq.train_opq(x, codebook_size=16, n_iter=8, kmeans_iter=4).errors[-1]
+    assert rotated < 0.9 * pq, (rotated, pq)
 
 
 def test_kmeans_beats_random_assignment_and_handles_small_inputs():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.standard_normal((200, 2)) + c for c in ([0, 0], [10, 0], [0, 10])]).astype(np.float32)
-    centroids, codes = sid.kmeans(x, 3, seed=0)
+    centroids, codes = opq.kmeans(x, 3, seed=0)
     err = ((x - centroids[codes]) ** 2).sum(1).mean()
     random_codes = rng.integers(0, 3, len(x))
     random_centroids = np.stack([x[random_codes == k].mean(0) for k in range(3)])
     assert err < 0.2 * ((x - random_centroids[random_codes]) ** 2).sum(1).mean()
     # fewer distinct points than centroids: one centroid per distinct point, codes in range, no NaN
     few = np.repeat(rng.standard_normal((3, 4)).astype(np.float32), 5, axis=0)
-    centroids, codes = sid.kmeans(few, 256, seed=0)
+    centroids, codes = opq.kmeans(few, 256, seed=0)
     assert centroids.shape == (3, 4) and np.isfinite(centroids).all() and codes.max() < 3
     assert np.allclose(centroids[codes], few)
-    a, b = sid.kmeans(x, 8, seed=5), sid.kmeans(x, 8, seed=5)
+    a, b = opq.kmeans(x, 8, seed=5), opq.kmeans(x, 8, seed=5)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def test_lloyd_reseeds_empty_clusters():
     x = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
     centroids = np.concatenate([x[:3], np.full((2, 3), 1e3, np.float32)])  # two far, empty clusters
-    out, codes, _ = sid.lloyd(x, centroids, 3)
+    out, codes, _ = opq.lloyd(x, centroids, 3)
     assert np.isfinite(out).all() and len(np.unique(codes)) == 5
 
 
@@ -2499,8 +2500,8 @@ print("ok")
     assert out.startswith("ok")
 
 
-def test_sid_copied_alone_builds_saves_loads_and_adds_items(tmp_path):
-    out = run_alone(tmp_path, ["sid.py"], """
+def test_sid_copied_with_opq_alone_builds_saves_loads_and_adds_items(tmp_path):
+    out = run_alone(tmp_path, ["sid.py", "opq.py"], """
 import sys, numpy as np, sid
 assert "torch" not in sys.modules, "sid.py imported torch"
 rng = np.random.default_rng(0)
@@ -2531,24 +2532,24 @@ history = torch.from_numpy(sid.codes_to_tokens(index.item_codes[[[0, 5, 7], [1, 
 items = model.generate({{"user_ids": torch.tensor([0, 2]), "history_sid": history}}, index)[..., 0]
 assert items.shape == (2, 10) and ((items >= 0) & (items < 60)).all()
 assert all(len(set(row)) == 10 for row in items.tolist())               # real items, each once
-assert "{beam}" in sys.modules and "{absent}" not in sys.modules, sorted(sys.modules)
+assert "{beam}" in sys.modules and "{opq}" in sys.modules and "{absent}" not in sys.modules, sorted(sys.modules)
 print("ok")
 """
 
 
 @pytest.mark.parametrize("layout", ["flat", "package"])
 def test_rpg_ed_beam_and_sid_copied_flat_or_into_a_package_generate(tmp_path, layout):
-    """The three core files, copied beside each other or into mypkg/ (with __init__.py): generate
-    finds beam.py beside rpg_ed.py either way."""
+    """The core files, copied beside each other or into mypkg/ (with __init__.py): generate finds
+    beam.py beside rpg_ed.py, and sid.py finds opq.py, either way."""
     if layout == "flat":
-        code = GENERATE_WITH_SIDS.format(imports="import rpg_ed, sid", beam="beam", absent="mypkg")
-        out = run_alone(tmp_path, ["rpg_ed.py", "beam.py", "sid.py"], code)
+        code = GENERATE_WITH_SIDS.format(imports="import rpg_ed, sid", beam="beam", opq="opq", absent="mypkg")
+        out = run_alone(tmp_path, ["rpg_ed.py", "beam.py", "sid.py", "opq.py"], code)
     else:
         (tmp_path / "mypkg").mkdir()
         (tmp_path / "mypkg" / "__init__.py").write_text("")
-        for name in ("rpg_ed.py", "beam.py", "sid.py"):
+        for name in ("rpg_ed.py", "beam.py", "sid.py", "opq.py"):
             shutil.copy(os.path.join(HERE, name), tmp_path / "mypkg" / name)
-        code = GENERATE_WITH_SIDS.format(imports="from mypkg import rpg_ed, sid", beam="mypkg.beam", absent="beam")
+        code = GENERATE_WITH_SIDS.format(imports="from mypkg import rpg_ed, sid", beam="mypkg.beam", opq="mypkg.opq", absent="beam")
         out = run_alone(tmp_path, [], code)
     assert out.startswith("ok")
 
@@ -2713,7 +2714,7 @@ def test_python_rpg_ed_prints_the_readme_walk_through():
     assert out.getvalue() in readme()
 
 
-LAYERS = [("sid", "beam"), ("rpg_ed",), ("dataset",), ("embeddings",), ("evaluate",), ("runs",), ("train",),
+LAYERS = [("opq", "beam"), ("sid",), ("rpg_ed",), ("dataset",), ("embeddings",), ("evaluate",), ("runs",), ("train",),
           ("recommend",), ("experiments", "bench")]                     # lowest first; cli.py beside them all
 
 
@@ -2732,7 +2733,7 @@ def project_imports(path: str) -> list:
 
 
 def test_no_module_imports_one_above_it():
-    """Each module imports only modules of lower layers (sid and beam none at all), even inside a
+    """Each module imports only modules of lower layers (opq and beam none at all), even inside a
     function; cli.py imports none, and any module may use it, but sid.py only for its command
     line (inside a function), so that sid.py still copies alone. Every module has a layer."""
     layer = {name: k for k, group in enumerate(LAYERS) for name in group}
@@ -2743,7 +2744,7 @@ def test_no_module_imports_one_above_it():
             if imported == "cli":
                 assert name != "cli" and not (name == "sid" and top_level), f"{name}.py:{line} imports cli"
                 continue
-            assert name != "cli" and layer[imported] < layer[name] and name not in ("sid", "beam"), \
+            assert name != "cli" and layer[imported] < layer[name] and name not in ("opq", "beam"), \
                 f"{name}.py:{line} imports {imported}, which is not in a lower layer"
 
 
