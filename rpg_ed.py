@@ -39,6 +39,7 @@ hd = E / H, N decoder rows; d is a digit index.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -613,4 +614,9 @@ def shape_demo(batch_size: int = 2, n_items: int = 1000) -> None:
 
 
 if __name__ == "__main__":
-    shape_demo()
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print("python rpg_ed.py: every shape of one random batch at the seed config (it takes no flags)")
+    elif sys.argv[1:]:
+        raise SystemExit(f"error: python rpg_ed.py takes no flags (--help says what it does), got {sys.argv[1]!r}")
+    else:
+        shape_demo()

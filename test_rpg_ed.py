@@ -2556,7 +2556,8 @@ def test_rpg_ed_beam_and_sid_copied_flat_or_into_a_package_generate(tmp_path, la
 
 @pytest.mark.parametrize("script, configs", [("train.py", ["TrainConfig", "RPGEDConfig"]),
                                              ("recommend.py", ["RecommendConfig"]), ("sid.py", ["IndexConfig"]),
-                                             ("experiments.py", ["ExperimentConfig"]), ("bench.py", ["BenchConfig"])])
+                                             ("experiments.py", ["ExperimentConfig"]), ("bench.py", ["BenchConfig"]),
+                                             ("rpg_ed.py", [])])
 def test_help_lists_every_flag_with_its_default_and_comment_and_exits_0(script, configs):
     done = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and not done.stderr, done.stderr
