@@ -34,6 +34,7 @@ import beam
 import cli
 import dataset
 import evaluate
+import opq
 import sid
 import train
 from rpg_ed import RPG_ED, RPGEDConfig
@@ -429,12 +430,12 @@ def bench_collisions(sizes: tuple, hard: int) -> None:
         if dim > 2:
             dup = rng.choice(n_items, n_items // 10, replace=False)
             x[dup] = x[rng.choice(n_items, len(dup))]
-        opq = sid.train_opq(x, seed=0)
-        codes = opq.encode(x)
+        quantizer = opq.train_opq(x, seed=0)
+        codes = quantizer.encode(x)
         seconds, results = [], []
         for rule in (sid.resolve_collisions, best_first_collisions):
             start = time.perf_counter()
-            results.append(rule(codes, lambda items: opq.distances(x[items])))
+            results.append(rule(codes, lambda items: quantizer.distances(x[items])))
             seconds.append(time.perf_counter() - start)
         if not (np.array_equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]):
             raise AssertionError(f"the two collision rules disagree on {n_items} x {dim}-d items")

@@ -1,4 +1,5 @@
-"""Evaluation: model batches from a split, the one beam-ranking loop, metrics, baselines, reports.
+"""Evaluation: the model's batches from a split (training's too), the one beam-ranking loop,
+metrics, baselines, and the reports' contents.
 
     item_tokens, user_buckets = item_token_table(index, mcfg), user_bucket_table(user_raw, n_buckets)
     for rows, items, scores, sids in beam_batches(model, split, index, item_tokens, user_buckets, ...):
@@ -12,7 +13,8 @@ beam by its summed log-probability plus weight * ln(1 + n), n = how often the us
 came directly before the item in training; weight 0 is the model alone, the protocol's ranking.
 
 Baselines on the same split: popularity and the first-order Markov chain, both fitted on the
-training split only. The results table and the training curves (an SVG) are written here too.
+training split only. The results table and the training curves (an SVG) are made here; train.py
+writes them.
 """
 from __future__ import annotations
 
@@ -195,6 +197,7 @@ def evaluate_split(model: RPG_ED, split: Split, index: sid.SIDIndex, item_tokens
     `rankers` -> metrics of its top 10, one dict per ranker. With 10 beams a ranker reorders the
     same 10 items: only @5 and NDCG can move. Each user's target rank is filled in by exactly one
     process and summed over processes (zeros elsewhere): the metrics of a single process."""
+    training = model.training                                                  # beam_batches sets eval mode
     target, last = split.target, split.items[split.pos - 1]                     # every history has an item
     rank = np.zeros((len(rankers), len(target)), np.int64)                      # 0 = not in the top 10
     for rows, items, scores, _ in beam_batches(model, split, index, item_tokens, user_buckets, beam_size,
@@ -202,7 +205,7 @@ def evaluate_split(model: RPG_ED, split: Split, index: sid.SIDIndex, item_tokens
         for r, ranker in enumerate(rankers):
             top = np.take_along_axis(items, ranker.rank(last[rows], items, scores)[0][:, :10], 1)
             rank[r, rows] = hit_ranks(top, target[rows])
-    model.train()
+    model.train(training)
     return [metrics_from_ranks(r) for r in dist.sum(torch.from_numpy(rank)).numpy()]
 
 

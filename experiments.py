@@ -1,4 +1,5 @@
-"""Two experiments on a trained run, built on the public functions of train.py and recommend.py.
+"""Two experiments on a trained run, built on the public functions of train.py, recommend.py and the
+modules below them.
 
     python experiments.py --experiment=cold_start --data=PATH/Beauty.txt --out=out/cold
     python experiments.py --experiment=continue --out=out/continue      # MovieLens-100K

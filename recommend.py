@@ -7,9 +7,10 @@
     python recommend.py --run_dir=DIR --add_items=EMB.npy --item_ids=IDS.txt   # new items (cold start)
 
 A run folder, as train.py writes it, holds all that is needed: config.json, checkpoint.pt (the
-weights), the SID index (item_id2tokens.npy, tokens2item.pkl, opq.npz) and data.npz (raw item
-and user ids, a title per item, every user's sequence). `runs.load_run` reads them, rebuilds nothing,
-and refuses a folder whose files disagree. Recommendations are the model's beam search over real
+weights), the SID index (item_id2tokens.npy, tokens2item.pkl, opq.npz), data.npz (raw item and
+user ids, a title per item, every user's sequence) and results.json (the ranker's weight).
+`runs.load_run` reads them, counts the training transitions from data.npz, and refuses a folder
+whose files disagree. Recommendations are the model's beam search over real
 SIDs, ranked as evaluation ranks them: by the summed log-probability of each SID, plus a weight
 times ln(1 + how often the history's last item came directly before the item in the run's
 training data); the weight is the one training chose on validation, or --transition_weight.
@@ -138,7 +139,8 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     items, scores, codes = dist.sum(items).numpy(), dist.sum(scores).numpy(), dist.sum(codes).numpy()
     if new_share > 0:
         mixed = with_new_items(items, codes, run.index, run.trained_items, round(new_share * n_return))
-        scores = np.where(mixed == items, scores, np.nan)
+        same = mixed[:, :, None] == items[:, None, :]                       # (U, k, k): where each came from
+        scores = np.where(same.any(2), np.take_along_axis(scores, same.argmax(2), 1), np.nan)
         items = mixed
     return items, scores
 
@@ -347,8 +349,10 @@ def main(argv: list) -> None:
         items, scores = recommend(run, [history], [args.user], args.n_return, args.beam_size or None, args.dtype,
                                   new_share=args.new_share,
                                   transition_weight=args.transition_weight)
+        weight = (f"{run.transition_weight:g} (the run's)" if args.transition_weight == -1 else
+                  f"{args.transition_weight:g} (--transition_weight)")
         print(f"{who}: {len(history)} items, the model reads the last {min(len(history), run.model.config.max_history)}; "
-              f"top {args.n_return} in {time.time() - start:.2f} s")
+              f"top {args.n_return} in {time.time() - start:.2f} s, ranked with transition weight {weight}")
         show(run, items[0], scores[0], set(history.tolist()))
     finally:
         if dist.world > 1:

@@ -367,7 +367,7 @@ class RPG_ED(nn.Module):
     def check_batch(self, batch: dict) -> None:
         """Raise ValueError unless `batch` has the layout of the module docstring.
 
-        generate() calls it on every request. Training batches are built (train.make_batch) from
+        generate() calls it on every request. Training batches are built (evaluate.make_batch) from
         tables checked once, so forward() does not re-check them: on a GPU each check is a host sync.
         """
         c = self.config

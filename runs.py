@@ -1,4 +1,5 @@
-"""The run folder as a store: what train.py writes and recommend.py reads, checked at every step.
+"""The run folder as a store: what train.py writes and recommend.py reads (and extends with new
+items), checked at every step.
 
     folder = RunFolder(out_dir)
     folder.publish({"checkpoint.pt": blob, ...})     # one step: every file, then run.json commits them
@@ -7,7 +8,8 @@
 
 A run folder holds config.json, the SID index (item_id2tokens.npy, tokens2item.pkl, opq.npz),
 data.npz (id maps, titles, sequences), checkpoint.pt (the best weights), last.pt (to resume),
-results.json (with the ranker's weight chosen on validation), curves.svg, and run.json, which
+results.json (with the ranker's weight chosen on validation; eval.json for --eval_only),
+curves.svg, and run.json, which
 lists them all with their sha256 and the fingerprint of the training data. Readers trust run.json
 and nothing else; a killed step leaves the state before it or after it. Checkpoints load with
 weights_only=True: a crafted pickle is refused, never run.
@@ -279,11 +281,6 @@ def check_checkpoint(state: dict, path: str, resolved: dict, digest: str, may_ch
     if state["sids_sha256"] != digest:
         raise ValueError(f"{path}: made with other SIDs than the index on disk (sha256 {state['sids_sha256'][:12]}, "
                          f"index {digest[:12]}); rebuild the index or train again")
-
-
-def rng_state(device: torch.device) -> dict:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 # ----------------------------------------------------------------------------------------------

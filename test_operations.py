@@ -605,6 +605,12 @@ def test_added_items_are_recommended_when_the_history_points_to_their_group(grou
     assert hits.all(), after.item_raw[items]
     assert (np.diff(scores, axis=1) <= 1e-6).all()
     assert after.item_title[new_item[0]] == f"added {new_ids[0]}"
+    mixed, mixed_scores = recommend.recommend(after, histories, users, new_share=0.3, transition_weight=0.0)
+    plain, plain_scores = recommend.recommend(after, histories, users, transition_weight=0.0)
+    assert not np.array_equal(mixed, plain)                  # TIGER's rule inserted something
+    for row, row_scores, beam_row, beam_scores in zip(mixed.tolist(), mixed_scores, plain.tolist(), plain_scores):
+        for item, score in zip(row, row_scores):             # a generated item keeps its score, an inserted one NaN
+            assert np.isnan(score) if item not in beam_row else score == beam_scores[beam_row.index(item)]
 
 
 def slow_with_new_items(items, codes, item_codes, first_new, n_new):
