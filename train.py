@@ -560,8 +560,9 @@ def make_configs(given: dict, auto_preset: str | None = None) -> tuple[TrainConf
 
 def usage() -> str:
     """--help: this file's docstring, then what each preset changes."""
+    flag = lambda k, v: f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
     return __doc__ + "\npresets (flags given win):\n" + "\n".join(
-        f"  {name}: " + " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()) for name, values in PRESETS.items())
+        f"  {name}: " + " ".join(flag(k, v) for k, v in values.items()) for name, values in PRESETS.items())
 
 
 SPARSE_BELOW = 20   # mean interactions per user under which --preset=auto picks "sparse"
