@@ -60,6 +60,14 @@ def re_escape(text: str) -> str:
     return re.escape(text)
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, eps: float = 1e-5) -> None:
+    """Equal up to float32 rounding relative to the values' scale: |actual - expected| at most eps
+    times the largest finite |expected| (at least 1); infinities must match exactly."""
+    finite = expected[torch.isfinite(expected)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=eps * scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # opq.py and sid.py: k-means, OPQ, collision-free SIDs, token layout, prefix masks, adding items, flags
 # ----------------------------------------------------------------------------------------------
@@ -460,8 +468,8 @@ def test_cached_decoding_equals_full_forward(lengths, n_beams, seed, user_token)
         cache = model.new_cache(memory, memory_mask, n_beams)
         for pos in range(4):
             step = model.step(codes[:, pos - 1] if pos else None, cache, pos)
-            assert torch.allclose(step, model.code_logits(full[:, pos], pos), atol=1e-5)
-            assert torch.allclose(step, model.step_uncached(codes[:, :pos], memory, memory_mask), atol=1e-5)
+            assert_close(step, model.code_logits(full[:, pos], pos))
+            assert_close(step, model.step_uncached(codes[:, :pos], memory, memory_mask))
 
 
 @FAST
@@ -475,12 +483,12 @@ def test_attention_matches_reference_and_sdpa(B, H, Tq, Tk, seed):
     scores = q @ k.transpose(-2, -1) / 8 ** 0.5 + torch.where(mask, 0.0, float("-inf"))
     reference = torch.softmax(scores, -1) @ v
     visible = mask.any(-1, keepdim=True).expand(B, H, Tq, 1)
-    assert torch.allclose(out, torch.where(visible, reference, 0.0), atol=1e-5)
+    assert_close(out, torch.where(visible, reference, 0.0))
     assert not out.isnan().any() and (out[~visible.expand_as(out)] == 0).all()   # blind rows: zeros
     rows = visible[0, 0, :, 0]
     if rows.any():
         sdpa = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask[:, :, rows])
-        assert torch.allclose(out[:, :, rows], sdpa, atol=1e-5)
+        assert_close(out[:, :, rows], sdpa)
 
 
 @FAST
@@ -491,13 +499,13 @@ def test_padding_is_invisible(lengths, seed, t):
     with torch.no_grad():
         before = model.logits(batch)
         model.token_emb.weight[rpg_ed.PAD].normal_(0, 5.0)                   # what padded slots hold
-        assert torch.allclose(model.logits(batch), before, atol=1e-5)
+        assert_close(model.logits(batch), before)
         narrower = dict(batch, history_sid=batch["history_sid"][:, TINY["max_history"] - max(lengths):])
-        assert torch.allclose(model.logits(narrower), before, atol=1e-5)    # less padding, same result
+        assert_close(model.logits(narrower), before)    # less padding, same result
         later = batch["decoder_input_ids"].clone()
         later[:, t + 1:] = torch.randint(0, 256, later[:, t + 1:].shape) + model.digit_offsets[t:]
         changed = model.logits(dict(batch, decoder_input_ids=later))
-        assert torch.allclose(changed[:, : t + 1], before[:, : t + 1], atol=1e-5)
+        assert_close(changed[:, : t + 1], before[:, : t + 1])
 
 
 @FAST
@@ -508,7 +516,7 @@ def test_rows_are_independent(lengths, seed):
     with torch.no_grad():
         together = model.logits(batch)
         for row in range(len(lengths)):
-            assert torch.allclose(model.logits(trim(batch, row))[0], together[row], atol=1e-5)
+            assert_close(model.logits(trim(batch, row))[0], together[row])
 
 
 @FAST
@@ -531,7 +539,7 @@ def test_cache_reorder_equals_permuted_inputs(B, n_beams, pos, seed):
         got = model.step(nxt, cache, pos + 1) if pos < 3 else None
         permuted = torch.cat([prefix[index], nxt[:, None]], 1)
         if got is not None:
-            assert torch.allclose(got, model.step_uncached(permuted, memory, memory_mask), atol=1e-5)
+            assert_close(got, model.step_uncached(permuted, memory, memory_mask))
 
 
 def test_tiny_model_memorises_a_batch():
@@ -621,7 +629,7 @@ def test_beam_search_is_exact_with_a_wide_beam(index, lengths, seed, extra):
     order = torch.sort(expected, dim=1, descending=True, stable=True)
     n = index.n_items
     assert torch.equal(result.items[:, :n], order.indices)
-    assert torch.allclose(result.scores[:, :n], order.values, atol=1e-5)
+    assert_close(result.scores[:, :n], order.values)
     assert (result.items[:, n:] == -1).all() and torch.isneginf(result.scores[:, n:]).all()   # padding
     assert (result.sids[:, n:] == -1).all()
 
@@ -702,7 +710,7 @@ def test_beam_rows_are_independent(index, lengths, seed, beam_size, item_ids):
     for row in range(len(lengths)):
         alone = beam.beam_search(model, trim(batch, row), beam_size, beam_size, index)
         assert torch.equal(alone.items[0], together.items[row])
-        assert torch.allclose(alone.scores[0], together.scores[row], atol=1e-5)
+        assert_close(alone.scores[0], together.scores[row])
 
 
 @FAST
@@ -713,7 +721,7 @@ def test_beam_cache_equals_no_cache(index, lengths, seed, beam_size, constrained
     cached = beam.beam_search(model, batch, beam_size, beam_size, index, constrained=constrained)
     uncached = beam.beam_search(model, batch, beam_size, beam_size, index, use_cache=False, constrained=constrained)
     assert torch.equal(cached.items, uncached.items) and torch.equal(cached.sids, uncached.sids)
-    assert torch.allclose(cached.scores, uncached.scores, atol=1e-5)
+    assert_close(cached.scores, uncached.scores)
 
 
 @FAST
@@ -734,7 +742,7 @@ def test_greedy_is_the_constrained_argmax_chain(index, lengths, seed):
             prefix = torch.cat([prefix, best[:, None]], 1)
     assert torch.equal(greedy.sids[:, 0], prefix)
     assert torch.equal(greedy.items[:, 0], index.lookup(prefix))
-    assert torch.allclose(greedy.scores[:, 0], total, atol=1e-5)
+    assert_close(greedy.scores[:, 0], total)
 
 
 def test_unconstrained_reports_invalid_rate_and_generate_shape():
