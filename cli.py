@@ -12,11 +12,13 @@ its own command line (sid.py) imports it there, and still copies alone without i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -64,10 +66,14 @@ def flag_help(*configs) -> str:
         lines.append(f"\n{cls.__name__}: {' '.join(doc.split())}")
         comments = field_comments(cls)
         for f in dataclasses.fields(cls):
-            default = str(f.default).lower() if isinstance(f.default, bool) else f.default
-            flag = f"--{f.name}={default}" if f.default is not dataclasses.MISSING else f"--{f.name}"
+            flag = as_flag(f.name, f.default) if f.default is not dataclasses.MISSING else f"--{f.name}"
             lines.append(f"  {flag:<26} {comments.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def as_flag(name: str, value) -> str:
+    """(name, value) -> "--name=value", as parse_flags reads it back (booleans as true/false)."""
+    return f"--{name}={str(value).lower() if isinstance(value, bool) else value}"
 
 
 def parse_flags(argv: list, *configs, usage: str = "") -> dict:
@@ -101,10 +107,47 @@ def check_types(config) -> None:
             raise ValueError(f"--{f.name}: expected a finite number, got {value}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Stopping: Ctrl-C (SIGINT) and SIGTERM
+# ----------------------------------------------------------------------------------------------
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM arrived: run_main prints the message in one line, status 130."""
+
+
+_stop = {"deferred": False, "signal": ""}
+
+
+def _on_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if not _stop["deferred"] or _stop["signal"]:           # a second one does not wait
+        raise Interrupted(f"stopped by {name}")
+    _stop["signal"] = name                                 # the loop inside stop_at_safe_points() stops itself
+
+
+@contextlib.contextmanager
+def stop_at_safe_points():
+    """Inside, a SIGINT or SIGTERM does not interrupt the code: stop_requested() then names it, and
+    the loop stops where it can say what is saved (training checks between steps)."""
+    _stop["deferred"] = True
+    try:
+        yield
+    finally:
+        _stop["deferred"] = False
+
+
+def stop_requested() -> str:
+    """The name of the signal that asked to stop ("" while none has)."""
+    return _stop["signal"]
+
+
 def run_main(main) -> None:
     """The __main__ of every script here. Bad input or a file problem: one line on stderr, status 1.
-    Output piped into `head`: ends quietly. Under torchrun, a process whose peer stopped on bad
-    input says so in one line (the peer's own line says why) instead of a traceback."""
+    Ctrl-C or SIGTERM: one line (what was saved, how to go on), status 130. Output piped into
+    `head`: ends quietly. Under torchrun, a process whose peer stopped on bad input says so in one
+    line (the peer's own line says why) instead of a traceback."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_signal)
     try:
         main(sys.argv[1:])
         sys.stdout.flush()                      # here, where a closed pipe is caught, not at exit
@@ -117,6 +160,9 @@ def run_main(main) -> None:
     except BrokenPipeError:                     # the reader left: say nothing, and let exit not retry
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(130)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     except RuntimeError as e:                   # torch.distributed's error when a peer process is gone
@@ -206,6 +252,15 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """The block runs in rank 0 first (it may fetch or repair files), then in the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over processes (all_reduce)."""

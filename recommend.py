@@ -312,15 +312,11 @@ def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
 
 def load_for(run_dir: str, dist: Dist) -> TrainedRun:
     """load_run in every process; rank 0 first, since it may finish what a killed step left."""
-    if not dist.is_main:
-        dist.barrier()
-    try:
-        run = load_run(run_dir, dist.device, recover=dist.is_main)
-    except ValueError as e:
-        raise ValueError(f"--run_dir: {e}") from None
-    if dist.is_main:
-        dist.barrier()
-    return run
+    with dist.main_first():
+        try:
+            return load_run(run_dir, dist.device, recover=dist.is_main)
+        except ValueError as e:
+            raise ValueError(f"--run_dir: {e}") from None
 
 
 def main(argv: list) -> None:

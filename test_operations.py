@@ -207,6 +207,44 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=true", "--n_embd=32"])
 
 
+# the run that is stopped pauses after its first last.pt, so the signal always lands in epoch 2
+_PAUSE_AFTER_FIRST_CHECKPOINT = """
+import sys, time, cli, runs, train
+publish, paused = runs.RunFolder.publish, []
+def publish_then_pause(self, files, *args, **kwargs):
+    publish(self, files, *args, **kwargs)
+    if "last.pt" in files and not paused:
+        paused.append(True)
+        print("checkpoint written", flush=True)
+        time.sleep(3)
+runs.RunFolder.publish = publish_then_pause
+cli.run_main(train.main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_in_one_line_and_resume_ends_as_an_uninterrupted_run(tmp_path, signum):
+    data_path = write_formats(tmp_path, interactions(2, n_users=30, n_items=12))["inter"]
+    args = [f"--data={data_path}"] + RESUME_RUN
+    whole = train.main(args + [f"--out_dir={tmp_path / 'whole'}"])
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER_FIRST_CHECKPOINT] + args +
+                            [f"--out_dir={tmp_path / 'stopped'}"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("checkpoint written"):
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"stopped by {signum.name} at step ") and "holds the end of epoch 1" in err, err
+    assert err.rstrip().endswith(" --resume=true") and f"--out_dir={tmp_path / 'stopped'}" in err, err
+    assert runs.load_checkpoint(str(tmp_path / "stopped" / "last.pt"))["epoch"] == 1
+    resumed = train.main(args + [f"--out_dir={tmp_path / 'stopped'}", "--resume=true"])
+    assert resumed["valid"] == whole["valid"] and resumed["test"] == whole["test"]
+    assert resumed["transitions"] == whole["transitions"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 from array import array
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 import sid
-from cli import Dist, autocast, check_types, compute_dtype, init_distributed, parse_flags, run_main
+from cli import (Dist, Interrupted, as_flag, autocast, check_types, compute_dtype, init_distributed, parse_flags,
+                 run_main, stop_at_safe_points, stop_requested)
 from dataset import EVAL_SAMPLE_SEED, Dataset, extend_catalogue, leave_one_out, load_data, prepare, sample_users
 from embeddings import item_embeddings
 from evaluate import (EVAL_BATCH_SIZE, TRANSITION_WEIGHTS, TransitionRanker, Transitions, baseline_rankings, best_of,
@@ -76,8 +78,7 @@ class TrainConfig:
     eval_users: int = 0              # score this many users, a fixed random sample (0: all users)
     overwrite: bool = False          # allow a new run into an out_dir that holds another run's files
     item_id_emb: bool = False        # each history item also adds an embedding of its own id (model.n_items)
-    init_from: str = ""              # a finished run's folder: start from its weights and SIDs, add the
-                                     # data's new items to its index, train on this data (recommend.py)
+    init_from: str = ""              # a finished run's folder: go on from its weights and SIDs on this data
 
     def __post_init__(self):
         check_types(self)
@@ -148,7 +149,7 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     seconds = {}                               # per stage, into results.json (bench.py --scale reads them)
     raw, data = load_stage(make_configs(given)[0], dist, log, seconds)
     cfg, mcfg, base, index, data = config_stage(given, raw, data, log)
-    out_dir = cfg.out_dir or os.path.join("out", run_name(cfg))
+    out_dir = cfg.out_dir or os.path.join("out", os.path.basename(os.path.normpath(cfg.data)).split(".")[0])
     if base is not None and os.path.realpath(out_dir) == os.path.realpath(cfg.init_from):
         raise ValueError(f"--out_dir: expected a folder other than --init_from ({cfg.init_from}), which it "
                          "would overwrite")
@@ -173,9 +174,10 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     item_tokens = item_token_table(index, mcfg)
     user_buckets = user_bucket_table(data.user_raw, mcfg.n_user_buckets)
     transitions = Transitions.fit(splits["train"], index.n_items)
-    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets, transitions)
+    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets, transitions, given)
     model = model_stage(mcfg, run, base, log)
-    trained = None if cfg.eval_only else train_model(model, run)
+    with stop_at_safe_points():                # Ctrl-C and SIGTERM stop between steps, saying how to go on
+        trained = None if cfg.eval_only else train_model(model, run)
     return report_stage(model, run, data, trained, stats, raw.source, seconds, start_time)
 
 
@@ -193,18 +195,11 @@ def start_stage(out_dir: str, mode: str, resolved: dict, raw, data: Dataset, ind
     RunFolder(out_dir).publish(files, data=raw.fingerprint, keep=False)
 
 
-def run_name(cfg: TrainConfig) -> str:
-    return cfg.data if cfg.data == "ml-100k" else os.path.basename(os.path.normpath(cfg.data)).split(".")[0]
-
-
 def load_stage(cfg: TrainConfig, dist: Dist, log, seconds: dict) -> tuple:
     """Read and 5-core the interactions (rank 0 first: it may fetch the data) -> (RawData, Dataset)."""
     tick = time.time()
-    if not dist.is_main:
-        dist.barrier()
-    raw = load_data(cfg)
-    if dist.is_main:
-        dist.barrier()
+    with dist.main_first():
+        raw = load_data(cfg)
     seconds["load"] = time.time() - tick
     log(f"data: {raw.source} ({seconds['load']:.1f} s)")
     data = prepare(raw, cfg.five_core)
@@ -228,12 +223,10 @@ def config_stage(given: dict, raw, data: Dataset, log) -> tuple:
         log(f"init from {cfg.init_from}: its weights and SIDs; {len(new_rows)} new items in this data get "
             f"SIDs from their embeddings ({moved} moved by collision resolution)")
         return cfg, mcfg, base, index, data
-    if cfg.preset == "auto":
-        preset, why = choose_preset(data)
+    preset, why = choose_preset(data) if cfg.preset == "auto" else (None, "")
+    if preset:
         log(f"preset: {preset}, chosen from the data: {why}")
-        cfg, mcfg = make_configs(given, auto_preset=preset)
-    else:
-        cfg, mcfg = make_configs(given)
+    cfg, mcfg = make_configs(given, auto_preset=preset)
     if cfg.item_id_emb:
         mcfg = dataclasses.replace(mcfg, n_items=len(data.item_raw))
     return cfg, mcfg, None, None, data
@@ -301,9 +294,8 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
                "best_epoch": state["best_epoch"], "valid_history": (trained or state)["valid_history"],
                "loss_history": (trained or state)["loss_history"],
                "train_seconds": round((trained or state)["train_seconds"], 1)}
-    by_split = rank_splits(model, run, cfg.report_beam_size)
+    results.update(rank_splits(model, run, cfg.report_beam_size))
     seconds["eval_valid_and_test"] = time.time() - tick
-    results.update(by_split)
     results["seconds"] = {k: round(v, 2) for k, v in {**seconds, "train": results["train_seconds"]}.items()}
     if dist.is_main:
         results["baselines"] = {split: baseline_rankings(data, run.splits, split) for split in ("valid", "test")}
@@ -311,7 +303,8 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
         out_name = "eval.json" if cfg.eval_only else "results.json"
         files = {out_name: json.dumps(results, indent=2).encode()}
         if trained:
-            files["curves.svg"] = curves_svg(trained, f"{run_name(cfg)}, preset {cfg.preset}, seed {cfg.seed}").encode()
+            title = f"{os.path.basename(run.out_dir)}, preset {cfg.preset}, seed {cfg.seed}"
+            files["curves.svg"] = curves_svg(trained, title).encode()
         RunFolder(run.out_dir).publish(files)
         print_table(results)
         print(f"wrote {run.path(out_name)}; total {results['total_seconds'] / 60:.1f} min")
@@ -369,10 +362,12 @@ def train_model(model: RPG_ED, run: Run) -> dict:
             lr = lr_at(progress["step"], total_steps, cfg)
             loss = train_step(net, optimizer, run.batch("train", local), weight, lr, dist.device, dtype)
             progress["step"] += 1
-            finite = torch.tensor([float(math.isfinite(loss.item()))])
-            if dist.sum(finite).item() < dist.world:                           # every process stops together
+            finite, stop = dist.sum(torch.tensor([float(math.isfinite(loss.item())), float(bool(stop_requested()))]))
+            if finite < dist.world:                                            # every process stops together
                 raise ValueError(f"training loss is not finite at step {progress['step']} (epoch {epoch}): "
                                  f"{loss.item()} on this process; lower --lr (now {cfg.lr}) or check the data")
+            if stop:
+                raise Interrupted(stopped(run, progress))
             seen, progress["examples"] = seen + len(rows), progress["examples"] + len(rows)
             loss_sum, loss_rows = loss_sum + loss.item() * len(local), loss_rows + len(local)
             if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1 or progress["step"] == total_steps:
@@ -386,27 +381,37 @@ def train_model(model: RPG_ED, run: Run) -> dict:
         improved = validate(model, run, progress, epoch, last=progress["step"] >= total_steps)
         progress["epoch"], progress["train_seconds"] = epoch, seconds_before + time.time() - session_start
         save_epoch(model, optimizer, run, progress, improved)
+    if stop_requested():                                                       # during the last validation
+        raise Interrupted(stopped(run, progress))
     return progress
+
+
+def stopped(run: Run, progress: dict) -> str:
+    """The one line of a run stopped by Ctrl-C or SIGTERM: what out_dir holds, how to go on."""
+    command = "python train.py " + " ".join(shlex.quote(as_flag(k, v)) for k, v in run.given.items() if k != "resume")
+    if progress["epoch"] == 0:
+        return f"stopped by {stop_requested()} in epoch 1, before any checkpoint; start again with: {command}"
+    return (f"stopped by {stop_requested()} at step {progress['step']}; {run.path('last.pt')} holds the end of epoch "
+            f"{progress['epoch']}; go on with: {command} --resume=true")
 
 
 def validate(model: RPG_ED, run: Run, progress: dict, epoch: int, last: bool) -> bool:
     """Every eval_every epochs and at the end: validation metrics into progress, early stopping.
     Returns whether validation NDCG@10 improved."""
     cfg = run.cfg
-    improved = False
-    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or last:
-        eval_start = time.time()
-        metrics = run.evaluate(model, "valid")[0]                       # weight 0: the model alone selects
-        progress["valid_history"].append({"epoch": epoch, "examples": progress["examples"], **metrics})
-        run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
-                f" | {time.time() - eval_start:.0f} s", flush=True)
-        if metrics["ndcg@10"] > progress["best"]:
-            progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
-            improved = True
-        else:
-            progress["bad_evals"] += 1
-            progress["done"] = progress["bad_evals"] >= cfg.patience
-    return improved
+    if not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or last):
+        return False
+    eval_start = time.time()
+    metrics = run.evaluate(model, "valid")[0]                           # weight 0: the model alone selects
+    progress["valid_history"].append({"epoch": epoch, "examples": progress["examples"], **metrics})
+    run.log(f"valid epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+            f" | {time.time() - eval_start:.0f} s", flush=True)
+    if metrics["ndcg@10"] > progress["best"]:
+        progress.update(best=metrics["ndcg@10"], best_epoch=epoch, bad_evals=0)
+        return True
+    progress["bad_evals"] += 1
+    progress["done"] = progress["bad_evals"] >= cfg.patience
+    return False
 
 
 def save_epoch(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict, improved: bool) -> None:
@@ -487,10 +492,6 @@ def train_step(model, optimizer, batch: dict, weight: float, lr: float, device: 
     return loss.detach()
 
 
-# ----------------------------------------------------------------------------------------------
-# What the stages share
-# ----------------------------------------------------------------------------------------------
-
 @dataclass
 class Run:
     """What the stages of one run share: settings, processes, the split data and the SIDs."""
@@ -503,6 +504,7 @@ class Run:
     item_tokens: torch.Tensor        # (n_items + 1, 4) SID tokens of each item; the last row is PAD
     user_buckets: torch.Tensor       # (n_users,) hashed user-token bucket of each user
     transitions: Transitions         # adjacent item pairs of the training targets, counted
+    given: dict                      # the flags as given (a stopped run says how to go on with them)
 
     def log(self, *args, **kwargs) -> None:
         if self.dist.is_main:
@@ -511,9 +513,8 @@ class Run:
     def path(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
 
-    def batch(self, split_name: str, rows: np.ndarray, with_target: bool = True) -> dict:
-        return make_batch(self.splits[split_name], rows, self.item_tokens, self.user_buckets, self.dist.device,
-                          with_target)
+    def batch(self, split_name: str, rows: np.ndarray) -> dict:
+        return make_batch(self.splits[split_name], rows, self.item_tokens, self.user_buckets, self.dist.device)
 
     def evaluate(self, model: RPG_ED, split_name: str, weights: tuple = (0.0,), beam_size: int = 0) -> list:
         """Metrics of the beam (beam_size, 0: the model's) ranked with each transition weight."""
@@ -560,9 +561,8 @@ def make_configs(given: dict, auto_preset: str | None = None) -> tuple[TrainConf
 
 def usage() -> str:
     """--help: this file's docstring, then what each preset changes."""
-    flag = lambda k, v: f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
     return __doc__ + "\npresets (flags given win):\n" + "\n".join(
-        f"  {name}: " + " ".join(flag(k, v) for k, v in values.items()) for name, values in PRESETS.items())
+        f"  {name}: " + " ".join(as_flag(k, v) for k, v in values.items()) for name, values in PRESETS.items())
 
 
 SPARSE_BELOW = 20   # mean interactions per user under which --preset=auto picks "sparse"
