@@ -273,6 +273,16 @@ def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> N
         print(f"{rank:>4}  {printable(run.item_raw[item]):>10}  {score:>8.3f}  {printable(run.item_title[item])}{flag}")
 
 
+def new_share_note(run: TrainedRun, new_share: float, scores: np.ndarray) -> str:
+    """Why --new_share inserted nothing, when it did not (inserted items are the NaN scores)."""
+    if new_share == 0 or np.isnan(scores).any():
+        return ""
+    if run.trained_items == run.index.n_items:
+        return "--new_share: nothing to insert: no item was added after training (recommend.py --add_items adds some)"
+    return (f"--new_share: nothing inserted: none of the {run.index.n_items - run.trained_items} added items shares "
+            "its first 3 codes with a generated SID")
+
+
 def write_all(run: TrainedRun, args: RecommendConfig, dist: Dist) -> None:
     start = time.time()
     users = run.user_raw.tolist()
@@ -288,6 +298,8 @@ def write_all(run: TrainedRun, args: RecommendConfig, dist: Dist) -> None:
         atomic_write(args.out, ("\n".join(lines) + "\n").encode())
         print(f"{len(users)} users in {seconds:.1f} s ({len(users) / seconds:.0f} users/s, {dist.world} process(es), "
               f"{args.dtype}); wrote {args.out}")
+        if note := new_share_note(run, args.new_share, scores):
+            print(note)
 
 
 def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
@@ -350,6 +362,8 @@ def main(argv: list) -> None:
         print(f"{who}: {len(history)} items, the model reads the last {min(len(history), run.model.config.max_history)}; "
               f"top {args.n_return} in {time.time() - start:.2f} s, ranked with transition weight {weight}")
         show(run, items[0], scores[0], set(history.tolist()))
+        if note := new_share_note(run, args.new_share, scores):
+            print(note)
     finally:
         if dist.world > 1:
             torch.distributed.destroy_process_group()

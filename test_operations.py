@@ -55,6 +55,18 @@ TINY_RUN = ["--epochs=2", "--eval_every=1", "--n_embd=16", "--n_head=2", "--n_in
             "--log_every=1000", "--emb_source=both", "--dtype=fp32"]
 
 
+@FAST
+@given(st.integers(1, 3000), st.integers(0, 2500))
+def test_warmup_is_at_most_a_tenth_of_the_run_and_the_peak_is_reached(total, warmup_steps):
+    cfg = train.TrainConfig(lr=1e-3, warmup_steps=warmup_steps)
+    lrs = [train.lr_at(step, total, cfg) for step in range(total)]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1e-3) and peak <= total // 10              # a short run reaches its lr
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))              # rising until then
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))              # then never rising
+    assert lrs[-1] >= 1e-3 * train.MIN_LR_RATIO - 1e-12
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_end_to_end_run_is_deterministic(tmp_path, dtype):
@@ -629,7 +641,8 @@ def test_added_items_are_recommended_when_the_history_points_to_their_group(grou
     histories = [before.item_ids([group_raw(g, (s + 1) % N_SLOTS), group_raw(g, (s + 2) % N_SLOTS)])
                  for g, s in group_run["held_out"]]
     users = [f"new{g}" for g in range(N_GROUPS)]
-    old_items, _ = recommend.recommend(before, histories, users)
+    old_items, old_scores = recommend.recommend(before, histories, users, new_share=0.3)
+    assert "no item was added after training" in recommend.new_share_note(before, 0.3, old_scores)
     assert recommend.add_items(out, new_emb, new_ids, [f"added {i}" for i in new_ids]) == 0
     after = runs.load_run(out)
     assert after.index.n_items == before.index.n_items + N_GROUPS
@@ -645,7 +658,7 @@ def test_added_items_are_recommended_when_the_history_points_to_their_group(grou
     assert after.item_title[new_item[0]] == f"added {new_ids[0]}"
     mixed, mixed_scores = recommend.recommend(after, histories, users, new_share=0.3, transition_weight=0.0)
     plain, plain_scores = recommend.recommend(after, histories, users, transition_weight=0.0)
-    assert not np.array_equal(mixed, plain)                  # TIGER's rule inserted something
+    assert not np.array_equal(mixed, plain) and recommend.new_share_note(after, 0.3, mixed_scores) == ""
     for row, row_scores, beam_row, beam_scores in zip(mixed.tolist(), mixed_scores, plain.tolist(), plain_scores):
         for item, score in zip(row, row_scores):             # a generated item keeps its score, an inserted one NaN
             assert np.isnan(score) if item not in beam_row else score == beam_scores[beam_row.index(item)]

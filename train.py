@@ -7,13 +7,11 @@
     python train.py --data=NEWER --init_from=out/RUN --out_dir=out/NEXT   # continue a finished run
     torchrun --standalone --nproc_per_node=N train.py ...   # N processes, DistributedDataParallel
 
-The run in stages (this file): read and split the data (dataset.py), build item embeddings
-(embeddings.py) and SIDs (sid.py), train the model (rpg_ed.py) with validation every eval_every
-epochs, and evaluate the best checkpoint (evaluate.py): the protocol's numbers are the model's
-beam alone; the beam ranked with training transitions is reported beside them, its weight chosen
-on validation. Every file goes into out_dir through the run store (runs.py): config.json, the SID
-index, data.npz (what recommend.py needs), checkpoint.pt (best), last.pt (to --resume),
-results.json, curves.svg, and run.json, which lists them all with their sha256.
+The run in stages: read and split the data (dataset.py), item embeddings (embeddings.py) and SIDs
+(sid.py), train the model (rpg_ed.py), validating every eval_every epochs, then evaluate the best
+checkpoint (evaluate.py): the model's beam alone (the protocol's numbers), and beside it the beam
+ranked with training transitions, its weight chosen on validation. Files go into out_dir through
+the run store (runs.py). Ctrl-C or SIGTERM stops between steps and says how to go on.
 """
 from __future__ import annotations
 
@@ -38,8 +36,8 @@ from evaluate import (EVAL_BATCH_SIZE, TRANSITION_WEIGHTS, TransitionRanker, Tra
                       curves_svg, evaluate_split, item_token_table, length_batches, make_batch, print_table,
                       user_bucket_table)
 from rpg_ed import RPG_ED, RPGEDConfig
-from runs import (RunFolder, check_checkpoint, check_sizes, check_out_dir, checkpoint_bytes, extend_index, load_checkpoint,
-                  load_index, load_run, run_data_bytes, sids_digest)
+from runs import (RunFolder, check_checkpoint, check_out_dir, check_sizes, checkpoint_bytes, extend_index,
+                  load_checkpoint, load_index, load_run, run_data_bytes, sids_digest)
 
 
 @dataclass
@@ -64,7 +62,7 @@ class TrainConfig:
     dtype: str = "auto"              # auto (bf16 on cuda, fp32 elsewhere) | bf16 | fp32: autocast compute
                                      # dtype; weights and optimizer state stay fp32
     lr: float = 4e-3                 # peak learning rate
-    warmup_steps: int = 100          # steps of linear warmup to lr, then cosine decay
+    warmup_steps: int = 100          # steps of linear warmup to lr (at most a tenth of the run), then cosine
     eval_every: int = 2              # epochs between validation runs (and the last epoch)
     patience: int = 3                # validation runs without improvement before stopping
     log_every: int = 100             # steps between log lines
@@ -181,8 +179,7 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     return report_stage(model, run, data, trained, stats, raw.source, seconds, start_time)
 
 
-def start_stage(out_dir: str, mode: str, resolved: dict, raw, data: Dataset, index: sid.SIDIndex, base,
-                log) -> None:
+def start_stage(out_dir: str, mode: str, resolved: dict, raw, data: Dataset, index: sid.SIDIndex, base, log) -> None:
     """The run's first state, published in one step: config.json, the SIDs, data.npz, and in
     run.json the data's fingerprint. A new run replaces whatever state out_dir held."""
     if mode == "restart":
@@ -190,6 +187,8 @@ def start_stage(out_dir: str, mode: str, resolved: dict, raw, data: Dataset, ind
             "(--resume=true continues it instead)")
     emb_source = resolved["train"]["emb_source"]
     content_sids = base.content_sids if base else bool(raw.item_emb) and emb_source != "both"
+    if not content_sids:                       # --add_items places new items by an embeddings file alone
+        log("new items: recommend.py --add_items will refuse them (allowed with --item_emb=FILE, not 'both')")
     files = {"config.json": json.dumps(resolved, indent=2).encode(), **index.files(),
              "data.npz": run_data_bytes(data, raw.item_text, content_sids)}
     RunFolder(out_dir).publish(files, data=raw.fingerprint, keep=False)
@@ -341,13 +340,12 @@ def train_model(model: RPG_ED, run: Run) -> dict:
         progress = resume(model, optimizer, run, progress)
     net = model
     if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda"
+                                                        else None)
     lengths = run.splits["train"].lengths()
     max_history = run.resolved["model"]["max_history"]
     steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)      # --max_steps: fewer
     dtype = compute_dtype(cfg.dtype, dist.device)
     first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
@@ -389,10 +387,9 @@ def train_model(model: RPG_ED, run: Run) -> dict:
 def stopped(run: Run, progress: dict) -> str:
     """The one line of a run stopped by Ctrl-C or SIGTERM: what out_dir holds, how to go on."""
     command = "python train.py " + " ".join(shlex.quote(as_flag(k, v)) for k, v in run.given.items() if k != "resume")
-    if progress["epoch"] == 0:
-        return f"stopped by {stop_requested()} in epoch 1, before any checkpoint; start again with: {command}"
-    return (f"stopped by {stop_requested()} at step {progress['step']}; {run.path('last.pt')} holds the end of epoch "
-            f"{progress['epoch']}; go on with: {command} --resume=true")
+    saved = (f"{run.path('last.pt')} holds the end of epoch {progress['epoch']}; go on with: {command} --resume=true"
+             if progress["epoch"] else f"no checkpoint yet; start again with: {command}")
+    return f"stopped by {stop_requested()} at step {progress['step']}; {saved}"
 
 
 def validate(model: RPG_ED, run: Run, progress: dict, epoch: int, last: bool) -> bool:
@@ -461,11 +458,13 @@ def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, max_history: int, epoch
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * MIN_LR_RATIO. A function of the step, so the
-    step is the whole scheduler state."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    """Linear warmup over warmup_steps, at most a tenth of the run's `total` steps (so a short run
+    reaches its peak), then cosine decay to lr * MIN_LR_RATIO. A function of the step, so the step
+    is the whole scheduler state."""
+    warmup = min(cfg.warmup_steps, total // 10)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
