@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,13 +77,17 @@ def as_flag(name: str, value) -> str:
     return f"--{name}={str(value).lower() if isinstance(value, bool) else value}"
 
 
-def parse_flags(argv: list, *configs, usage: str = "") -> dict:
+def parse_flags(argv: list, *configs, usage: str = "", presets: dict | None = None) -> dict:
     """`--key=value` arguments -> {key: value}, each value typed by its field in the dataclasses
     `configs` (int, float, bool or str); a flag given twice takes its last value, as in argparse.
-    `--help` prints `usage` and every flag, then exits 0. Unknown and malformed flags are refused
-    here, naming the flag; each dataclass's __post_init__ then checks what its values allow."""
+    `--help` prints `usage`, the flags each of the `presets` sets, and every flag, then exits 0.
+    Unknown and malformed flags are refused here, naming the flag; each dataclass's __post_init__
+    then checks what its values allow."""
     if "--help" in argv or "-h" in argv:
-        print(usage.strip() + "\n" + flag_help(*configs))
+        listed = [f"  {name}: " + " ".join(as_flag(k, v) for k, v in flags.items())
+                  for name, flags in (presets or {}).items()]
+        listed = ["\npresets (flags given win):"] * bool(listed) + listed
+        print("\n".join([usage.strip()] + listed + [flag_help(*configs)]))
         raise SystemExit(0)
     kinds = {f.name: f.type for cls in configs for f in dataclasses.fields(cls)}
     given = {}
@@ -170,6 +175,33 @@ def run_main(main) -> None:
             raise SystemExit(f"error: process {os.environ.get('RANK', '?')} stopped: another process failed "
                              "(its error line says why)")
         raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: lines by time, with the rate and the time left
+# ----------------------------------------------------------------------------------------------
+
+class Progress:
+    """Progress of `total` units of work started now: the rate so far, the time left at that rate
+    (plus `later` seconds of other work still to come), and whether a line is due: at most one
+    every `every` seconds, so a slow machine says so early and a fast one does not flood the log."""
+
+    def __init__(self, total: int, every: float = 30.0):
+        self.total, self.every = total, every
+        self.start = self.last = time.time()
+
+    def due(self) -> bool:
+        return time.time() - self.last >= self.every
+
+    def left(self, done: int, later: float = 0.0) -> float:
+        """Seconds left: the remaining units at the rate so far, plus `later`."""
+        rate = done / max(time.time() - self.start, 1e-9)
+        return (self.total - done) / max(rate, 1e-9) + later
+
+    def line(self, done: int, unit: str, later: float = 0.0) -> str:
+        self.last = time.time()
+        return (f"{done:,}/{self.total:,} {unit} | {done / max(self.last - self.start, 1e-9):,.0f} {unit}/s | "
+                f"{self.last - self.start:.0f} s so far, about {self.left(done, later) / 60:.1f} min left")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ writes them.
 from __future__ import annotations
 
 import html
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,6 +208,20 @@ def evaluate_split(model: RPG_ED, split: Split, index: sid.SIDIndex, item_tokens
             rank[r, rows] = hit_ranks(top, target[rows])
     model.train(training)
     return [metrics_from_ranks(r) for r in dist.sum(torch.from_numpy(rank)).numpy()]
+
+
+def evaluation_seconds(model: RPG_ED, split: Split, index: sid.SIDIndex, item_tokens: torch.Tensor,
+                       user_buckets: torch.Tensor, beam_size: int, dtype: torch.dtype, dist: cli.Dist) -> float:
+    """About how long evaluate_split takes on `split`: three of its batches (short, middle and long
+    histories), timed, scaled to all its users and shared among the processes."""
+    batches = length_batches(split.lengths(), EVAL_BATCH_SIZE, EVAL_BATCH_SIZE * model.config.max_history)
+    if not batches:
+        return 0.0
+    rows = np.concatenate([batches[j] for j in np.unique(np.linspace(0, len(batches) - 1, 3).astype(int))])
+    part = Split(split.items, split.start[rows], split.pos[rows], split.user[rows], split.max_history)
+    tick = time.time()
+    evaluate_split(model, part, index, item_tokens, user_buckets, [], beam_size, dtype, cli.Dist(0, 1, dist.device))
+    return (time.time() - tick) * len(split.pos) / len(rows) / dist.world
 
 
 def best_of(valid: list) -> int:

@@ -283,6 +283,27 @@ def check_checkpoint(state: dict, path: str, resolved: dict, digest: str, may_ch
                          f"index {digest[:12]}); rebuild the index or train again")
 
 
+def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run, progress: dict, may_change: tuple) -> dict:
+    """--resume: load the run's last.pt into the model and optimizer, restore this process's RNG;
+    return the progress record (its keys: those of `progress`). `run`: train.py's Run."""
+    path = run.path("last.pt")
+    state = load_checkpoint(path, run.dist.device)
+    check_checkpoint(state, path, run.resolved, sids_digest(run.index), may_change)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    progress = {k: state[k] for k in progress}
+    if len(state["rng"]) == run.dist.world:
+        torch.set_rng_state(state["rng"][run.dist.rank]["cpu"])
+        if run.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"][run.dist.rank]["cuda"], run.dist.device)
+    else:
+        torch.manual_seed(run.cfg.seed + run.dist.rank + 1_000_003 * progress["step"])
+        run.log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {run.dist.world}; "
+                "dropout is re-seeded, so the run will not match an uninterrupted one exactly")
+    run.log(f"resumed from {path}: epoch {progress['epoch']}, step {progress['step']}")
+    return progress
+
+
 # ----------------------------------------------------------------------------------------------
 # data.npz: what using a run needs beside the model and the SIDs
 # ----------------------------------------------------------------------------------------------

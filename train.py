@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 import sid
-from cli import (Dist, Interrupted, as_flag, autocast, check_types, compute_dtype, init_distributed, parse_flags,
-                 run_main, stop_at_safe_points, stop_requested)
-from dataset import EVAL_SAMPLE_SEED, Dataset, extend_catalogue, leave_one_out, load_data, prepare, sample_users
+from cli import (Dist, Interrupted, Progress, as_flag, autocast, check_types, compute_dtype, init_distributed,
+                 parse_flags, run_main, stop_at_safe_points, stop_requested)
+from dataset import Dataset, extend_catalogue, leave_one_out, load_data, prepare, sample_users
 from embeddings import item_embeddings
 from evaluate import (EVAL_BATCH_SIZE, TRANSITION_WEIGHTS, TransitionRanker, Transitions, baseline_rankings, best_of,
-                      curves_svg, evaluate_split, item_token_table, length_batches, make_batch, print_table,
-                      user_bucket_table)
+                      curves_svg, evaluate_split, evaluation_seconds, item_token_table, length_batches, make_batch,
+                      print_table, user_bucket_table)
 from rpg_ed import RPG_ED, RPGEDConfig
 from runs import (RunFolder, check_checkpoint, check_out_dir, check_sizes, checkpoint_bytes, extend_index,
-                  load_checkpoint, load_index, load_run, run_data_bytes, sids_digest)
+                  load_checkpoint, load_index, load_run, resume, run_data_bytes, sids_digest)
 
 
 @dataclass
@@ -57,8 +57,7 @@ class TrainConfig:
     seed: int = 0                    # model initialisation, dropout, batch order and the SIDs' k-means
     device: str = "auto"             # auto (cuda, mps, cpu) | cpu | cuda | mps
     epochs: int = 7                  # maximum epochs
-    batch_size: int = 512            # most rows (examples) in a training batch; rows are grouped by
-                                     # history length, so a batch pads (almost) nothing
+    batch_size: int = 512            # most rows in a training batch (grouped by history length: no padding)
     dtype: str = "auto"              # auto (bf16 on cuda, fp32 elsewhere) | bf16 | fp32: autocast compute
                                      # dtype; weights and optimizer state stay fp32
     lr: float = 4e-3                 # peak learning rate
@@ -66,13 +65,11 @@ class TrainConfig:
     eval_every: int = 2              # epochs between validation runs (and the last epoch)
     patience: int = 3                # validation runs without improvement before stopping
     log_every: int = 100             # steps between log lines
-    report_beam_size: int = 20       # also report the selected model with this beam (0 = no); the
-                                     # protocol's numbers stay those of the model's beam_size (10)
+    report_beam_size: int = 20       # also report the chosen model with this many beams (0: no); protocol: 10
     five_core: bool = True           # 5-core filtering (never for the s3rec format)
     resume: bool = False             # continue from out_dir/last.pt (same config, same SIDs on disk)
     eval_only: bool = False          # evaluate out_dir/checkpoint.pt on valid and test, no training
-    max_steps: int = 0               # stop after this many training steps (0: epochs decide); the
-                                     # learning-rate schedule then ends at max_steps
+    max_steps: int = 0               # stop after this many steps, where the lr schedule ends (0: epochs decide)
     eval_users: int = 0              # score this many users, a fixed random sample (0: all users)
     overwrite: bool = False          # allow a new run into an out_dir that holds another run's files
     item_id_emb: bool = False        # each history item also adds an embedding of its own id (model.n_items)
@@ -130,7 +127,7 @@ PRESETS = {
 
 def main(argv: list) -> dict:
     start_time = time.time()
-    given = parse_flags(argv, TrainConfig, RPGEDConfig, usage=usage())   # the only parse of argv here
+    given = parse_flags(argv, TrainConfig, RPGEDConfig, usage=__doc__, presets=PRESETS)   # the only parse
     cfg, _ = make_configs(given)               # checks every flag before anything is read or written
     dist = init_distributed(cfg.device)
     try:
@@ -240,10 +237,8 @@ def split_stage(cfg: TrainConfig, mcfg: RPGEDConfig, data: Dataset, log, seconds
     if cfg.eval_users and cfg.eval_users < len(data.user_raw):
         splits, stats["eval_users"] = sample_users(splits, cfg.eval_users), cfg.eval_users
     seconds["split"] = time.time() - tick
-    log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()) + f" ({seconds['split']:.1f} s)")
-    if "eval_users" in stats:
-        log(f"evaluation: {cfg.eval_users:,} of {len(data.user_raw):,} users, a random sample fixed by "
-            f"EVAL_SAMPLE_SEED={EVAL_SAMPLE_SEED} (the same for the model and the baselines, whatever --seed)")
+    sample = "; eval_users: a sample fixed by the data alone, not by --seed" if "eval_users" in stats else ""
+    log("dataset: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()) + f" ({seconds['split']:.1f} s){sample}")
     return splits, stats
 
 
@@ -337,17 +332,16 @@ def train_model(model: RPG_ED, run: Run) -> dict:
     progress = {"epoch": 0, "step": 0, "examples": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "done": False,
                 "loss_history": [], "valid_history": [], "train_seconds": 0.0}
     if cfg.resume:
-        progress = resume(model, optimizer, run, progress)
-    net = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda"
-                                                        else None)
+        progress = resume(model, optimizer, run, progress, RESUME_MAY_CHANGE)
+    net = model if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     lengths = run.splits["train"].lengths()
     max_history = run.resolved["model"]["max_history"]
     steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)      # --max_steps: fewer
     dtype = compute_dtype(cfg.dtype, dist.device)
     first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
+    clock = RunTime(run, model, first_step, total_steps)
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         if progress["done"] or progress["step"] >= total_steps:
             break
@@ -368,20 +362,54 @@ def train_model(model: RPG_ED, run: Run) -> dict:
                 raise Interrupted(stopped(run, progress))
             seen, progress["examples"] = seen + len(rows), progress["examples"] + len(rows)
             loss_sum, loss_rows = loss_sum + loss.item() * len(local), loss_rows + len(local)
-            if progress["step"] % cfg.log_every == 0 or b == steps_per_epoch - 1 or progress["step"] == total_steps:
-                eta = (time.time() - session_start) / (progress["step"] - first_step) * (total_steps - progress["step"])
-                # the mean since the last line: one length-grouped batch alone is a noisy figure
-                run.log(f"epoch {epoch} step {progress['step']}/{total_steps} | loss {loss_sum / loss_rows:.4f} | "
-                        f"lr {lr:.2e} | {seen / (time.time() - tick):.0f} ex/s | eta {eta / 60:.1f} min", flush=True)
+            recorded = progress["step"] % cfg.log_every == 0 or b == len(batches) - 1 or progress["step"] == total_steps
+            if recorded or clock.steps.due():                # the mean since the last recorded line: less noisy
+                clock.log(epoch, progress["step"], f"loss {loss_sum / loss_rows:.4f} | lr {lr:.2e} | "
+                          f"{seen / (time.time() - tick):.0f} ex/s", end_of_epoch=b == len(batches) - 1)
+            if recorded:
                 progress["loss_history"].append({"step": progress["step"], "examples": progress["examples"],
                                                  "loss": round(loss_sum / loss_rows, 5)})   # this process's rows
                 loss_sum, loss_rows = 0.0, 0
+        paused = time.time()                                 # validation and checkpoints: not training steps
         improved = validate(model, run, progress, epoch, last=progress["step"] >= total_steps)
         progress["epoch"], progress["train_seconds"] = epoch, seconds_before + time.time() - session_start
         save_epoch(model, optimizer, run, progress, improved)
+        clock.steps.start += time.time() - paused
     if stop_requested():                                                       # during the last validation
         raise Interrupted(stopped(run, progress))
     return progress
+
+
+class RunTime:
+    """The run's time as it goes: the steps left at the rate so far, plus the validations and the
+    final evaluation to come, timed on a few validation batches before training."""
+
+    def __init__(self, run: Run, model: RPG_ED, first_step: int, total_steps: int):
+        self.run, self.first_step, self.told = run, first_step, False
+        self.steps = Progress(total_steps - first_step, every=30)          # besides every log_every steps
+        self.evaluation = evaluation_seconds(model, run.splits["valid"], run.index, run.item_tokens, run.user_buckets,
+                                             model.config.beam_size, compute_dtype(run.cfg.dtype, run.dist.device),
+                                             run.dist)
+        self.report = 2 * (1 + run.cfg.report_beam_size / model.config.beam_size)   # valid and test, 10 and 20 beams
+
+    def left(self, step: int, epoch: int) -> float:
+        """Seconds left after `step`: steps, then validations from `epoch` on, then the final evaluation."""
+        cfg = self.run.cfg
+        validations = sum(e % cfg.eval_every == 0 or e == cfg.epochs for e in range(epoch, cfg.epochs + 1))
+        return self.steps.left(step - self.first_step, self.evaluation * (validations + self.report))
+
+    def log(self, epoch: int, step: int, figures: str, end_of_epoch: bool) -> None:
+        """A progress line with the time left; once, after a minute or at the end of the first epoch,
+        a line with the whole run's time and the flags that shorten it."""
+        self.steps.last = time.time()
+        self.run.log(f"epoch {epoch} step {step}/{self.first_step + self.steps.total} | {figures} | "
+                     f"eta {self.left(step, epoch) / 60:.1f} min", flush=True)
+        if self.told or not (end_of_epoch or time.time() - self.steps.start >= 60):
+            return
+        self.told, cfg, total = True, self.run.cfg, time.time() - self.steps.start + self.left(step, epoch)
+        self.run.log(f"time: this run takes about {total / 60:.0f} min here (a validation {self.evaluation:.0f} s); "
+                     f"shorter: --epochs (now {cfg.epochs}), --eval_every (now {cfg.eval_every}), --eval_users=N "
+                     f"(a sample of N users), --report_beam_size=0 (now {cfg.report_beam_size})", flush=True)
 
 
 def stopped(run: Run, progress: dict) -> str:
@@ -393,8 +421,8 @@ def stopped(run: Run, progress: dict) -> str:
 
 
 def validate(model: RPG_ED, run: Run, progress: dict, epoch: int, last: bool) -> bool:
-    """Every eval_every epochs and at the end: validation metrics into progress, early stopping.
-    Returns whether validation NDCG@10 improved."""
+    """Every eval_every epochs and at the end: validation metrics into progress, early stopping;
+    whether validation NDCG@10 improved."""
     cfg = run.cfg
     if not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or last):
         return False
@@ -424,26 +452,6 @@ def save_epoch(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progre
     dist.barrier()
     if progress["done"]:
         run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
-
-
-def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progress: dict) -> dict:
-    """Load last.pt into the model and optimizer, restore this process's RNG; return the progress record."""
-    path = run.path("last.pt")
-    state = load_checkpoint(path, run.dist.device)
-    check_checkpoint(state, path, run.resolved, sids_digest(run.index), RESUME_MAY_CHANGE)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    progress = {k: state[k] for k in progress}
-    if len(state["rng"]) == run.dist.world:
-        torch.set_rng_state(state["rng"][run.dist.rank]["cpu"])
-        if run.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"][run.dist.rank]["cuda"], run.dist.device)
-    else:
-        torch.manual_seed(run.cfg.seed + run.dist.rank + 1_000_003 * progress["step"])
-        run.log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {run.dist.world}; "
-                "dropout is re-seeded, so the run will not match an uninterrupted one exactly")
-    run.log(f"resumed from {path}: epoch {progress['epoch']}, step {progress['step']}")
-    return progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,8 +556,8 @@ def make_configs(given: dict, auto_preset: str | None = None) -> tuple[TrainConf
         mcfg = RPGEDConfig(**{k: v for k, v in values.items() if k not in train_keys})
     except ValueError as e:              # "config.n_embd: ..." -> "--n_embd: ...", the flag the user typed
         raise ValueError(str(e).replace("config.", "--", 1)) from None
-    for flag, value, served in (("--n_digit", mcfg.n_digit, sid.N_DIGIT), ("--codebook_size", mcfg.codebook_size,
-                                                                            sid.CODEBOOK_SIZE)):
+    sizes = {"--n_digit": (mcfg.n_digit, sid.N_DIGIT), "--codebook_size": (mcfg.codebook_size, sid.CODEBOOK_SIZE)}
+    for flag, (value, served) in sizes.items():
         if value != served:
             raise ValueError(f"{flag}: expected {served}: sid.py builds SIDs of {sid.N_DIGIT} digits of "
                              f"{sid.CODEBOOK_SIZE} codes (one uint8 each, packed into a uint32 key), got {value}")
@@ -558,19 +566,12 @@ def make_configs(given: dict, auto_preset: str | None = None) -> tuple[TrainConf
     return tcfg, mcfg
 
 
-def usage() -> str:
-    """--help: this file's docstring, then what each preset changes."""
-    return __doc__ + "\npresets (flags given win):\n" + "\n".join(
-        f"  {name}: " + " ".join(as_flag(k, v) for k, v in values.items()) for name, values in PRESETS.items())
-
-
 SPARSE_BELOW = 20   # mean interactions per user under which --preset=auto picks "sparse"
 
 
 def choose_preset(data: Dataset) -> tuple[str, str]:
-    """--preset=auto: the preset for this data, and why. Both CPU presets fit their data's budget
-    on a 2-core CPU (10 min for MovieLens-100K, 90 for Amazon Beauty); what separates them is
-    history length, which sets the cost of every example."""
+    """--preset=auto: the preset for this data, and why. What separates the two CPU presets is history
+    length, which sets the cost of every example."""
     per_user = data.n_interactions / len(data.user_raw)
     if per_user < SPARSE_BELOW:
         return "sparse", (f"{per_user:.1f} interactions per user (< {SPARSE_BELOW}): short histories are cheap "
