@@ -258,11 +258,38 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype (auto | bf16 | fp32) -> the autocast dtype: bf16 or fp32 (fp32 = autocast off)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if name == "bf16" else torch.float32
+def matmul_seconds(dtype: torch.dtype, device: torch.device, m: int, k: int, n: int, budget: float = 0.3) -> float:
+    """Seconds of one (m, k) @ (k, n) matmul in `dtype` on `device`: the mean of as many as fit in
+    about `budget` seconds, after one call to warm up (a slow dtype runs it only a few times)."""
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < budget:
+        a @ b
+        count += 1
+        sync()
+    return (time.perf_counter() - start) / count
+
+
+BF16_FASTER = 1.3    # --dtype=auto picks bf16 when a matmul of the model's shapes runs at least this much faster
+
+
+def pick_dtype(name: str, device: torch.device, k: int, n: int) -> tuple[torch.dtype, str]:
+    """--dtype (auto | bf16 | fp32) -> (the autocast dtype, a log line that says why). auto times a
+    (1024, k) @ (k, n) matmul, the shapes of the model's MLP, in fp32 and in bf16 on `device`, and
+    takes bf16 only where it is clearly faster (a GPU, a CPU with native bf16); an explicit bf16
+    that is slower here runs, with a warning that gives the measured slowdown."""
+    if name == "fp32" or device.type == "mps":
+        return torch.float32, "compute dtype float32" + (" (mps: bf16 autocast is not used)" * (name != "fp32"))
+    speedup = matmul_seconds(torch.float32, device, 1024, k, n) / matmul_seconds(torch.bfloat16, device, 1024, k, n)
+    bf16 = name == "bf16" or speedup >= BF16_FASTER
+    line = (f"compute dtype {'bfloat16' if bf16 else 'float32'} ({'--dtype=bf16' if name == 'bf16' else 'auto'}: a "
+            f"1024x{k} @ {k}x{n} matmul runs {speedup:.2f}x as fast in bf16 as in fp32 here)")
+    if name == "bf16" and speedup < 1:
+        line += f"; warning: bf16 is {1 / speedup:.1f}x slower than fp32 on this machine, --dtype=auto would use fp32"
+    return (torch.bfloat16 if bf16 else torch.float32), line
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

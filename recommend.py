@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import sid
-from cli import Dist, atomic_write, init_distributed, parse_flags, run_main
+from cli import Dist, atomic_write, init_distributed, parse_flags, pick_dtype, run_main
 from dataset import CONTROL, Split, ragged_arange
 from embeddings import read_item_emb
 from evaluate import TransitionRanker, beam_batches, item_token_table, user_bucket_table
@@ -112,8 +112,8 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     """
     if len(histories) != len(users):
         raise ValueError(f"histories and users: expected one user per history, got {len(histories)} and {len(users)}")
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"--dtype: expected fp32 or bf16, got {dtype!r}")
+    if dtype not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"--dtype: expected fp32, bf16 or auto, got {dtype!r}")
     mcfg = run.model.config
     beam_size = beam_size or mcfg.beam_size
     if not 1 <= n_return <= beam_size:
@@ -127,7 +127,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     items = torch.zeros(len(histories), n_return, dtype=torch.long)
     scores = torch.zeros(len(histories), n_return)
     codes = torch.zeros(len(histories), n_return, mcfg.n_digit, dtype=torch.long)
-    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+    compute = pick_dtype(dtype, dist.device, mcfg.n_embd, mcfg.n_inner)[0]
     for rows, beam_items, beam_scores, beam_sids in beam_batches(
             run.model, split, run.index, item_token_table(run.index, mcfg),
             user_bucket_table(users, mcfg.n_user_buckets), beam_size, batch_size, compute, dist):
@@ -219,7 +219,7 @@ class RecommendConfig:
     n_return: int = 10               # items per list
     beam_size: int = 0               # 0: the model's beam_size
     batch_size: int = 256            # users per beam-search batch (--all)
-    dtype: str = "fp32"              # fp32 | bf16
+    dtype: str = "fp32"              # fp32 (the dtype the presets train in on a CPU) | bf16 | auto (bf16 where faster)
     device: str = "cpu"              # cpu | cuda | mps | auto
     new_share: float = 0.0           # share of the list open to items added after training (TIGER's rule)
     transition_weight: float = -1.0  # -1: the run's (chosen on validation, in results.json); 0: the model alone
@@ -244,8 +244,8 @@ class RecommendConfig:
             raise ValueError(f"--new_share: expected a number in [0, 1], got {self.new_share}")
         if not (self.transition_weight == -1 or 0 <= self.transition_weight < math.inf):
             raise ValueError(f"--transition_weight: expected -1 (the run's) or a number >= 0, got {self.transition_weight}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"--dtype: expected fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"--dtype: expected fp32, bf16 or auto, got {self.dtype!r}")
 
 
 def read_item_ids(path: str) -> tuple[list, list]:
@@ -344,6 +344,8 @@ def main(argv: list) -> None:
     dist = init_distributed(args.device)
     try:
         run = load_for(args.run_dir, dist)
+        if args.dtype != "fp32" and dist.is_main:                    # what bf16 costs here, measured
+            print(pick_dtype(args.dtype, dist.device, run.model.config.n_embd, run.model.config.n_inner)[1])
         if args.all:
             write_all(run, args, dist)
             dist.barrier()

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 import sid
-from cli import (Dist, Interrupted, Progress, as_flag, autocast, check_types, compute_dtype, init_distributed,
-                 parse_flags, run_main, stop_at_safe_points, stop_requested)
+from cli import (Dist, Interrupted, Progress, as_flag, autocast, check_types, init_distributed, parse_flags, pick_dtype,
+                 run_main, stop_at_safe_points, stop_requested)
 from dataset import Dataset, extend_catalogue, leave_one_out, load_data, prepare, sample_users
 from embeddings import item_embeddings
 from evaluate import (EVAL_BATCH_SIZE, TRANSITION_WEIGHTS, TransitionRanker, Transitions, baseline_rankings, best_of,
@@ -58,8 +58,8 @@ class TrainConfig:
     device: str = "auto"             # auto (cuda, mps, cpu) | cpu | cuda | mps
     epochs: int = 7                  # maximum epochs
     batch_size: int = 512            # most rows in a training batch (grouped by history length: no padding)
-    dtype: str = "auto"              # auto (bf16 on cuda, fp32 elsewhere) | bf16 | fp32: autocast compute
-                                     # dtype; weights and optimizer state stay fp32
+    dtype: str = "auto"              # auto (bf16 where a timed matmul is clearly faster in it) | bf16 | fp32:
+                                     # the autocast dtype; weights and optimizer state stay fp32
     lr: float = 4e-3                 # peak learning rate
     warmup_steps: int = 100          # steps of linear warmup to lr (at most a tenth of the run), then cosine
     eval_every: int = 2              # epochs between validation runs (and the last epoch)
@@ -107,15 +107,15 @@ RESUME_MAY_CHANGE = ("resume", "eval_only", "device", "log_every", "out_dir", "r
 PRESETS = {
     # sized for `python train.py` on MovieLens-100K within 10 minutes on a 2-core CPU; each choice
     # won on validation (docs/results.md): no user token, 7 epochs of batch 512 at lr 4e-3,
-    # 20 history items, width 96 with MLP 384
+    # 20 history items, width 96 with MLP 384, fp32 (bf16 lost on validation even where faster)
     "cpu": dict(n_embd=96, n_head=4, n_inner=384, encoder_n_layer=2, decoder_n_layer=1, max_history=20,
-                attn_pdrop=0.0, n_user_buckets=0),
+                attn_pdrop=0.0, n_user_buckets=0, dtype="fp32"),
     # short histories (under 20 items a user on average, as on Amazon) cost little with batches
     # grouped by length, so the same CPU time buys a model 4x as wide and deep (TIGER's width, MLP
     # and depth) trained for longer; each history item also adds its own id embedding
     "sparse": dict(n_embd=128, n_head=4, n_inner=1024, encoder_n_layer=4, decoder_n_layer=4, max_history=20,
                    attn_pdrop=0.1, n_user_buckets=0, epochs=32, eval_every=4, patience=3, batch_size=512,
-                   lr=2e-3, warmup_steps=500, dtype="bf16", emb_source="both", item_id_emb=True),
+                   lr=2e-3, warmup_steps=500, emb_source="both", item_id_emb=True),
     # the seed config (RPGEDConfig's defaults, the original design's size), for a GPU
     "seed": dict(epochs=200, eval_every=5, patience=4, batch_size=256, lr=1e-3, warmup_steps=2000),
 }
@@ -150,8 +150,9 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
                          "would overwrite")
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
     log("config:", json.dumps(resolved))
-    log(f"processes: {dist.world}, device {dist.device}, compute dtype "
-        f"{str(compute_dtype(cfg.dtype, dist.device)).removeprefix('torch.')}")
+    dtype, why = pick_dtype(cfg.dtype, dist.device, mcfg.n_embd, mcfg.n_inner)
+    dtype = dtype if dist.world == 1 else dist.gather(dtype)[0]               # rank 0's choice, everywhere
+    log(f"processes: {dist.world}, device {dist.device}, {why}")
     if dist.is_main:
         RunFolder(out_dir).recover()           # finish or undo what a killed step left (nothing, usually)
     dist.barrier()
@@ -169,7 +170,7 @@ def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
     item_tokens = item_token_table(index, mcfg)
     user_buckets = user_bucket_table(data.user_raw, mcfg.n_user_buckets)
     transitions = Transitions.fit(splits["train"], index.n_items)
-    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets, transitions, given)
+    run = Run(cfg, resolved, dist, out_dir, splits, index, item_tokens, user_buckets, transitions, given, dtype)
     model = model_stage(mcfg, run, base, log)
     with stop_at_safe_points():                # Ctrl-C and SIGTERM stop between steps, saying how to go on
         trained = None if cfg.eval_only else train_model(model, run)
@@ -285,6 +286,7 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
     model.load_state_dict(state["model"])
     tick = time.time()
     results = {"config": run.resolved, "dataset": {**stats, "source": source}, "processes": dist.world,
+               "compute_dtype": str(run.dtype).removeprefix("torch."),
                "best_epoch": state["best_epoch"], "valid_history": (trained or state)["valid_history"],
                "loss_history": (trained or state)["loss_history"],
                "train_seconds": round((trained or state)["train_seconds"], 1)}
@@ -339,9 +341,8 @@ def train_model(model: RPG_ED, run: Run) -> dict:
     max_history = run.resolved["model"]["max_history"]
     steps_per_epoch = len(epoch_batches(lengths, cfg, max_history, 1))   # the same for every epoch
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)      # --max_steps: fewer
-    dtype = compute_dtype(cfg.dtype, dist.device)
     first_step, session_start, seconds_before = progress["step"], time.time(), progress["train_seconds"]
-    clock = RunTime(run, model, first_step, total_steps)
+    clock = RunTime(run, model, first_step, total_steps, steps_per_epoch)
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         if progress["done"] or progress["step"] >= total_steps:
             break
@@ -352,7 +353,7 @@ def train_model(model: RPG_ED, run: Run) -> dict:
                 break
             local, weight = dist.shard(rows)
             lr = lr_at(progress["step"], total_steps, cfg)
-            loss = train_step(net, optimizer, run.batch("train", local), weight, lr, dist.device, dtype)
+            loss = train_step(net, optimizer, run.batch("train", local), weight, lr, dist.device, run.dtype)
             progress["step"] += 1
             finite, stop = dist.sum(torch.tensor([float(math.isfinite(loss.item())), float(bool(stop_requested()))]))
             if finite < dist.world:                                            # every process stops together
@@ -384,12 +385,11 @@ class RunTime:
     """The run's time as it goes: the steps left at the rate so far, plus the validations and the
     final evaluation to come, timed on a few validation batches before training."""
 
-    def __init__(self, run: Run, model: RPG_ED, first_step: int, total_steps: int):
-        self.run, self.first_step, self.told = run, first_step, False
+    def __init__(self, run: Run, model: RPG_ED, first_step: int, total_steps: int, steps_per_epoch: int):
+        self.run, self.first_step, self.steps_per_epoch, self.told = run, first_step, steps_per_epoch, False
         self.steps = Progress(total_steps - first_step, every=30)          # besides every log_every steps
         self.evaluation = evaluation_seconds(model, run.splits["valid"], run.index, run.item_tokens, run.user_buckets,
-                                             model.config.beam_size, compute_dtype(run.cfg.dtype, run.dist.device),
-                                             run.dist)
+                                             model.config.beam_size, run.dtype, run.dist)
         self.report = 2 * (1 + run.cfg.report_beam_size / model.config.beam_size)   # valid and test, 10 and 20 beams
 
     def left(self, step: int, epoch: int) -> float:
@@ -399,17 +399,17 @@ class RunTime:
         return self.steps.left(step - self.first_step, self.evaluation * (validations + self.report))
 
     def log(self, epoch: int, step: int, figures: str, end_of_epoch: bool) -> None:
-        """A progress line with the time left; once, after a minute or at the end of the first epoch,
-        a line with the whole run's time and the flags that shorten it."""
+        """A progress line with the time left; once, after a minute or the first epoch, the whole run's."""
         self.steps.last = time.time()
         self.run.log(f"epoch {epoch} step {step}/{self.first_step + self.steps.total} | {figures} | "
                      f"eta {self.left(step, epoch) / 60:.1f} min", flush=True)
         if self.told or not (end_of_epoch or time.time() - self.steps.start >= 60):
             return
         self.told, cfg, total = True, self.run.cfg, time.time() - self.steps.start + self.left(step, epoch)
-        self.run.log(f"time: this run takes about {total / 60:.0f} min here (a validation {self.evaluation:.0f} s); "
-                     f"shorter: --epochs (now {cfg.epochs}), --eval_every (now {cfg.eval_every}), --eval_users=N "
-                     f"(a sample of N users), --report_beam_size=0 (now {cfg.report_beam_size})", flush=True)
+        epoch_min = self.steps_per_epoch * (time.time() - self.steps.start) / (step - self.first_step) / 60
+        self.run.log(f"time: this run takes about {total / 60:.0f} min here (an epoch {epoch_min:.1f} min, a validation "
+                     f"{self.evaluation:.0f} s); shorter: --epochs (now {cfg.epochs}), --eval_every (now "
+                     f"{cfg.eval_every}), --eval_users=N, --report_beam_size=0 (now {cfg.report_beam_size})", flush=True)
 
 
 def stopped(run: Run, progress: dict) -> str:
@@ -512,6 +512,7 @@ class Run:
     user_buckets: torch.Tensor       # (n_users,) hashed user-token bucket of each user
     transitions: Transitions         # adjacent item pairs of the training targets, counted
     given: dict                      # the flags as given (a stopped run says how to go on with them)
+    dtype: torch.dtype               # autocast: bf16 or fp32 (pick_dtype)
 
     def log(self, *args, **kwargs) -> None:
         if self.dist.is_main:
@@ -527,8 +528,7 @@ class Run:
         """Metrics of the beam (beam_size, 0: the model's) ranked with each transition weight."""
         rankers = [TransitionRanker(self.transitions, w) for w in weights]
         return evaluate_split(model, self.splits[split_name], self.index, self.item_tokens, self.user_buckets, rankers,
-                              beam_size or model.config.beam_size, compute_dtype(self.cfg.dtype, self.dist.device),
-                              self.dist)
+                              beam_size or model.config.beam_size, self.dtype, self.dist)
 
 
 # ----------------------------------------------------------------------------------------------
