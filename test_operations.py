@@ -363,14 +363,29 @@ def test_configs_check_their_fields(make, fragment):
         make()
 
 
+@pytest.mark.parametrize("bf16_seconds, auto_picks", [(10.0, torch.float32), (0.5, torch.bfloat16), (0.8, torch.float32)])
+def test_dtype_auto_takes_bf16_only_where_it_is_measured_clearly_faster(monkeypatch, bf16_seconds, auto_picks):
+    timed = []
+    def fake_seconds(dtype, device, m, k, n, budget=0.3):           # fp32 takes 1 s, bf16 `bf16_seconds`
+        timed.append(dtype)
+        return bf16_seconds if dtype == torch.bfloat16 else 1.0
+    monkeypatch.setattr(cli, "matmul_seconds", fake_seconds)
+    cpu = torch.device("cpu")
+    assert cli.pick_dtype("fp32", cpu, 8, 16) == (torch.float32, "compute dtype float32") and not timed
+    dtype, why = cli.pick_dtype("auto", cpu, 8, 16)
+    assert dtype == auto_picks and f"{1 / bf16_seconds:.2f}x as fast in bf16" in why
+    dtype, why = cli.pick_dtype("bf16", cpu, 8, 16)                  # asked for: runs, warns when slower
+    assert dtype == torch.bfloat16 and (f"bf16 is {bf16_seconds:.1f}x slower" in why) == (bf16_seconds > 1)
+
+
 def test_cli_overrides_and_presets():
     cfg, mcfg = configs(["--preset=seed", "--lr=0.5", "--n_embd=64", "--attn_pdrop=0"])
     assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.attn_pdrop == 0
     assert mcfg.encoder_n_layer == 4 and mcfg.n_inner == 1024                 # seed architecture
     cfg, mcfg = configs(["--epochs=3"], auto_preset="sparse")         # auto: the data's preset, flags win
-    assert cfg.preset == "sparse" and cfg.epochs == 3 and mcfg.n_embd == 128 and cfg.dtype == "bf16"
+    assert cfg.preset == "sparse" and cfg.epochs == 3 and mcfg.n_embd == 128 and cfg.dtype == "auto"
     cfg, _ = configs(["--preset=cpu"], auto_preset="sparse")          # an explicit preset wins
-    assert cfg.preset == "cpu" and cfg.epochs == 7
+    assert cfg.preset == "cpu" and cfg.epochs == 7 and cfg.dtype == "fp32"
 
 
 def test_auto_preset_follows_interactions_per_user():
