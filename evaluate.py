@@ -151,20 +151,26 @@ def make_batch(split: Split, rows: np.ndarray, item_tokens: torch.Tensor, user_b
 
 @torch.no_grad()
 def beam_batches(model: RPG_ED, split: Split, index: sid.SIDIndex, item_tokens: torch.Tensor,
-                 user_buckets: torch.Tensor, beam_size: int, batch_size: int, dtype: torch.dtype, dist: cli.Dist):
+                 user_buckets: torch.Tensor, beam_size: int, batch_size: int, dtype: torch.dtype, dist: cli.Dist,
+                 log=None):
     """Yields (rows, items, scores, sids) for each batch of `split`'s rows, users grouped by history
     length: the beam's items and summed log-probabilities (b, beam_size) in numpy, best first, and
     their SIDs (b, beam_size, n_digit) as a tensor. With several processes batch j runs on rank
-    j % world: each batch is the one a single process runs, so summed results are identical."""
+    j % world: each batch is the one a single process runs, so summed results are identical. `log`
+    (a print function): a progress line every 30 s or so, for a long search."""
     model.eval()
     batches = length_batches(split.lengths(), batch_size, batch_size * model.config.max_history)
+    progress, done = cli.Progress(len(split.pos)), 0
     for j, rows in enumerate(batches):
+        done += len(rows)
         if j % dist.world != dist.rank:
             continue
         batch = make_batch(split, rows, item_tokens, user_buckets, dist.device, with_target=False)
         with cli.autocast(dist.device, dtype):
             result = beam.beam_search(model, batch, beam_size, beam_size, index)
         yield rows, result.items.cpu().numpy(), result.scores.float().cpu().numpy(), result.sids.cpu()
+        if log and progress.due():
+            log(f"beam search: {progress.line(done, 'users')}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ def rank_metrics(ranked: np.ndarray, target: np.ndarray, ks=(5, 10)) -> dict:
 
 def evaluate_split(model: RPG_ED, split: Split, index: sid.SIDIndex, item_tokens: torch.Tensor,
                    user_buckets: torch.Tensor, rankers: list, beam_size: int, dtype: torch.dtype,
-                   dist: cli.Dist, batch_size: int = EVAL_BATCH_SIZE) -> list:
+                   dist: cli.Dist, batch_size: int = EVAL_BATCH_SIZE, log=None) -> list:
     """Beam search over real SIDs for every target of `split`; the whole beam ranked by each of
     `rankers` -> metrics of its top 10, one dict per ranker. With 10 beams a ranker reorders the
     same 10 items: only @5 and NDCG can move. Each user's target rank is filled in by exactly one
@@ -202,7 +208,7 @@ def evaluate_split(model: RPG_ED, split: Split, index: sid.SIDIndex, item_tokens
     target, last = split.target, split.items[split.pos - 1]                     # every history has an item
     rank = np.zeros((len(rankers), len(target)), np.int64)                      # 0 = not in the top 10
     for rows, items, scores, _ in beam_batches(model, split, index, item_tokens, user_buckets, beam_size,
-                                               batch_size, dtype, dist):
+                                               batch_size, dtype, dist, log):
         for r, ranker in enumerate(rankers):
             top = np.take_along_axis(items, ranker.rank(last[rows], items, scores)[0][:, :10], 1)
             rank[r, rows] = hit_ranks(top, target[rows])

@@ -99,7 +99,7 @@ def with_new_items(items: np.ndarray, codes: np.ndarray, index: sid.SIDIndex, fi
 @torch.no_grad()
 def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10, beam_size: int | None = None,
               dtype: str = "fp32", batch_size: int = 256, dist: Dist | None = None,
-              new_share: float = 0.0, transition_weight: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
+              new_share: float = 0.0, transition_weight: float = -1.0, log=None) -> tuple[np.ndarray, np.ndarray]:
     """Top n_return items for each history (item ids, oldest first) of each raw user id.
 
     Returns (items (U, n_return) int64, scores (U, n_return) float32), best first. The beam search
@@ -108,7 +108,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     transition_weight (-1: the run's, chosen on validation when it was trained; 0: the model
     alone). The output is the same with several processes. `new_share` > 0 applies TIGER's
     cold-start rule (with_new_items) to at most round(new_share * n_return) slots; scores of
-    inserted items are NaN.
+    inserted items are NaN. `log` (a print function): progress lines for a long list of histories.
     """
     if len(histories) != len(users):
         raise ValueError(f"histories and users: expected one user per history, got {len(histories)} and {len(users)}")
@@ -130,7 +130,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     compute = pick_dtype(dtype, dist.device, mcfg.n_embd, mcfg.n_inner)[0]
     for rows, beam_items, beam_scores, beam_sids in beam_batches(
             run.model, split, run.index, item_token_table(run.index, mcfg),
-            user_bucket_table(users, mcfg.n_user_buckets), beam_size, batch_size, compute, dist):
+            user_bucket_table(users, mcfg.n_user_buckets), beam_size, batch_size, compute, dist, log):
         order, fused = ranker.rank(last[rows], beam_items, beam_scores)
         order = torch.from_numpy(order[:, :n_return])
         items[rows] = torch.from_numpy(beam_items).gather(1, order)
@@ -289,7 +289,7 @@ def write_all(run: TrainedRun, args: RecommendConfig, dist: Dist) -> None:
     histories = [run.items[run.offsets[u]:run.offsets[u + 1]] for u in range(len(users))]
     items, scores = recommend(run, histories, users, args.n_return, args.beam_size or None, args.dtype,
                               args.batch_size, dist=dist, new_share=args.new_share,
-                              transition_weight=args.transition_weight)
+                              transition_weight=args.transition_weight, log=print if dist.is_main else None)
     seconds = time.time() - start
     if dist.is_main:
         lines = [json.dumps({"user": u, "items": run.item_raw[row[row >= 0]].tolist(),

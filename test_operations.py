@@ -378,6 +378,18 @@ def test_dtype_auto_takes_bf16_only_where_it_is_measured_clearly_faster(monkeypa
     assert dtype == torch.bfloat16 and (f"bf16 is {bf16_seconds:.1f}x slower" in why) == (bf16_seconds > 1)
 
 
+def test_progress_is_due_by_time_and_says_the_rate_and_the_time_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(cli.time, "time", lambda: now[0])
+    progress = cli.Progress(total=100, every=30)
+    now[0] = 110.0
+    assert not progress.due()
+    now[0] = 130.0                                                     # 25 units in 30 s: 75 more take 90 s
+    assert progress.due() and progress.left(25, later=60) == pytest.approx(90 + 60)
+    assert progress.line(25, "users", later=60) == "25/100 users | 1 users/s | 30 s so far, about 2.5 min left"
+    assert not progress.due()                                          # a line was just written
+
+
 def test_cli_overrides_and_presets():
     cfg, mcfg = configs(["--preset=seed", "--lr=0.5", "--n_embd=64", "--attn_pdrop=0"])
     assert cfg.lr == 0.5 and cfg.epochs == 200 and mcfg.n_embd == 64 and mcfg.attn_pdrop == 0

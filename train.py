@@ -528,7 +528,7 @@ class Run:
         """Metrics of the beam (beam_size, 0: the model's) ranked with each transition weight."""
         rankers = [TransitionRanker(self.transitions, w) for w in weights]
         return evaluate_split(model, self.splits[split_name], self.index, self.item_tokens, self.user_buckets, rankers,
-                              beam_size or model.config.beam_size, self.dtype, self.dist)
+                              beam_size or model.config.beam_size, self.dtype, self.dist, log=self.log)
 
 
 # ----------------------------------------------------------------------------------------------
