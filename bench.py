@@ -45,13 +45,21 @@ def recipe_model() -> RPGEDConfig:
     return train.make_configs({"preset": "sparse"})[1]
 
 
+def sync() -> None:
+    """Wait for the GPU, if any: its work is asynchronous, and a timer must not stop before it ends."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -74,8 +82,8 @@ def table(title: str, rows: list) -> None:
         print(f"| {name} | {value} | {baseline} | {ratio} | {target} |")
 
 
-def matmul_peak_gflops(n: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int, device: torch.device) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return 2 * n ** 3 / median_time(lambda: a @ b, 5) / 1e9
 
 
@@ -121,11 +129,13 @@ def decode_flops(c: RPGEDConfig, B: int, beam_size: int, S: int, cached: bool) -
 # Sections
 # ----------------------------------------------------------------------------------------------
 
-def bench_decoding(c: RPGEDConfig, n_items: int, B: int, beam_size: int, repeats: int, peak: float):
+def bench_decoding(c: RPGEDConfig, n_items: int, B: int, beam_size: int, repeats: int, peak: float,
+                   device: torch.device):
     torch.manual_seed(0)
     model = RPG_ED(c).eval()
     index, _ = sid.build_index(np.random.default_rng(0).standard_normal((n_items, 32)).astype(np.float32), n_iter=2)
-    batch = random_batch(model, index, B)
+    batch = {k: v.to(device) for k, v in random_batch(model, index, B).items()}
+    model.to(device)
     cached = median_time(lambda: beam.beam_search(model, batch, beam_size, beam_size, index), repeats)
     uncached = median_time(lambda: beam.beam_search(model, batch, beam_size, beam_size, index, use_cache=False), repeats)
     S = c.max_history + 1
@@ -170,14 +180,15 @@ class BuiltinSeq2Seq(nn.Module):
         return nn.functional.cross_entropy(logits.reshape(-1, c.codebook_size), targets.reshape(-1))
 
 
-def bench_training(c: RPGEDConfig, B: int, repeats: int, peak: float):
+def bench_training(c: RPGEDConfig, B: int, repeats: int, peak: float, device: torch.device):
     torch.manual_seed(0)
     ours = RPG_ED(c).train()
-    builtin = BuiltinSeq2Seq(RPG_ED(c)).train()
+    builtin = BuiltinSeq2Seq(RPG_ED(c)).train().to(device)
     index = sid.SIDIndex(np.random.default_rng(0).integers(0, 256, (5000, 4)))
     keys = sid.pack_codes(index.item_codes)
     index = sid.SIDIndex(index.item_codes[np.unique(keys, return_index=True)[1]])
-    batch = random_batch(ours, index, B)
+    batch = {k: v.to(device) for k, v in random_batch(ours, index, B).items()}
+    ours.to(device)
 
     def step_fn(module):
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
@@ -535,6 +546,7 @@ def bench_scale(sizes: list, steps: int, eval_users: int) -> None:
 class BenchConfig:
     """Which sections of the benchmark to run."""
     quick: bool = False              # tiny sizes, to check that every section runs
+    device: str = "cpu"              # sections 1-2 (decoding, training step) run here: cpu | cuda | mps | auto
     only: int = 0                    # run one section (1-6); 0 = all
     scale: bool = False              # only section 7: train.py on 1M, 5M, 20M synthetic interactions
 
@@ -562,10 +574,12 @@ def main(argv: list) -> None:
                      dynamic=(recipe_model(), 512, 3000, 256))
     print(f"# bench.py{' --quick=true' if args.quick else ''}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU {platform.processor() or platform.machine()} ({_cpu_name()}), numpy {np.__version__}")
-    peak = matmul_peak_gflops(sizes["peak_n"])
-    print(f"measured fp32 matmul peak ({sizes['peak_n']}x{sizes['peak_n']} a@b): {peak:.1f} GFLOP/s")
-    sections = [lambda: bench_decoding(c, sizes["n_items"], sizes["B"], sizes["beam"], sizes["repeats"], peak),
-                lambda: (bench_training(c, sizes["train_B"], sizes["repeats"], peak),
+    device = cli.pick_device(args.device)
+    peak = matmul_peak_gflops(sizes["peak_n"], device)
+    print(f"measured fp32 matmul peak ({sizes['peak_n']}x{sizes['peak_n']} a@b) on {device}: {peak:.1f} GFLOP/s; "
+          f"sections 1-2 run on {device}, the others on the CPU")
+    sections = [lambda: bench_decoding(c, sizes["n_items"], sizes["B"], sizes["beam"], sizes["repeats"], peak, device),
+                lambda: (bench_training(c, sizes["train_B"], sizes["repeats"], peak, device),
                          bench_batch_checks([("the cpu preset", train.make_configs({"preset": "cpu"})[1]),
                                              ("this section's model", c)], sizes["train_B"], 3 * sizes["repeats"])),
                 lambda: bench_history(c, sizes["B"], sizes["repeats"]),
