@@ -283,10 +283,12 @@ def pick_dtype(name: str, device: torch.device, k: int, n: int) -> tuple[torch.d
     that is slower here runs, with a warning that gives the measured slowdown."""
     if name == "fp32" or device.type == "mps":
         return torch.float32, "compute dtype float32" + (" (mps: bf16 autocast is not used)" * (name != "fp32"))
-    speedup = matmul_seconds(torch.float32, device, 1024, k, n) / matmul_seconds(torch.bfloat16, device, 1024, k, n)
+    fp32_s, bf16_s = (matmul_seconds(dtype, device, 1024, k, n) for dtype in (torch.float32, torch.bfloat16))
+    speedup, gflops = fp32_s / bf16_s, 2 * 1024 * k * n / 1e9
     bf16 = name == "bf16" or speedup >= BF16_FASTER
     line = (f"compute dtype {'bfloat16' if bf16 else 'float32'} ({'--dtype=bf16' if name == 'bf16' else 'auto'}: a "
-            f"1024x{k} @ {k}x{n} matmul runs {speedup:.2f}x as fast in bf16 as in fp32 here)")
+            f"1024x{k} @ {k}x{n} matmul runs {speedup:.2f}x as fast in bf16 as in fp32 here, "
+            f"{gflops / bf16_s:.0f} against {gflops / fp32_s:.0f} GFLOP/s)")
     if name == "bf16" and speedup < 1:
         line += f"; warning: bf16 is {1 / speedup:.1f}x slower than fp32 on this machine, --dtype=auto would use fp32"
     return (torch.bfloat16 if bf16 else torch.float32), line
