@@ -10,8 +10,8 @@ A run folder, as train.py writes it, holds all that is needed: config.json, chec
 weights), the SID index (item_id2tokens.npy, tokens2item.pkl, opq.npz), data.npz (raw item and
 user ids, a title per item, every user's sequence) and results.json (the ranker's weight).
 `runs.load_run` reads them, counts the training transitions from data.npz, and refuses a folder
-whose files disagree. Recommendations are the model's beam search over real
-SIDs, ranked as evaluation ranks them: by the summed log-probability of each SID, plus a weight
+whose files disagree. Recommendations are the model's beam search over real SIDs, ranked as
+evaluation ranks them: by the summed log-probability of each SID, plus a weight
 times ln(1 + how often the history's last item came directly before the item in the run's
 training data); the weight is the one training chose on validation, or --transition_weight.
 Items the user has already seen are kept (as in evaluation) and flagged.
@@ -127,7 +127,7 @@ def recommend(run: TrainedRun, histories: list, users: list, n_return: int = 10,
     items = torch.zeros(len(histories), n_return, dtype=torch.long)
     scores = torch.zeros(len(histories), n_return)
     codes = torch.zeros(len(histories), n_return, mcfg.n_digit, dtype=torch.long)
-    compute = pick_dtype(dtype, dist.device, mcfg.n_embd, mcfg.n_inner)[0]
+    compute = dist.gather(pick_dtype(dtype, dist.device, mcfg.n_embd, mcfg.n_inner)[0])[0]   # rank 0's, everywhere
     for rows, beam_items, beam_scores, beam_sids in beam_batches(
             run.model, split, run.index, item_token_table(run.index, mcfg),
             user_bucket_table(users, mcfg.n_user_buckets), beam_size, batch_size, compute, dist, log):
