@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import inspect
 import math
 import os
 import re
+import resource
 import signal
+import stat
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,16 +170,31 @@ def run_main(main) -> None:
     except BrokenPipeError:                     # the reader left: say nothing, and let exit not retry
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1)
-    except Interrupted as e:
-        print(e, file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(e if isinstance(e, Interrupted) else "stopped by SIGINT", file=sys.stderr)
         raise SystemExit(130)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:                        # the path first, then what went wrong, never "[Errno N]"
+        raise SystemExit(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except MemoryError:
+        raise SystemExit("error: out of memory; a smaller --batch_size (or model, or beam) needs less") from None
     except RuntimeError as e:                   # torch.distributed's error when a peer process is gone
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ("peer" in str(e) or "remote" in str(e)):
             raise SystemExit(f"error: process {os.environ.get('RANK', '?')} stopped: another process failed "
                              "(its error line says why)")
-        raise
+        _bug(e)
+    except Exception as e:
+        _bug(e)
+
+
+def _bug(e: Exception) -> None:
+    """An exception no check foresaw: one line that says it is a bug; RPG_ED_TRACEBACK=1 shows where."""
+    if os.environ.get("RPG_ED_TRACEBACK"):
+        traceback.print_exc()
+    line = " ".join(str(e).split())[:300]
+    raise SystemExit(f"error: unexpected {type(e).__name__}: {line} (a bug: please report it, with the "
+                     "traceback that RPG_ED_TRACEBACK=1 prints)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +225,7 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------
-# Output files
+# Files: read once, written whole, one writer per folder, inputs never outputs
 # ----------------------------------------------------------------------------------------------
 
 def _umask() -> int:
@@ -216,7 +236,8 @@ def _umask() -> int:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file of this process's own unique name in the same folder, fsync, then
+    rename over `path`; on any failure the temporary file goes, and only it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
     try:
@@ -235,6 +256,120 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a regular file")
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """A regular file's bytes, read once through one descriptor, at most `limit` of them. A symbolic
+    link is not followed and a FIFO, device or folder is refused before anything is read (a FIFO
+    does not block: it is opened non-blocking). FileNotFoundError when nothing is there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        why = "a symbolic link, which is not followed" if e.errno == errno.ELOOP else e.strerror
+        raise ValueError(f"{path}: cannot read it ({why}); expected a regular file") from None
+    with os.fdopen(fd, "rb") as f:
+        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path}: expected a regular file, found {file_kind(mode)}")
+        data = f.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise ValueError(f"{path}: expected at most {limit:,} bytes, found {max(size, len(data)):,}")
+    return data
+
+
+def memory_limit() -> int:
+    """Bytes this process may allocate: the smaller of physical RAM, its own limits (ulimit -v,
+    ulimit -d) and its cgroup's memory.max (a container's limit)."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for kind in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+        soft = resource.getrlimit(kind)[0]
+        limits += [soft] if soft != resource.RLIM_INFINITY else []
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            group = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), "")
+        with open(f"/sys/fs/cgroup{group.rstrip('/')}/memory.max", encoding="utf-8") as f:
+            text = f.read().strip()
+        limits += [int(text)] if text.isdigit() else []
+    except (OSError, ValueError):
+        pass
+    return min(limits)
+
+
+def check_outputs(outputs: list, inputs: dict) -> None:
+    """Before a command writes or removes any of `outputs` (paths): each that exists must be a
+    regular file (never a link, FIFO or device), and none may be the same file (device and inode:
+    a hard link, a symbolic link, another path) as one of `inputs` ({flag: path}) the command reads."""
+    read = {}
+    for flag, path in inputs.items():
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            read[(st.st_dev, st.st_ino)] = (flag, path)
+    for path in outputs:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: this command would replace it, and it is {file_kind(st.st_mode)}, not a "
+                             "regular file; move it away or choose another output")
+        if (st.st_dev, st.st_ino) in read:
+            flag, source = read[(st.st_dev, st.st_ino)]
+            raise ValueError(f"{path}: this command would replace it, and it is the file {flag} reads ({source}); "
+                             "move the input out of the output folder or choose another output")
+
+
+_held: dict = {}     # folder (real path) -> the descriptor whose lock this process holds
+
+
+def _lock_holder(fd: int) -> str:
+    """Which process holds the flock on fd's file (Linux: /proc/locks), as "process PID (command)"."""
+    inode = os.fstat(fd).st_ino
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/locks", encoding="utf-8") as f:
+            pid = next(line.split()[4] for line in f if line.split()[5].endswith(f":{inode}"))
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+        return f"process {pid} ({command})"
+    return "another process"
+
+
+@contextlib.contextmanager
+def exclusive(folder: str, flag: str):
+    """Hold the one writer's lock on `folder` (created if missing) while the block runs: an OS lock
+    (flock) on the folder itself, so nothing is written to take it and the OS releases it when the
+    process ends, however it ends. A second writer is refused at once, naming the holder."""
+    created = not os.path.lexists(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot use {folder} as a folder ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{flag}: {folder} is being written by {_lock_holder(fd)}; wait for it to end, "
+                             "or choose another folder") from None
+        _held[os.path.realpath(folder)] = fd
+        yield
+    finally:
+        _held.pop(os.path.realpath(folder), None)
+        os.close(fd)                                   # releases the lock
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)                       # only while still empty: a run that wrote nothing
+
+
+def holds_lock(folder: str) -> bool:
+    return os.path.realpath(folder) in _held
 
 
 # ----------------------------------------------------------------------------------------------

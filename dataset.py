@@ -56,6 +56,7 @@ class RawData:
     time_ordered: bool = False       # s3rec: file order is time order, already 5-core
     item_text: dict = field(default_factory=dict)   # raw item id -> text
     item_emb: str = ""               # item-embedding file: --item_emb, or the one found beside the data
+    inputs: dict = field(default_factory=dict)  # {flag: path} of every file read (never to be overwritten)
     source: str = ""
     path: str = ""                   # the data file, for messages
     fingerprint: dict = field(default_factory=dict)  # {"path", "size", "sha256"} of the bytes read
@@ -108,18 +109,43 @@ def detect_format(path: str) -> str:
 
 MAX_ID_CHARS = 1000
 TIMESTAMP = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")   # ASCII only, no "1_000"
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def id_problem(raw_id: str) -> str:
+    """What breaks the id rules ("" when nothing does): every id, wherever it comes from (a data
+    file, data.npz, recommend.py --add_items), is 1 to MAX_ID_CHARS printable characters (no
+    control or format character such as a BOM or a bidi override: it would print as something
+    else, or change on save), with no comma (recommend.py --history separates ids with commas)
+    and no space at either end."""
+    if not raw_id or len(raw_id) > MAX_ID_CHARS:
+        return "empty" if not raw_id else f"{len(raw_id)} characters"
+    if not raw_id.isprintable() or "," in raw_id:                   # the fast test first: it runs per line
+        bad = next(c for c in raw_id if c == "," or not c.isprintable())
+        return f"the character {bad!r} (U+{ord(bad):04X})"
+    return "spaces at an end" if raw_id != raw_id.strip() else ""
 
 
 def check_id(where: str, kind: str, raw_id: str) -> str:
-    """A raw id, stripped of surrounding whitespace, or a ValueError naming `where`: empty, a
-    control character (it would print as something else, or change on save) or over MAX_ID_CHARS."""
+    """A raw id, stripped of surrounding whitespace, or a ValueError naming `where` (id_problem)."""
     raw_id = raw_id.strip()
-    if not raw_id or len(raw_id) > MAX_ID_CHARS or CONTROL.search(raw_id):
-        what = "empty" if not raw_id else f"{len(raw_id)} characters" if len(raw_id) > MAX_ID_CHARS else \
-            f"a control character {CONTROL.search(raw_id).group()!r}"
-        raise ValueError(f"{where}: expected the {kind} id to be 1 to {MAX_ID_CHARS} printable characters, got {what}")
+    if problem := id_problem(raw_id):
+        raise ValueError(f"{where}: expected the {kind} id to be 1 to {MAX_ID_CHARS} printable characters, got "
+                         f"{problem}")
     return raw_id
+
+
+def check_ids(ids: np.ndarray, where: str, kind: str) -> None:
+    """Many ids at once (a str array): each one valid (id_problem), no two the same."""
+    joined = "".join(ids.tolist())
+    lengths = np.char.str_len(ids) if ids.size else np.zeros(0, int)
+    if not joined.isprintable() or "," in joined or (lengths == 0).any() or (lengths > MAX_ID_CHARS).any() \
+            or (np.char.strip(ids) != ids).any():
+        raw_id = next(r for r in ids.tolist() if id_problem(r))
+        raise ValueError(f"{where}: expected each {kind} id to be 1 to {MAX_ID_CHARS} printable characters, got "
+                         f"{id_problem(raw_id)} in {raw_id[:40]!r}")
+    if len(np.unique(ids)) != len(ids):
+        values, counts = np.unique(ids, return_counts=True)
+        raise ValueError(f"{where}: expected each {kind} id once, got {str(values[counts > 1][0])!r} more than once")
 
 
 def _append(raw: RawData, where: str, user: str, item: str, timestamp: str) -> None:
@@ -382,6 +408,7 @@ def load_data(cfg) -> RawData:
         if item_text:
             raw.item_text = read_file(snapshot(item_text, scratch)[0], load_item_text, item_text)
     raw.path, raw.fingerprint, raw.item_emb = path, fingerprint, _item_emb_file(cfg, path)
+    raw.inputs = {k: v for k, v in (("--data", path), ("--item_text", item_text), ("--item_emb", raw.item_emb)) if v}
     raw.source = ((source or f"read {fmt} from {path}") + (f", item text from {item_text}" if item_text else "") +
                   (f", item embeddings from {raw.item_emb}" if raw.item_emb else ""))
     return raw

@@ -59,9 +59,9 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
     n_items = len(data.item_raw)
     cold = np.zeros(n_items, bool)
     cold[rng.choice(n_items, max(1, round(fraction * n_items)), replace=False)] = True
-    warm_dir = os.path.join(out, "warm")
+    warm_dir, stem = os.path.join(out, "warm"), os.path.basename(data_path).split(".")[0]
+    cli.check_outputs([os.path.join(warm_dir, stem + e) for e in (".txt", "_content.npy")], raw.inputs)
     os.makedirs(warm_dir, exist_ok=True)
-    stem = os.path.basename(data_path).split(".")[0]
     lines = []
     for user, seq in zip(data.user_raw, data.sequences):          # data preparation, once per user
         kept = seq[~cold[seq]]
@@ -144,6 +144,7 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
     catalogue = dataset.Dataset.from_sequences([], [], data["all"].item_raw)
     vectors = dict(zip(catalogue.item_raw, embeddings.text_embeddings(catalogue, raw.item_text, 64, 0)))
     trained = {}
+    cli.check_outputs([os.path.join(out, n, n + e) for n in ("early", "all") for e in (".inter", "_text.npy")], raw.inputs)
     for name, part in (("early", early), ("all", rows)):
         os.makedirs(os.path.join(out, name), exist_ok=True)
         _write_inter(os.path.join(out, name, f"{name}.inter"), part)
@@ -201,15 +202,33 @@ class ExperimentConfig:
             raise ValueError(f"--seed: expected 0 or a positive int, got {self.seed}")
 
 
+SETS = ("data", "out_dir", "init_from")      # flags each experiment sets for its training runs
+
+
+def check_train_args(name: str, argv: list) -> None:
+    """Flags for training runs, checked as train.py checks them, before the experiment writes
+    anything; a flag the experiment sets itself is refused."""
+    try:
+        given = cli.parse_flags(argv, train.TrainConfig, train.RPGEDConfig)
+        train.make_configs(given)
+    except ValueError as e:
+        raise ValueError(f"--{name}: {e}") from None
+    if own := [k for k in given if k in SETS]:
+        raise ValueError(f"--{name}: --{own[0]} is set by the experiment itself; expected other training flags")
+
+
 def main(argv: list) -> dict:
     args = ExperimentConfig(**cli.parse_flags(argv, ExperimentConfig, usage=__doc__))
+    check_train_args("train_args", args.train_args.split())
+    check_train_args("continue_args", args.continue_args.split())
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)) and not args.overwrite:
         raise ValueError(f"--out: {args.out} exists and is not an empty folder; choose another, or write into it "
                          "with --overwrite=true")
-    if args.experiment == "cold_start":
-        return cold_start(args.data, args.out, seed=args.seed, train_args=args.train_args.split())
-    return continue_experiment(args.out, train_args=args.train_args.split(),
-                               continue_args=args.continue_args.split(), data_path=args.data)
+    with cli.exclusive(args.out, "--out"):                # one experiment at a time in a folder
+        if args.experiment == "cold_start":
+            return cold_start(args.data, args.out, seed=args.seed, train_args=args.train_args.split())
+        return continue_experiment(args.out, train_args=args.train_args.split(),
+                                   continue_args=args.continue_args.split(), data_path=args.data)
 
 
 if __name__ == "__main__":

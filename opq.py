@@ -12,6 +12,7 @@ semantic IDs.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -244,20 +245,20 @@ def check_embeddings(x, name: str = "embeddings") -> np.ndarray:
 
 
 def load_embeddings(path: str, name: str = "embeddings") -> np.ndarray:
-    """An [N, D] numeric .npy file, checked: never a pickle, never a .npz archive."""
+    """An [N, D] numeric .npy file, read once (a FIFO works), checked: never a pickle, never a .npz archive."""
     try:
         with open(path, "rb") as f:
-            magic = f.read(6)
+            blob = f.read()
     except OSError as e:
         raise ValueError(f"{name}: {path} is not a readable .npy array ({e.strerror or e})") from None
-    if magic[:4] == b"PK\x03\x04":                                       # a zip: np.savez's .npz archive
+    if blob[:4] == b"PK\x03\x04":                                       # a zip: np.savez's .npz archive
         raise ValueError(f"{name}: expected one .npy array, got a .npz archive ({path}); save the array with np.save")
-    if magic != b"\x93NUMPY":
+    if blob[:6] != b"\x93NUMPY":
         raise ValueError(f"{name}: {path} is not a .npy file (it does not start with the .npy header); "
                          "save the [n_items, D] array with np.save")
     try:
-        emb = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        emb = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
         reason = "it holds Python objects, which are never loaded" if "pickle" in str(e) else str(e)
         raise ValueError(f"{name}: {path} is not a readable .npy array ({reason}); save a numeric array") from None
     return check_embeddings(emb, f"{name} ({path})")

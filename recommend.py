@@ -35,12 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import cli
 import sid
 from cli import Dist, atomic_write, init_distributed, parse_flags, pick_dtype, run_main
-from dataset import CONTROL, Split, ragged_arange
+from dataset import Split, check_id, check_ids, ragged_arange
 from embeddings import read_item_emb
 from evaluate import TransitionRanker, beam_batches, item_token_table, user_bucket_table
-from runs import MANIFEST, TITLE_CHARS, RunFolder, TrainedRun, load_run, read_run_data
+from runs import MANIFEST, RUN_FILES, TITLE_CHARS, RunFolder, TrainedRun, load_run, parse_run_data
 
 # ----------------------------------------------------------------------------------------------
 # Recommending: histories -> top items, in length-grouped batches
@@ -155,20 +156,35 @@ def _npz_bytes(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list | None = None) -> int:
+def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list | None = None,
+              inputs: dict | None = None) -> int:
     """Give new items SIDs in a trained run, from their embeddings and the run's saved OPQ.
 
-    embeddings (n_new, D) must be of the kind the run's SIDs came from (same D). Old items keep
-    their SIDs. Every check happens before the first write; then the new index files and data.npz
-    are published together (runs.RunFolder: one commit), so a kill leaves the old run or the new.
+    embeddings (n_new, D) must be of the kind the run's SIDs came from (same D); item ids follow
+    dataset.id_problem's rules. Old items keep their SIDs. The run folder's writer lock is held
+    throughout (a second writer is refused), every check happens before the first write, and
+    then the new index files and data.npz are published together (runs.RunFolder: one commit), so
+    a kill leaves the old run or the new. `inputs` ({flag: path}): files read, never replaced.
     Returns how many new items collision resolution moved.
     """
     run_folder = RunFolder(folder)
-    run_folder.recover()
-    run_folder.verify(needs=("item_id2tokens.npy", "tokens2item.pkl", "data.npz"))
-    run_data, index = read_run_data(folder), sid.SIDIndex.load(folder)
-    if len(run_data["item_raw"]) != index.n_items:
-        raise ValueError(f"{folder}: the SID index has {index.n_items} items, data.npz maps {len(run_data['item_raw'])}")
+    with run_folder.lock("--run_dir"):
+        run_folder.recover()
+        _, blobs = run_folder.read(("item_id2tokens.npy", "tokens2item.pkl", "data.npz"), optional=("opq.npz",))
+        index = sid.SIDIndex.from_files(blobs, folder)
+        run_data = parse_run_data(blobs["data.npz"], run_folder.file("data.npz"), index.n_items)
+        check_new_items(folder, run_data, index, embeddings, item_ids, titles or [""] * len(item_ids))
+        cli.check_outputs([run_folder.file(n) for n in (MANIFEST, *RUN_FILES)], inputs or {})
+        new_index, moved = index.add_items(np.asarray(embeddings))
+        new_data = _npz_bytes(**{**run_data, "item_raw": np.concatenate([run_data["item_raw"], np.array(item_ids, str)]),
+                                 "item_title": np.concatenate([run_data["item_title"],
+                                                               np.array(titles or [""] * len(item_ids), str)])})
+        run_folder.publish({**new_index.files(), "data.npz": new_data})
+    return moved
+
+
+def check_new_items(folder: str, run_data: dict, index: sid.SIDIndex, embeddings, item_ids: list, titles: list) -> None:
+    """What add_items needs of a run and of the new items, or a ValueError saying what is wrong."""
     if not bool(run_data["content_sids"]):
         raise ValueError(f"{folder}: its SIDs were not built from an embeddings file alone (cf, text TF-IDF, or a "
                          "file joined with cf), so new items without interactions cannot be placed; train with "
@@ -180,26 +196,15 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
     if embeddings.ndim != 2 or embeddings.shape[1] != width:
         raise ValueError(f"new item embeddings: expected shape [n, {width}] (the width the run's SIDs came from), "
                          f"got {embeddings.shape}")
-    titles = titles or [""] * len(item_ids)
     if len(item_ids) != len(embeddings) or len(titles) != len(item_ids):
         raise ValueError(f"new items: expected one id (and title) per embedding row, got {len(item_ids)} ids, "
                          f"{len(titles)} titles and {len(embeddings)} rows")
     if len(item_ids) == 0:
         raise ValueError("new items: expected at least one item id")
-    known = set(run_data["item_raw"].tolist())
-    seen = set()
-    for raw in item_ids:
-        if not raw or raw != raw.strip():
-            raise ValueError(f"new items: expected non-empty ids without surrounding spaces, got {raw!r}")
-        if raw in known or raw in seen:
-            raise ValueError(f"new items: item {raw!r} already exists" + (" in the run" if raw in known else " (twice)"))
-        seen.add(raw)
-    new_index, moved = index.add_items(embeddings)
-    new_data = _npz_bytes(**{**run_data,
-                             "item_raw": np.concatenate([run_data["item_raw"].astype(str), np.array(item_ids, dtype=str)]),
-                             "item_title": np.concatenate([run_data["item_title"].astype(str), np.array(titles, dtype=str)])})
-    run_folder.publish({**new_index.files(), "data.npz": new_data})
-    return moved
+    check_ids(np.array(item_ids, str), "new items", "item")
+    known = np.isin(np.array(item_ids, str), run_data["item_raw"])
+    if known.any():
+        raise ValueError(f"new items: item {item_ids[int(known.argmax())]!r} already exists in the run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,19 +254,24 @@ class RecommendConfig:
 
 
 def read_item_ids(path: str) -> tuple[list, list]:
-    """IDS.txt: one raw item id per line, optionally followed by a tab and a title."""
+    """IDS.txt: one raw item id per line, optionally followed by a tab and a title; the ids follow
+    the rules of every id here (dataset.check_id), the line that breaks them is named."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\r\n") for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--item_ids: cannot read {path} ({e})") from None
-    parts = [line.split("\t", 1) + [""] for line in lines]
-    return [p[0] for p in parts], [" ".join(p[1].split())[:TITLE_CHARS] for p in parts]
+        text = cli.read_regular(path, 1 << 30).decode("utf-8")
+    except (FileNotFoundError, UnicodeDecodeError) as e:
+        raise ValueError(f"--item_ids: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    rows = [(n, line.removesuffix("\r").split("\t", 1) + [""]) for n, line in enumerate(text.split("\n"), 1)
+            if line.strip()]
+    ids = [check_id(f"--item_ids: {path}:{n}", "item", parts[0]) for n, parts in rows]
+    return ids, [" ".join(parts[1].split())[:TITLE_CHARS] for _, parts in rows]
 
 
 def printable(text: str) -> str:
-    """Control characters escaped (\\x1b, \\n, ...): text from a data file must not drive the terminal."""
-    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
+    """Every non-printable character escaped (\\x1b, \\n, \\u202e, ...): text from a data file must
+    not drive the terminal nor reorder what it shows."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                                                   for c in text)
 
 
 def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> None:
@@ -303,32 +313,27 @@ def write_all(run: TrainedRun, args: RecommendConfig, dist: Dist) -> None:
 
 
 def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
-    """--out: a new file, or an existing one with --overwrite=true; never a file the run reads (its
-    run.json, a file it lists, the data it was trained on), whatever the flags."""
+    """--out: a new file, or an existing regular one with --overwrite=true; never inside the run
+    folder, never a file the run reads (the data it was trained on), whatever the flags."""
     if os.path.isdir(path):
         raise ValueError(f"--out: {path} is a folder; expected a file path")
-    folder = RunFolder(run_dir)
-    manifest = folder.manifest() or {"files": {}, "data": None}
-    reads = [folder.file(n) for n in [MANIFEST, *manifest["files"]]] + [(manifest["data"] or {}).get("path", "")]
-    if os.path.exists(path) and any(os.path.exists(r) and os.path.samefile(path, r) for r in reads if r):
-        raise ValueError(f"--out: {path} is a file the run reads; choose another path")
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"--out: {path} exists; choose another path, or replace it with --overwrite=true")
     parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(run_dir) and os.path.samefile(parent, run_dir):
+        raise ValueError(f"--out: {path} is inside the run folder {run_dir}; choose a path outside it")
+    manifest = RunFolder(run_dir).manifest() or {"data": None}
+    cli.check_outputs([path], {"--run_dir's training data": (manifest["data"] or {}).get("path", "")})
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"--out: {path} exists; choose another path, or replace it with --overwrite=true")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"--out: cannot write into {parent}")
-    for name in os.listdir(parent):            # what a killed earlier write of this --out left behind
-        if name.startswith(".tmp-" + os.path.basename(path)):
-            os.remove(os.path.join(parent, name))
 
 
 def load_for(run_dir: str, dist: Dist) -> TrainedRun:
-    """load_run in every process; rank 0 first, since it may finish what a killed step left."""
-    with dist.main_first():
-        try:
-            return load_run(run_dir, dist.device, recover=dist.is_main)
-        except ValueError as e:
-            raise ValueError(f"--run_dir: {e}") from None
+    """load_run in every process (each reads; none writes)."""
+    try:
+        return load_run(run_dir, dist.device)
+    except ValueError as e:
+        raise ValueError(f"--run_dir: {e}") from None
 
 
 def main(argv: list) -> None:
@@ -338,7 +343,7 @@ def main(argv: list) -> None:
     if args.add_items:
         ids, titles = read_item_ids(args.item_ids)
         emb = read_item_emb(args.add_items, len(ids), "--add_items")
-        moved = add_items(args.run_dir, emb, ids, titles)
+        moved = add_items(args.run_dir, emb, ids, titles, {"--add_items": args.add_items, "--item_ids": args.item_ids})
         print(f"added {len(ids)} items to {args.run_dir} ({moved} moved by collision resolution)")
         return
     dist = init_distributed(args.device)

@@ -21,6 +21,9 @@ import io
 import json
 import os
 import pickle
+import re
+import shutil
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -29,9 +32,9 @@ import torch
 
 import cli
 import sid
-from dataset import Dataset, train_split, unique_keys
+from dataset import Dataset, check_ids, train_split, unique_keys
 from embeddings import read_item_emb
-from evaluate import Transitions
+from evaluate import EVAL_BATCH_SIZE, Transitions
 from rpg_ed import RPG_ED, RPGEDConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -40,31 +43,33 @@ from rpg_ed import RPG_ED, RPGEDConfig
 
 MANIFEST = "run.json"
 PENDING = ".pending-"
-# every file a run folder may hold besides run.json
+# every file a run folder may hold besides run.json: the only names run.json may list
 RUN_FILES = ("config.json", "item_id2tokens.npy", "tokens2item.pkl", "opq.npz", "data.npz", "checkpoint.pt",
              "last.pt", "results.json", "curves.svg", "eval.json")
+TEXT_FILES = ("config.json", "results.json", "eval.json", "curves.svg")
+TEXT_LIMIT = 64 << 20          # bytes of a text file of a run (run.json: 1 MiB); others: half the memory limit
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def file_digest(path: str) -> tuple:
-    """(size, sha256 hex) of a file's bytes, read in blocks; (None, None) when it is not a file."""
-    if not os.path.isfile(path):
-        return None, None
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
+def size_limit(name: str) -> int:
+    return 1 << 20 if name == MANIFEST else TEXT_LIMIT if name in TEXT_FILES else cli.memory_limit() // 2
+
+
+def sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 class RunFolder:
     """A run folder as one state. run.json lists every file of the run with its size and sha256,
     and the fingerprint of the data the run was trained on; readers trust it and nothing else.
 
-    A step (the start of a run, an epoch's checkpoints, the results, new items) writes its files
-    beside the old ones as .pending-NAME, then publishes them by writing run.json (one atomic
-    rename: the commit point), then renames each .pending-NAME over NAME. A kill before the commit
-    leaves the old state, a kill after it the new one: recover() removes or finishes what it left.
+    One writer at a time: a command that writes holds `lock()` (cli.exclusive) for all its run, and
+    only it calls recover() and publish(). A step (the start of a run, an epoch's checkpoints, the
+    results, new items) writes its files beside the old ones as .pending-NAME, then publishes them
+    by writing run.json (one atomic rename: the commit point), then renames each .pending-NAME over
+    NAME. A kill before the commit leaves the old state, a kill after it the new one, which the
+    next writer's recover() finishes. Readers take no lock and write nothing: read() gives the
+    state before a publish or after it (see there).
     """
 
     def __init__(self, path: str):
@@ -73,124 +78,166 @@ class RunFolder:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def lock(self, flag: str = "--out_dir"):
+        return cli.exclusive(self.path, flag)
+
     def manifest(self) -> dict | None:
-        """run.json, checked; None when there is none."""
+        """run.json, read once and checked: it lists only names of RUN_FILES, each with its size and
+        sha256, and the data's fingerprint; None when there is none."""
         path = self.file(MANIFEST)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             return None
         try:
-            with open(path, encoding="utf-8") as f:
-                manifest = json.load(f, object_pairs_hook=unique_keys)
-            if manifest["version"] != 1 or not all(set(e) == {"size", "sha256"} for e in manifest["files"].values()):
-                raise ValueError("unknown layout")
-        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-            raise ValueError(f"{path}: not a run manifest ({type(e).__name__}: {e})") from None
+            manifest = json.loads(cli.read_regular(path, size_limit(MANIFEST)), object_pairs_hook=unique_keys)
+            if not (isinstance(manifest, dict) and set(manifest) == {"version", "files", "data"}
+                    and manifest["version"] == 1 and isinstance(manifest["files"], dict)):
+                raise ValueError("expected {\"version\": 1, \"files\": {...}, \"data\": ...}")
+            for name, entry in manifest["files"].items():
+                if name not in RUN_FILES:
+                    raise ValueError(f"it lists {name!r}; a run's files are {', '.join(RUN_FILES)}")
+                if not (isinstance(entry, dict) and set(entry) == {"size", "sha256"} and type(entry["size"]) is int
+                        and entry["size"] >= 0 and isinstance(entry["sha256"], str) and SHA256.fullmatch(entry["sha256"])):
+                    raise ValueError(f"{name}: expected {{\"size\": bytes, \"sha256\": 64 hex digits}}, got {entry!r:.80}")
+            data = manifest["data"]
+            if data is not None and not (isinstance(data, dict) and set(data) == {"path", "size", "sha256"}
+                                         and isinstance(data["path"], str) and type(data["size"]) is int):
+                raise ValueError(f"data: expected null or {{\"path\", \"size\", \"sha256\"}}, got {data!r:.80}")
+        except (ValueError, RecursionError, FileNotFoundError) as e:
+            raise ValueError(f"{path}: not a run manifest ({e})") from None
         return manifest
 
+    def read(self, needs: tuple, optional: tuple = ()) -> tuple[dict, dict]:
+        """(run.json, {name: bytes}) of the files `needs` (run.json must list them) and of those in
+        `optional` it lists. Each file is read once and its bytes are checked against run.json: the
+        bytes a caller parses are the bytes checked. Reads only. A publish meanwhile (a new run.json,
+        a file renamed) makes it read again, so the result is the state before or after it."""
+        for attempt in range(50):
+            manifest = self.manifest()
+            if manifest is None:
+                raise ValueError(f"{self.path}: not a run folder (no {MANIFEST}; train.py writes it)")
+            missing = [n for n in needs if n not in manifest["files"]]
+            if missing:
+                raise ValueError(f"{self.path}: the run has no {', '.join(missing)} yet (unfinished, or killed "
+                                 "before its first epoch ended)")
+            names = tuple(needs) + tuple(n for n in optional if n in manifest["files"])
+            blobs = {name: self._read_listed(name, manifest["files"][name]) for name in names}
+            wrong = next((name for name in names if blobs[name] is None), None)
+            if wrong is None:
+                return manifest, blobs
+            if self.manifest() == manifest:             # no publish in between: the file itself is wrong
+                entry = manifest["files"][wrong]
+                raise ValueError(f"{self.file(wrong)}: does not match {MANIFEST} (expected {entry['size']} bytes, "
+                                 f"sha256 {entry['sha256'][:12]}); the file was edited, swapped or comes from "
+                                 "another run")
+            time.sleep(0.01 * attempt)
+        raise ValueError(f"{self.path}: its files changed under each of {attempt + 1} reads")
+
+    def _read_listed(self, name: str, entry: dict) -> bytes | None:
+        """NAME's bytes when they match its entry; else those of .pending-NAME (published, not yet
+        renamed), else of NAME again (renamed meanwhile); None when none matches."""
+        if entry["size"] > size_limit(name):
+            raise ValueError(f"{self.file(MANIFEST)}: lists {name} of {entry['size']:,} bytes, more than this "
+                             f"process may read ({size_limit(name):,})")
+        for candidate in (name, PENDING + name, name):
+            try:
+                blob = cli.read_regular(self.file(candidate), size_limit(name))
+            except FileNotFoundError:
+                continue
+            if len(blob) == entry["size"] and sha256(blob) == entry["sha256"]:
+                return blob
+        return None
+
+    def _writer(self) -> None:
+        if not cli.holds_lock(self.path):
+            raise RuntimeError(f"{self.path}: written without its lock (RunFolder.lock)")
+
     def recover(self) -> dict | None:
-        """Finish (after the commit) or undo (before it) a step that a kill interrupted, and remove
-        temporary files; return the manifest (None: no run here)."""
-        if not os.path.isdir(self.path):
-            return None
+        """The writer, under its lock: finish (after the commit) or undo (before it) a step that a
+        killed writer left, and remove that writer's temporary files (only writers make names
+        .tmp-.pending-* and .tmp-run.json*, and this one holds the lock); return the manifest."""
+        self._writer()
         manifest = self.manifest()
         entries = manifest["files"] if manifest else {}
         for name in sorted(os.listdir(self.path)):
-            if name.startswith(".tmp-") and name[5:].startswith((PENDING, MANIFEST) + RUN_FILES):
-                os.remove(self.file(name))                                    # a write cut before its rename
-            elif name.startswith(PENDING):
-                target = name[len(PENDING):]
-                entry = entries.get(target)
-                if entry and file_digest(self.file(name)) == (entry["size"], entry["sha256"]):
-                    os.replace(self.file(name), self.file(target))              # committed: roll forward
+            path = self.file(name)
+            if name.startswith((".tmp-" + PENDING, ".tmp-" + MANIFEST)) and os.path.isfile(path):
+                os.remove(path)                                               # a write cut before its rename
+            elif name.startswith(PENDING) and name[len(PENDING):] in RUN_FILES:
+                blob, entry = cli.read_regular(path, size_limit(name[len(PENDING):])), entries.get(name[len(PENDING):])
+                if entry and (len(blob), sha256(blob)) == (entry["size"], entry["sha256"]):
+                    os.replace(path, self.file(name[len(PENDING):]))          # committed: roll forward
                 else:
-                    os.remove(self.file(name))                                # not committed: roll back
-        return manifest
-
-    def verify(self, needs: tuple = ()) -> dict:
-        """The manifest, once every file it lists matches its size and sha256; `needs`: files the
-        caller reads, which the manifest must list. Reads only (see recover)."""
-        manifest = self.manifest()
-        if manifest is None:
-            raise ValueError(f"{self.path}: not a run folder (no {MANIFEST}; train.py writes it)")
-        missing = [n for n in needs if n not in manifest["files"]]
-        if missing:
-            raise ValueError(f"{self.path}: the run has no {', '.join(missing)} yet (unfinished, or killed "
-                             "before its first epoch ended)")
-        for name, entry in manifest["files"].items():
-            size, digest = file_digest(self.file(name))
-            if (size, digest) != (entry["size"], entry["sha256"]):
-                found = "missing" if size is None else f"{size} bytes, sha256 {digest[:12]}"
-                raise ValueError(f"{self.file(name)}: does not match {MANIFEST} (expected {entry['size']} bytes, "
-                                 f"sha256 {entry['sha256'][:12]}; found {found}); the file was edited, swapped or "
-                                 "comes from another run")
+                    os.remove(path)                                           # not committed: roll back
         return manifest
 
     def publish(self, files: dict, data: dict | None = None, keep: bool = True) -> None:
-        """One step: `files` {name: bytes} join (or replace) the run's files, then run.json commits
-        them. keep=False starts a new state: files of the old manifest not in `files` leave it."""
-        os.makedirs(self.path, exist_ok=True)
+        """The writer, under its lock: one step. `files` {name: bytes} join (or replace) the run's
+        files, then run.json commits them. keep=False starts a new state: files of the old manifest
+        not in `files` leave it. Free disk is checked first; a failed write names its path."""
+        self._writer()
         old = self.manifest() or {"files": {}, "data": None}
+        need, free = sum(map(len, files.values())) + (1 << 20), shutil.disk_usage(self.path).free
+        if free < need:
+            raise ValueError(f"{self.path}: {need / 2 ** 20:.0f} MiB to write, {free / 2 ** 20:.0f} MiB free on its "
+                             "disk; nothing was written, the folder holds its last published state")
         entries = dict(old["files"]) if keep else {}
-        for name, blob in files.items():
-            cli.atomic_write(self.file(PENDING + name), blob)
-            entries[name] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-        manifest = {"version": 1, "files": entries, "data": data if data is not None else old["data"]}
-        cli.atomic_write(self.file(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        try:
+            for name, blob in files.items():
+                cli.atomic_write(self.file(PENDING + name), blob)
+                entries[name] = {"size": len(blob), "sha256": sha256(blob)}
+            manifest = {"version": 1, "files": entries, "data": data if data is not None else old["data"]}
+            cli.atomic_write(self.file(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        except OSError as e:
+            raise ValueError(f"{e.filename or self.path}: {e.strerror}; nothing was published, {self.path} "
+                             "holds its last published state") from None
         for name in files:
             os.replace(self.file(PENDING + name), self.file(name))
         for name in (set(old["files"]) | set(RUN_FILES)) - set(entries):   # files of the state replaced
-            if os.path.exists(self.file(name)) and (not keep or name in old["files"]):
+            if os.path.isfile(self.file(name)) and not os.path.islink(self.file(name)) \
+                    and (not keep or name in old["files"]):
                 os.remove(self.file(name))
 
 
-def check_out_dir(out_dir: str, cfg, resolved: dict, fingerprint: dict, may_change: tuple) -> str:
-    """Everything about out_dir that can fail, checked before anything is written (cfg: resume,
-    eval_only and overwrite, as in train.TrainConfig; may_change: the training settings that do
-    not make another run). Returns what the run will do there: "new", "restart" (an unfinished
-    attempt of this same run), "resume" or "eval"."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir: {out_dir} exists and is not a folder")
-    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-        raise ValueError(f"--out_dir: {out_dir} cannot be written ({parent} is not a writable folder)")
-    folder = RunFolder(out_dir)
+def check_out_dir(out_dir: str, cfg, resolved: dict, fingerprint: dict, may_change: tuple, inputs: dict) -> str:
+    """Everything about out_dir that can fail, checked by its writer (under the lock, after
+    recover) before anything is written (cfg: resume, eval_only and overwrite, as in
+    train.TrainConfig; may_change: the training settings that do not make another run; inputs:
+    {flag: path} of the files the run reads, which it must never replace, --overwrite or not).
+    Returns what the run will do there: "new", "restart" (an unfinished attempt of this same run),
+    "resume" or "eval"."""
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir: {out_dir} cannot be written (not a writable folder)")
+    folder, base = RunFolder(out_dir), cfg.init_from
+    inputs = {**inputs, **{f"--init_from ({n})": os.path.join(base, n) for n in (MANIFEST, *RUN_FILES) if base}}
+    cli.check_outputs([folder.file(n) for n in (MANIFEST, *RUN_FILES)] +
+                      [folder.file(PENDING + n) for n in RUN_FILES], inputs)
     manifest = folder.manifest()
     if cfg.resume or cfg.eval_only:
         flag, needs = ("--resume", ("last.pt",)) if cfg.resume else ("--eval_only", ("checkpoint.pt",))
         if manifest is None:
             raise ValueError(f"{flag}: {out_dir} holds no run ({MANIFEST} is missing)")
-        folder.verify(needs)
+        folder.read(needs)
         check_fingerprint(manifest["data"], fingerprint, flag)
         return "resume" if cfg.resume else "eval"
-    found = [f for f in RUN_FILES if os.path.exists(folder.file(f))]
+    found = [f for f in RUN_FILES if os.path.lexists(folder.file(f))]
     if manifest is None and not found or cfg.overwrite:
         return "new"
-    same = manifest is not None and "results.json" not in manifest["files"] and same_data(manifest["data"], fingerprint) \
-        and _settings(_read_json_or_none(folder.file("config.json")), may_change) \
-        == _settings(json.loads(json.dumps(resolved)), may_change)
-    if same:
-        return "restart"
+    if manifest is not None and "results.json" not in manifest["files"] and same_data(manifest["data"], fingerprint) \
+            and "config.json" in manifest["files"]:
+        config = parse_json(folder.read(("config.json",))[1]["config.json"], folder.file("config.json"))
+        if _settings(config, may_change) == _settings(json.loads(json.dumps(resolved)), may_change):
+            return "restart"
     raise ValueError(f"--out_dir: {out_dir} holds another run ({', '.join(found) or MANIFEST}); continue it with "
                      "--resume=true, evaluate it with --eval_only=true, replace it with --overwrite=true, "
                      "or choose another --out_dir")
 
 
-def _settings(resolved: dict | None, may_change: tuple) -> dict | None:
+def _settings(resolved, may_change: tuple) -> dict | None:
     """What makes two runs the same run: the config without the flags that a resume may change."""
-    if not isinstance(resolved, dict) or "train" not in resolved:
+    if not isinstance(resolved, dict) or not isinstance(resolved.get("train"), dict):
         return None
     return {**resolved, "train": {k: v for k, v in resolved["train"].items()
                                   if k not in may_change + ("overwrite",)}}
-
-
-def _read_json_or_none(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def same_data(recorded: dict | None, now: dict) -> bool:
@@ -210,7 +257,7 @@ def check_sizes(mcfg: RPGEDConfig, n_items: int, beam_sizes: dict, batch_size: i
     """Memory bounds known before a model is built: beams ({flag: beams}, batch_size users a batch)
     against the catalogue and RAM, parameters (to train them) against RAM."""
     widest = max(100, n_items)                     # a beam wider than the catalogue finds nothing more
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = cli.memory_limit()                       # RAM, or this process's lower limit
     for flag, beams in beam_sizes.items():
         # per beam row: candidate scores over a digit's codes, and the decoder's self-attention cache
         need = batch_size * beams * 4 * (3 * mcfg.codebook_size + 2 * mcfg.decoder_n_layer *
@@ -223,7 +270,7 @@ def check_sizes(mcfg: RPGEDConfig, n_items: int, beam_sizes: dict, batch_size: i
     need = 16 * n_params                           # fp32 weights, gradients and AdamW's two moments
     if need > ram:
         raise ValueError(f"model: {n_params:,} parameters need about {need / 2 ** 30:.1f} GiB to train, this "
-                         f"machine has {ram / 2 ** 30:.1f} GiB; lower --n_user_buckets, --n_embd or the layers")
+                         f"process may use {ram / 2 ** 30:.1f} GiB; lower --n_user_buckets, --n_embd or the layers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,15 +287,21 @@ def checkpoint_bytes(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Tensors and plain containers only (weights_only=True): a crafted pickle is refused, never run."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no checkpoint there")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one loses its directory
+def parse_json(blob: bytes, path: str):
+    try:
+        return json.loads(blob, object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_checkpoint(blob: bytes, path: str, needs: tuple = ("model", "config", "sids_sha256")) -> dict:
+    """A checkpoint's bytes -> its dict, with the keys `needs` of the types this code writes.
+    Tensors and plain containers only (weights_only=True): a crafted pickle is refused, never run."""
+    if not zipfile.is_zipfile(io.BytesIO(blob)):  # torch.save writes a zip archive; a cut one loses its directory
         raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt (expected the zip "
                          "archive torch.save writes)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refusing to load: it holds something other than tensors and plain "
                          f"containers ({str(e).splitlines()[-1][:200]})") from None
@@ -258,6 +311,37 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     version = state.get("version") if isinstance(state, dict) else None
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}")
+    kinds = {"model": dict, "config": dict, "sids_sha256": str, "sids_items": int, "optimizer": dict, "rng": list,
+             "epoch": int, "step": int, "best": float, "best_epoch": int, "bad_evals": int, "done": bool,
+             "examples": int, "train_seconds": float, "valid_history": list, "loss_history": list}
+    wrong = [k for k in needs if not isinstance(state.get(k), (kinds[k], int) if kinds[k] is float else kinds[k])]
+    if not wrong and not (all(isinstance(v, torch.Tensor) for v in state["model"].values())
+                          and all(isinstance(state["config"].get(k), dict) for k in ("train", "model"))):
+        wrong = ["model" if "model" in needs else "config"]
+    if wrong:
+        raise ValueError(f"{path}: expected {', '.join(f'{k} ({kinds[k].__name__})' for k in wrong)}, got "
+                         f"{', '.join(type(state.get(k)).__name__ if k in state else 'nothing' for k in wrong)}")
+    return state
+
+
+def load_weights(model: RPG_ED, state: dict, path: str) -> None:
+    """The checkpoint's weights into `model`, once their names and shapes are the model's."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if want != got:
+        key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+        raise ValueError(f"{path}: its weights do not fit its config's model ({key}: shape {got.get(key, 'missing')} "
+                         f"there, {want.get(key, 'no such weight')} in the model)")
+    model.load_state_dict(state["model"])
+
+
+def read_checkpoint(folder: str, name: str, resolved: dict, digest: str, may_change: tuple | None = None,
+                    needs: tuple = ("model", "config", "sids_sha256")) -> dict:
+    """A run's checkpoint (checkpoint.pt or last.pt), read once and checked against run.json, then
+    against the run's config and SIDs (check_checkpoint)."""
+    path = os.path.join(folder, name)
+    state = load_checkpoint(RunFolder(folder).read((name,))[1][name], path, needs)
+    check_checkpoint(state, path, resolved, digest, may_change)
     return state
 
 
@@ -287,16 +371,22 @@ def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run, progress: dict,
     """--resume: load the run's last.pt into the model and optimizer, restore this process's RNG;
     return the progress record (its keys: those of `progress`). `run`: train.py's Run."""
     path = run.path("last.pt")
-    state = load_checkpoint(path, run.dist.device)
-    check_checkpoint(state, path, run.resolved, sids_digest(run.index), may_change)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    state = read_checkpoint(run.out_dir, "last.pt", run.resolved, sids_digest(run.index), may_change,
+                            ("model", "config", "sids_sha256", "optimizer", "rng", *progress))
+    load_weights(model, state, path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if not all(s["exp_avg"].shape == p.shape for p, s in optimizer.state.items()):
+            raise ValueError("moment shapes differ from the weights'")
+        if len(state["rng"]) == run.dist.world:
+            torch.set_rng_state(state["rng"][run.dist.rank]["cpu"])
+            if run.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"][run.dist.rank]["cuda"], run.dist.device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: its optimizer or random state does not fit this run ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     progress = {k: state[k] for k in progress}
-    if len(state["rng"]) == run.dist.world:
-        torch.set_rng_state(state["rng"][run.dist.rank]["cpu"])
-        if run.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"][run.dist.rank]["cuda"], run.dist.device)
-    else:
+    if len(state["rng"]) != run.dist.world:
         torch.manual_seed(run.cfg.seed + run.dist.rank + 1_000_003 * progress["step"])
         run.log(f"note: the checkpoint comes from {len(state['rng'])} processes, this run has {run.dist.world}; "
                 "dropout is re-seeded, so the run will not match an uninterrupted one exactly")
@@ -325,24 +415,37 @@ def run_data_bytes(data: Dataset, item_text: dict, content_sids: bool) -> bytes:
     return buf.getvalue()
 
 
-RUN_DATA_KEYS = ("item_raw", "user_raw", "item_title", "offsets", "items", "content_sids")
+RUN_DATA_KEYS = ("version", "item_raw", "user_raw", "item_title", "offsets", "items", "content_sids")
 
 
-def read_run_data(folder: str) -> dict:
-    """A run folder's data.npz -> {name: array}, refusing pickled objects and disagreeing lengths."""
-    path = os.path.join(folder, "data.npz")
+def parse_run_data(blob: bytes, path: str, n_items: int) -> dict:
+    """data.npz's bytes -> {name: array}, refusing pickled objects, and checked: ids unique and
+    valid (dataset.check_ids), one title per item, offsets from 0 that never run backwards to the
+    end of the sequences, item ids below n_items (the index's)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except Exception as e:   # missing, truncated, or holding pickled objects
+    except Exception as e:   # truncated, or holding pickled objects
         raise ValueError(f"{path}: not a readable run data file ({type(e).__name__}: {str(e)[:200]})") from None
-    missing = [k for k in RUN_DATA_KEYS if k not in arrays]
-    if missing:
-        raise ValueError(f"{path}: expected the arrays {list(RUN_DATA_KEYS)}, missing {missing}")
-    if len(arrays["item_title"]) != len(arrays["item_raw"]) or len(arrays["offsets"]) != len(arrays["user_raw"]) + 1 \
-            or arrays["offsets"][-1] != len(arrays["items"]):
-        raise ValueError(f"{path}: its arrays disagree in length (item ids, titles, users, offsets, sequences)")
-    return arrays
+    if sorted(arrays) != sorted(RUN_DATA_KEYS):
+        raise ValueError(f"{path}: expected the arrays {list(RUN_DATA_KEYS)}, found {sorted(arrays)}")
+    kinds = {"version": "iu", "item_raw": "U", "user_raw": "U", "item_title": "U", "offsets": "iu", "items": "iu",
+             "content_sids": "b"}
+    for key, kind in kinds.items():
+        if arrays[key].dtype.kind not in kind or arrays[key].ndim != (0 if key in ("version", "content_sids") else 1):
+            raise ValueError(f"{path}: {key}: expected a {'scalar' if key in ('version', 'content_sids') else '1-d'} "
+                             f"array of kind {kind}, got {arrays[key].dtype} of shape {arrays[key].shape}")
+    offsets, items = arrays["offsets"].astype(np.int64), arrays["items"].astype(np.int64)
+    if int(arrays["version"]) != 1 or len(arrays["item_raw"]) != n_items or len(arrays["item_title"]) != n_items \
+            or len(offsets) != len(arrays["user_raw"]) + 1 or offsets[0] != 0 or offsets[-1] != len(items) \
+            or (np.diff(offsets) < 0).any() or (items.size and not 0 <= items.min() <= items.max() < n_items):
+        raise ValueError(f"{path}: its arrays disagree (version 1; {n_items} item ids and titles, the index's "
+                         "count; offsets from 0, never decreasing, to the end of the sequences; item ids below "
+                         f"{n_items}); found {len(arrays['item_raw'])} ids, {len(arrays['item_title'])} titles, "
+                         f"{len(offsets)} offsets for {len(arrays['user_raw'])} users")
+    for kind in ("item", "user"):
+        check_ids(arrays[f"{kind}_raw"], f"{path}: {kind}_raw", kind)
+    return {**arrays, "offsets": offsets, "items": items.astype(np.int32)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,61 +489,59 @@ class TrainedRun:
         return np.array([self.item_id[r] for r in raw_ids], np.int64)
 
 
-def load_run(folder: str, device: str | torch.device = "cpu", recover: bool = True) -> TrainedRun:
-    """A run folder -> TrainedRun: the model with the best weights, its SIDs and id maps, from the
-    files run.json lists, each checked against it. A missing file, or files that disagree, give a
-    ValueError naming them. recover=False reads only (another process recovers the folder)."""
-    if recover:
-        RunFolder(folder).recover()
-    manifest = RunFolder(folder).verify(needs=("config.json", "checkpoint.pt", "item_id2tokens.npy", "tokens2item.pkl",
-                                               "data.npz"))
+RUN_NEEDS = ("config.json", "checkpoint.pt", "item_id2tokens.npy", "tokens2item.pkl", "data.npz")
+
+
+def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
+    """A run folder -> TrainedRun: the model with the best weights, its SIDs and id maps. Reads
+    only: each file once (RunFolder.read), checked against run.json, then parsed from those bytes
+    and checked again (types, shapes, ranges, sizes against memory). Errors are ValueErrors that
+    name the file."""
+    manifest, blobs = RunFolder(folder).read(RUN_NEEDS, optional=("opq.npz", "results.json"))
+    path = lambda name: os.path.join(folder, name)
+    config = parse_json(blobs["config.json"], path("config.json"))
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f, object_pairs_hook=unique_keys)
+        if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+            raise TypeError("expected {\"train\": {...}, \"model\": {...}}")
         mcfg = RPGEDConfig(**config["model"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder}/config.json: not a run config ({type(e).__name__}: {e})") from None
-    index = sid.SIDIndex.load(folder)
-    data = read_run_data(folder)
-    if len(data["item_raw"]) != index.n_items:
-        raise ValueError(f"{folder}: the SID index has {index.n_items} items, data.npz maps {len(data['item_raw'])}; "
-                         "the files come from different runs or an interrupted update")
-    if data["items"].size and int(data["items"].max()) >= index.n_items:
-        raise ValueError(f"{folder}/data.npz: a sequence holds item {int(data['items'].max())}, the index has "
-                         f"{index.n_items} items")
+        raise ValueError(f"{path('config.json')}: not a run config ({type(e).__name__}: {e})") from None
+    index = sid.SIDIndex.from_files(blobs, folder)
+    data = parse_run_data(blobs["data.npz"], path("data.npz"), index.n_items)
     if (mcfg.n_digit, mcfg.codebook_size) != (index.item_codes.shape[1], sid.CODEBOOK_SIZE):
         raise ValueError(f"{folder}: the model has {mcfg.n_digit} digits of {mcfg.codebook_size} codes, the index "
                          f"{index.item_codes.shape[1]} of {sid.CODEBOOK_SIZE}")
-    path = os.path.join(folder, "checkpoint.pt")
-    state = load_checkpoint(path)
+    state = load_checkpoint(blobs["checkpoint.pt"], path("checkpoint.pt"))
     trained_items = state.get("sids_items", index.n_items)             # items added later keep the digest
-    if trained_items > index.n_items:
-        raise ValueError(f"{path}: trained on {trained_items} items, the index has only {index.n_items}")
-    check_checkpoint(state, path, config, sids_digest(index, trained_items))
+    if type(trained_items) is not int or not 0 < trained_items <= index.n_items:
+        raise ValueError(f"{path('checkpoint.pt')}: trained on {trained_items} items, the index has {index.n_items}")
+    check_checkpoint(state, path("checkpoint.pt"), config, sids_digest(index, trained_items))
+    if mcfg.encoder_n_layer + mcfg.decoder_n_layer > len(state["model"]):   # before building the model
+        raise ValueError(f"{path('checkpoint.pt')}: {len(state['model'])} weights cannot hold the "
+                         f"{mcfg.encoder_n_layer + mcfg.decoder_n_layer} layers of its config")
+    check_sizes(mcfg, index.n_items, {"--beam_size": mcfg.beam_size}, EVAL_BATCH_SIZE)
     model = RPG_ED(mcfg)
-    model.load_state_dict(state["model"])
+    load_weights(model, state, path("checkpoint.pt"))
+    weight = chosen_weight(blobs["results.json"], path("results.json")) if "results.json" in blobs else 0.0
     return TrainedRun(folder, config, model.to(device).eval(), index, data["item_raw"], data["item_title"],
                       data["user_raw"], data["offsets"], data["items"], bool(data["content_sids"]), trained_items,
-                      chosen_weight(folder) if "results.json" in manifest["files"] else 0.0)
+                      weight)
 
 
-def chosen_weight(folder: str) -> float:
+def chosen_weight(blob: bytes, path: str) -> float:
     """The transition ranker's weight that training chose on validation, from results.json."""
-    path = os.path.join(folder, "results.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            weight = json.load(f, object_pairs_hook=unique_keys).get("transitions", {}).get("weight", 0.0)
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: not a results file ({type(e).__name__}: {e})") from None
+    results = parse_json(blob, path)
+    transitions = results.get("transitions", {}) if isinstance(results, dict) else None
+    weight = transitions.get("weight", 0.0) if isinstance(transitions, dict) else None
     if type(weight) not in (int, float) or not 0 <= weight < float("inf"):
         raise ValueError(f"{path}: transitions.weight: expected a number >= 0, got {weight!r}")
     return float(weight)
 
 
 def load_index(out_dir: str, n_items: int) -> sid.SIDIndex:
-    """The SIDs of out_dir, after run.json vouches for every file (rank 0 recovered the folder first)."""
-    RunFolder(out_dir).verify(needs=("item_id2tokens.npy", "tokens2item.pkl"))
-    index = sid.SIDIndex.load(out_dir)
+    """The SIDs of out_dir, each file read once and checked against run.json (a reader)."""
+    _, blobs = RunFolder(out_dir).read(("item_id2tokens.npy", "tokens2item.pkl"), optional=("opq.npz",))
+    index = sid.SIDIndex.from_files(blobs, out_dir)
     if index.n_items != n_items:
         raise ValueError(f"{out_dir}: the index has {index.n_items} items, the data has {n_items}")
     return index

@@ -31,6 +31,7 @@ build_index), collision resolution, command line.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -239,50 +240,67 @@ class SIDIndex:
 
     @classmethod
     def load(cls, folder: str) -> "SIDIndex":
-        """Load without executing pickled code; the pickle must agree with the forward index."""
-        fwd = os.path.join(folder, "item_id2tokens.npy")
+        """An index folder (what save() wrote): each file read once, then from_files."""
+        files = {}
+        for name in ("item_id2tokens.npy", "tokens2item.pkl", "opq.npz"):
+            with contextlib.suppress(FileNotFoundError):
+                with open(os.path.join(folder, name), "rb") as f:
+                    files[name] = f.read()
+        return cls.from_files(files, folder)
+
+    @classmethod
+    def from_files(cls, files: dict, folder: str) -> "SIDIndex":
+        """{file name: bytes} as files() gives them -> the index, parsed without executing pickled
+        code; the three files must agree. `folder`: for messages."""
+        fwd, opq_path, inv = (os.path.join(folder, n) for n in ("item_id2tokens.npy", "opq.npz", "tokens2item.pkl"))
+        for path in (fwd, inv):
+            if os.path.basename(path) not in files:
+                raise ValueError(f"{path}: missing; an index folder holds item_id2tokens.npy and tokens2item.pkl "
+                                 "(and opq.npz); rebuild the index")
         try:
-            codes = np.load(fwd, allow_pickle=False)
+            codes = np.load(io.BytesIO(files["item_id2tokens.npy"]), allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{fwd}: not a readable uint8 [n_items, 4] array ({e})") from e
-        if codes.dtype != np.uint8:
-            raise ValueError(f"{fwd}: expected dtype uint8, got {codes.dtype} (an incompatible version?)")
-        quantizer = None
-        opq_path = os.path.join(folder, "opq.npz")
-        if os.path.exists(opq_path):
-            try:
-                with np.load(opq_path, allow_pickle=False) as z:
-                    version = int(z["version"]) if "version" in z.files else None
-                    if version != INDEX_VERSION:
-                        raise ValueError(f"{opq_path}: index version {version}, this code reads "
-                                         f"{INDEX_VERSION}; rebuild the index")
-                    quantizer = OPQ(mean=z["mean"], rotation=z["rotation"], errors=list(z["errors"]),
-                                    codebooks=[z["codebooks"][d, :k] for d, k in enumerate(z["n_centroids"])],
-                                    placed=(int(z["placed_items"]), str(z["placed_sha256"]))
-                                    if "placed_sha256" in z.files else (0, ""))
-            except ValueError:
-                raise
-            except Exception as e:  # a truncated or corrupt zip: BadZipFile, EOFError, KeyError, OSError
-                raise ValueError(f"{opq_path}: not a readable OPQ file ({type(e).__name__}: {e})") from e
+            raise ValueError(f"{fwd}: not a readable uint8 [n_items, 4] array ({e})") from None
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != N_DIGIT:
+            raise ValueError(f"{fwd}: expected a uint8 [n_items, {N_DIGIT}] array, got {codes.dtype} {codes.shape}")
+        quantizer = _load_opq(files["opq.npz"], opq_path) if "opq.npz" in files else None
         n, digest = quantizer.placed if quantizer is not None else (0, "")
         if digest and (len(codes) < n or hashlib.sha256(codes[:n].tobytes()).hexdigest() != digest):
             raise ValueError(f"{opq_path}: belongs to another index (it placed {n} items whose SIDs differ from "
                              f"the first {min(n, len(codes))} of {fwd}); keep an index's files together")
-        index = cls(codes, quantizer)
-        inv = os.path.join(folder, "tokens2item.pkl")
-        if not os.path.exists(inv):
-            raise ValueError(f"{inv}: missing; an index folder holds item_id2tokens.npy and tokens2item.pkl "
-                             "(and opq.npz); rebuild the index")
-        with open(inv, "rb") as f:
-            try:
-                table = _RefuseGlobals(f).load()
-            except ValueError:
-                raise
-            except Exception as e:
-                raise ValueError(f"{inv}: not a valid pickle ({e})") from e
+        try:
+            index = cls(codes, quantizer)
+            table = _RefuseGlobals(io.BytesIO(files["tokens2item.pkl"])).load()
+        except ValueError as e:
+            raise ValueError(f"{inv if 'refusing' in str(e) else fwd}: {e}") from None
+        except Exception as e:
+            raise ValueError(f"{inv}: not a valid pickle ({type(e).__name__}: {e})") from None
         if table != index.inverted_dict():
             raise ValueError(f"{inv}: does not match {fwd}; rebuild the index")
         return index
+
+
+def _load_opq(blob: bytes, path: str) -> OPQ:
+    """opq.npz's bytes -> the quantiser."""
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            version = int(z["version"]) if "version" in z.files else None
+            if version != INDEX_VERSION:
+                raise ValueError(f"{path}: index version {version}, this code reads {INDEX_VERSION}; rebuild the index")
+            mean, rotation, books, counts = z["mean"], z["rotation"], z["codebooks"], z["n_centroids"]
+            width = rotation.shape[0] if rotation.ndim == 2 else 0
+            if not (mean.ndim == 1 and 0 < len(mean) <= width and rotation.shape == (width, width)
+                    and books.shape == (N_DIGIT, CODEBOOK_SIZE, width // N_DIGIT) and width % N_DIGIT == 0
+                    and counts.shape == (N_DIGIT,) and ((1 <= counts) & (counts <= CODEBOOK_SIZE)).all()):
+                raise ValueError(f"{path}: shapes disagree: mean {mean.shape}, rotation {rotation.shape}, codebooks "
+                                 f"{books.shape}, n_centroids {counts.shape}")
+            return OPQ(mean=mean, rotation=rotation, errors=list(z["errors"]),
+                       codebooks=[books[d, :k] for d, k in enumerate(counts)],
+                       placed=(int(z["placed_items"]), str(z["placed_sha256"])) if "placed_sha256" in z.files else (0, ""))
+    except ValueError:
+        raise
+    except Exception as e:  # a truncated or corrupt zip: BadZipFile, EOFError, KeyError, OSError
+        raise ValueError(f"{path}: not a readable OPQ file ({type(e).__name__}: {e})") from None
 
 
 def _like(array: np.ndarray, reference):

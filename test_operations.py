@@ -101,7 +101,7 @@ def test_max_steps_and_eval_users(tmp_path):
     results = [train.main([f"--data={data_path}", f"--out_dir={tmp_path / str(seed)}", f"--seed={seed}", "--max_steps=3",
                            "--eval_users=25"] + TINY_RUN) for seed in (0, 1)]
     for run in results:
-        state = runs.load_checkpoint(str(tmp_path / str(run["config"]["train"]["seed"]) / "last.pt"))
+        state = load_ckpt(str(tmp_path / str(run["config"]["train"]["seed"]) / "last.pt"))
         assert state["step"] == 3 and state["epoch"] == 1 and len(state["valid_history"]) == 1
         assert run["dataset"]["eval_users"] == 25 and set(run["seconds"]) >= {"load", "split", "sids", "train"}
     assert results[0]["baselines"] == results[1]["baselines"]                   # the same users whatever the seed
@@ -158,7 +158,7 @@ def test_truncated_checkpoint_is_a_clear_error(data):
             CHECKPOINT_BYTES = open(path, "rb").read()
         n = data.draw(st.integers(0, len(CHECKPOINT_BYTES) - 1))
         with pytest.raises(ValueError, match="not a readable checkpoint, truncated or corrupt"):
-            runs.load_checkpoint(_write(folder, "c.pt", CHECKPOINT_BYTES[:n]))
+            load_ckpt(_write(folder, "c.pt", CHECKPOINT_BYTES[:n]))
 
 
 def test_crafted_checkpoint_is_refused_and_its_payload_does_not_run(tmp_path):
@@ -166,7 +166,7 @@ def test_crafted_checkpoint_is_refused_and_its_payload_does_not_run(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"version": 1, "model": _Bomb(str(target))}, path)
     with pytest.raises(ValueError, match="refusing to load"):
-        runs.load_checkpoint(str(path))
+        load_ckpt(str(path))
     assert not target.exists()
 
 
@@ -203,12 +203,12 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    first = runs.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    first = load_ckpt(str(tmp_path / "killed" / "last.pt"))
     assert first["epoch"] == 1 and not (tmp_path / "killed" / "results.json").exists()
 
     resumed = train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=true"])
-    a = runs.load_checkpoint(str(tmp_path / "whole" / "last.pt"))
-    b = runs.load_checkpoint(str(tmp_path / "killed" / "last.pt"))
+    a = load_ckpt(str(tmp_path / "whole" / "last.pt"))
+    b = load_ckpt(str(tmp_path / "killed" / "last.pt"))
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -251,7 +251,7 @@ def test_ctrl_c_or_sigterm_stops_in_one_line_and_resume_ends_as_an_uninterrupted
     assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"stopped by {signum.name} at step ") and "holds the end of epoch 1" in err, err
     assert err.rstrip().endswith(" --resume=true") and f"--out_dir={tmp_path / 'stopped'}" in err, err
-    assert runs.load_checkpoint(str(tmp_path / "stopped" / "last.pt"))["epoch"] == 1
+    assert load_ckpt(str(tmp_path / "stopped" / "last.pt"))["epoch"] == 1
     resumed = train.main(args + [f"--out_dir={tmp_path / 'stopped'}", "--resume=true"])
     assert resumed["valid"] == whole["valid"] and resumed["test"] == whole["test"]
     assert resumed["transitions"] == whole["transitions"]
@@ -312,7 +312,7 @@ def test_torchrun_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
     run = _torchrun(2, args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("dataset:") == 1                              # only rank 0 logs
-    state = runs.load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
+    state = load_ckpt(str(tmp_path / "out" / "checkpoint.pt"))
     model = rpg_ed.RPG_ED(rpg_ed.RPGEDConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])                                 # the unwrapped module's state_dict
     trained = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -411,6 +411,11 @@ def _files(folder) -> dict:
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
+def load_ckpt(path) -> dict:
+    """A checkpoint file's dict (runs.load_checkpoint parses bytes already read)."""
+    return runs.load_checkpoint(open(path, "rb").read(), str(path), needs=())
+
+
 @pytest.mark.slow
 def test_a_new_run_into_another_runs_folder_changes_nothing(tmp_path):
     data_path = write_formats(tmp_path, interactions(1, n_users=40, n_items=15))["inter"]
@@ -421,10 +426,10 @@ def test_a_new_run_into_another_runs_folder_changes_nothing(tmp_path):
         with pytest.raises(ValueError, match="holds another run .*--overwrite=true"):
             train.main([f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=1"] + other)
         assert _files(out) == before
-    (out / ".tmp-checkpoint.ptabc").write_bytes(b"half a checkpoint")          # a killed write's leftover
+    (out / ".tmp-.pending-checkpoint.ptabc").write_bytes(b"half a checkpoint")  # a killed writer's leftover
     (out / "notes.txt").write_text("mine")                                      # not ours: kept
     train.main([f"--data={data_path}", f"--out_dir={out}", "--overwrite=true", "--seed=1"] + TINY_RUN + ["--epochs=1"])
-    assert not (out / ".tmp-checkpoint.ptabc").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".tmp-.pending-checkpoint.ptabc").exists() and (out / "notes.txt").read_text() == "mine"
     assert _files(out)["config.json"] != before["config.json"]
     mask = cli._umask()
     for name in ("config.json", "checkpoint.pt", "item_id2tokens.npy", "results.json"):
@@ -459,7 +464,7 @@ def test_bad_input_at_any_stage_leaves_the_run_folder_byte_for_byte(tmp_path):
         assert _files(out) == before, extra
     shutil.copy(data_path, tmp_path / "moved.inter")                      # the same bytes elsewhere: accepted
     train.main([f"--data={tmp_path / 'moved.inter'}", f"--out_dir={out}", "--eval_only=true"] + TINY_RUN + ["--epochs=1"])
-    assert "eval.json" in runs.RunFolder(str(out)).verify()["files"]
+    assert "eval.json" in runs.RunFolder(str(out)).read(("eval.json",))[0]["files"]
 
 
 def test_item_id_embeddings_are_saved_with_the_run_and_n_items_is_not_a_flag(tmp_path):
@@ -510,9 +515,10 @@ def killed_at(k: int, under: str):
 def _state(out: str):
     """What a reader sees after a kill: None (no run) or the verified manifest."""
     folder = runs.RunFolder(out)
-    manifest = folder.recover()
+    with folder.lock():
+        manifest = folder.recover()
     if manifest is not None:
-        folder.verify()
+        folder.read(tuple(manifest["files"]))
         assert not [f for f in os.listdir(out) if f.startswith((".tmp-", runs.PENDING))]
     return manifest
 
@@ -548,7 +554,7 @@ def test_a_kill_at_any_file_operation_of_train_leaves_the_old_run_or_the_new(tmp
                 runs.load_run(out)
             elif k % 4 == 0:                                          # a rerun starts it over (a sample of k)
                 train.main(argv[:2] + argv[3:])
-                assert "results.json" in runs.RunFolder(out).verify()["files"]
+                assert "results.json" in runs.RunFolder(out).read(("results.json",))[0]["files"]
         if not seen["killed"]:
             break
         k += 1
@@ -583,6 +589,8 @@ def test_a_kill_at_any_file_operation_of_add_items_or_out_leaves_the_old_state_o
     for overwrite in (False, True):
         k = 0
         while True:
+            temporary = lambda: {f for f in os.listdir(tmp_path) if f.startswith(".tmp-")}
+            left = temporary()                                   # killed writes' files: not this one's to remove
             with killed_at(k, str(tmp_path)) as seen:
                 try:
                     recommend.main([f"--run_dir={good}", "--all=true", f"--out={recs}", f"--overwrite={overwrite}"])
@@ -590,7 +598,7 @@ def test_a_kill_at_any_file_operation_of_add_items_or_out_leaves_the_old_state_o
                     pass
             text = recs.read_text() if recs.exists() else ""
             assert text == "" or text.endswith("\n") and len(text.splitlines()) == len(runs.load_run(good).user_raw)
-            assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] or seen["killed"]
+            assert temporary() == left or seen["killed"] and temporary() >= left
             if not seen["killed"]:
                 break
             k += 1
@@ -602,7 +610,7 @@ def test_out_dir_that_is_a_file_is_one_error_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     run = subprocess.run([sys.executable, "train.py", f"--data={data_path}", f"--out_dir={tmp_path / 'a_file'}"] + TINY_RUN,
                          cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 1 and run.stderr.strip().endswith("exists and is not a folder"), run.stderr[-500:]
+    assert run.returncode == 1 and run.stderr.strip().endswith("as a folder (File exists)"), run.stderr[-500:]
     assert (tmp_path / "a_file").read_text() == "x"
 
 
@@ -776,8 +784,8 @@ def _reseal(folder) -> None:
     path = os.path.join(folder, runs.MANIFEST)
     manifest = json.loads(open(path).read())
     for name in manifest["files"]:
-        size, digest = runs.file_digest(os.path.join(folder, name))
-        manifest["files"][name] = {"size": size, "sha256": digest}
+        blob = open(os.path.join(folder, name), "rb").read()
+        manifest["files"][name] = {"size": len(blob), "sha256": runs.sha256(blob)}
     open(path, "w").write(json.dumps(manifest))
 
 
@@ -786,7 +794,7 @@ def test_load_run_refuses_missing_or_mismatched_files(group_run, tmp_path):
     for name in ("data.npz", "checkpoint.pt", "config.json"):
         out = _copy_run(group_run, tmp_path / f"no_{name}")
         os.remove(os.path.join(out, name))
-        with pytest.raises(ValueError, match=f"{name}: does not match run.json .*found missing"):
+        with pytest.raises(ValueError, match=f"{name}: does not match run.json"):
             runs.load_run(out)
     for name, change in (("checkpoint.pt", lambda b: b + b"\0"), ("item_id2tokens.npy", lambda b: b[:-4] + b[-4:][::-1])):
         out = _copy_run(group_run, tmp_path / f"edited_{name}")               # one byte more, or swapped codes
@@ -801,7 +809,7 @@ def test_load_run_refuses_missing_or_mismatched_files(group_run, tmp_path):
     with pytest.raises(ValueError, match="data.npz: does not match run.json"):
         runs.load_run(out)
     _reseal(out)
-    with pytest.raises(ValueError, match="index has 36 items, data.npz maps 35"):
+    with pytest.raises(ValueError, match="its arrays disagree .*36 item ids and titles, the index.s count.*found 35 ids"):
         runs.load_run(out)
     out = _copy_run(group_run, tmp_path / "other_sids")                      # SIDs the model was not trained on
     codes = np.load(os.path.join(good, "item_id2tokens.npy"))
@@ -845,7 +853,13 @@ def test_bad_ids_and_new_items_are_refused_and_change_no_file(group_run, tmp_pat
     emb = group_run["emb"][:2]
     for ids, array, match in ((["n1", "n2"], emb[:, :5], r"expected shape \[n, 8\]"),
                               ([str(run.item_raw[0]), "n2"], emb, "already exists in the run"),
-                              (["n1", "n1"], emb, "already exists \\(twice\\)"),
+                              (["n1", "n1"], emb, "expected each item id once, got 'n1' more than once"),
+                              (["\ufeffn1", "n2"], emb, r"got the character '\\ufeff' \(U\+FEFF\)"),
+                              (["n\x1b[31m", "n2"], emb, r"got the character '\\x1b'"),
+                              (["n1", "n\u202egnp.exe"], emb, r"got the character '\\u202e'"),
+                              (["n" * 5000, "n2"], emb, "got 5000 characters"),
+                              (["n1,n2", "n3"], emb, "got the character ','"),
+                              ([" n1", "n2"], emb, "got spaces at an end"),
                               (["n1"], emb, "one id .* per embedding row"),
                               (["n1", "n2"], np.where(np.eye(2, 8) > 0, np.nan, emb), "finite")):
         with pytest.raises(ValueError, match=match):
@@ -874,9 +888,11 @@ def test_outputs_never_overwrite_unasked_nor_a_file_the_run_reads(group_run, tmp
         recommend.main(args + [f"--out={mine}"])
     assert mine.read_text() == "mine"
     data_path = runs.RunFolder(out).manifest()["data"]["path"]
-    for name in ("checkpoint.pt", "run.json", "data.npz", data_path):               # what the run reads
-        with pytest.raises(ValueError, match="is a file the run reads"):
+    for name in ("checkpoint.pt", "run.json", "data.npz", "new.jsonl"):             # inside the run folder
+        with pytest.raises(ValueError, match="is inside the run folder"):
             recommend.main(args + [f"--out={os.path.join(out, name)}", "--overwrite=true"])
+    with pytest.raises(ValueError, match="is the file --run_dir's training data reads"):  # the data it was trained on
+        recommend.main(args + [f"--out={data_path}", "--overwrite=true"])
     assert _files(out) == before and open(data_path).read()
     recommend.main(args + [f"--out={mine}", "--overwrite=true"])                   # asked: replaced
     assert mine.read_text().count("\n") == len(runs.load_run(out).user_raw)
@@ -947,7 +963,7 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
     args = [f"--data={newer / 'd.inter'}", f"--init_from={group_run['out']}", f"--out_dir={out}"]
     with pytest.raises(ValueError, match="--n_embd: the model of --init_from has n_embd=16, got 32"):
         train.main(args + ["--n_embd=32"])
-    with pytest.raises(ValueError, match="--out_dir: expected a folder other than --init_from"):
+    with pytest.raises(ValueError, match="run.json: this command would replace it, and it is the file --init_from"):
         train.main(args[:2] + [f"--out_dir={group_run['out']}"])
     results = train.main(args + ["--epochs=1", "--lr=1e-9", "--warmup_steps=0", "--log_every=1000"])
     cont = runs.load_run(str(out))
@@ -1034,12 +1050,12 @@ def _emb(folder, array) -> np.ndarray:
 def _check_other_config(folder):
     path, resolved = _tiny_checkpoint(folder)
     here = {**resolved, "model": {**resolved["model"], "n_embd": 32}}
-    runs.check_checkpoint(runs.load_checkpoint(path), path, here, "0" * 64)
+    runs.check_checkpoint(load_ckpt(path), path, here, "0" * 64)
 
 
 def _check_other_sids(folder):
     path, resolved = _tiny_checkpoint(folder)
-    runs.check_checkpoint(runs.load_checkpoint(path), path, resolved, "1" * 64)
+    runs.check_checkpoint(load_ckpt(path), path, resolved, "1" * 64)
 
 
 def _old_index(folder):
@@ -1082,9 +1098,9 @@ BAD_INPUTS = [
     (".inter timestamp in Arabic-Indic digits", lambda d: _load(d, "d.inter", INTER_HEADER + "u1\ti1\t\u0661\u0662\n"),
      "d.inter:2: expected a numeric"),
     ("csv id with a NUL", lambda d: _load(d, "d.csv", "user,item,timestamp\nu\x000,i,1\n"),
-     "d.csv:2: expected the user id to be 1 to 1000 printable characters, got a control character '\\x00'"),
+     "d.csv:2: expected the user id to be 1 to 1000 printable characters, got the character '\\x00' (U+0000)"),
     ("csv id with an escape", lambda d: _load(d, "d.csv", "user,item,timestamp\nu,i\x1b[2J,1\n"),
-     "d.csv:2: expected the item id to be 1 to 1000 printable characters, got a control character '\\x1b'"),
+     "d.csv:2: expected the item id to be 1 to 1000 printable characters, got the character '\\x1b' (U+001B)"),
     ("csv id of 5000 digits", lambda d: _load(d, "d.csv", "user,item,timestamp\n" + "9" * 5000 + ",i,1\n"),
      "d.csv:2: expected the user id to be 1 to 1000 printable characters, got 5000 characters"),
     ("s3rec header line", lambda d: _load(d, "d.txt", "user_id item_ids\nu1 a b c\n", fmt="s3rec"),
@@ -1129,11 +1145,10 @@ BAD_INPUTS = [
      "beam_size: expected a positive int"),
     ("checkpoint config != this run's", _check_other_config, "model.n_embd is 16 there, 32 here"),
     ("checkpoint SIDs != the index on disk", _check_other_sids, "made with other SIDs than the index on disk"),
-    ("checkpoint of another version", lambda d: runs.load_checkpoint(_tiny_checkpoint(d, version=0)[0]),
+    ("checkpoint of another version", lambda d: load_ckpt(_tiny_checkpoint(d, version=0)[0]),
      "checkpoint version 0, this code reads version 3"),
-    ("truncated checkpoint", lambda d: runs.load_checkpoint(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
+    ("truncated checkpoint", lambda d: load_ckpt(_write(d, "c.pt", open(_tiny_checkpoint(d)[0], "rb").read()[:300])),
      "not a readable checkpoint, truncated or corrupt"),
-    ("missing checkpoint", lambda d: runs.load_checkpoint(os.path.join(str(d), "nope.pt")), "no checkpoint there"),
     ("opq.npz of another version", _old_index, "index version 99, this code reads 1"),
     ("CLI unknown --key", lambda d: configs(["--learning_rate=1"]), "unknown option --learning_rate"),
     ("CLI value of the wrong type", lambda d: configs(["--batch_size=1.5"]), "--batch_size: expected int, got '1.5'"),

@@ -15,6 +15,7 @@ the run store (runs.py). Ctrl-C or SIGTERM stops between steps and says how to g
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,8 +37,8 @@ from evaluate import (EVAL_BATCH_SIZE, TRANSITION_WEIGHTS, TransitionRanker, Tra
                       curves_svg, evaluate_split, evaluation_seconds, item_token_table, length_batches, make_batch,
                       print_table, user_bucket_table)
 from rpg_ed import RPG_ED, RPGEDConfig
-from runs import (RunFolder, check_checkpoint, check_out_dir, check_sizes, checkpoint_bytes, extend_index,
-                  load_checkpoint, load_index, load_run, resume, run_data_bytes, sids_digest)
+from runs import (RunFolder, check_out_dir, check_sizes, checkpoint_bytes, extend_index, load_index, load_run,
+                  load_weights, read_checkpoint, resume, run_data_bytes, sids_digest)
 
 
 @dataclass
@@ -130,8 +131,10 @@ def main(argv: list) -> dict:
     given = parse_flags(argv, TrainConfig, RPGEDConfig, usage=__doc__, presets=PRESETS)   # the only parse
     cfg, _ = make_configs(given)               # checks every flag before anything is read or written
     dist = init_distributed(cfg.device)
+    out_dir = cfg.out_dir or os.path.join("out", os.path.basename(os.path.normpath(cfg.data)).split(".")[0])
     try:
-        results = train_and_evaluate(given, dist, start_time)
+        with RunFolder(out_dir).lock() if dist.is_main else contextlib.nullcontext():   # the one writer
+            results = train_and_evaluate(given, dist, out_dir, start_time)
         dist.barrier()   # no process tears gloo/nccl down while another still talks to it
         return results
     finally:
@@ -139,24 +142,20 @@ def main(argv: list) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def train_and_evaluate(given: dict, dist: Dist, start_time: float) -> dict:
+def train_and_evaluate(given: dict, dist: Dist, out_dir: str, start_time: float) -> dict:
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     seconds = {}                               # per stage, into results.json (bench.py --scale reads them)
     raw, data = load_stage(make_configs(given)[0], dist, log, seconds)
     cfg, mcfg, base, index, data = config_stage(given, raw, data, log)
-    out_dir = cfg.out_dir or os.path.join("out", os.path.basename(os.path.normpath(cfg.data)).split(".")[0])
-    if base is not None and os.path.realpath(out_dir) == os.path.realpath(cfg.init_from):
-        raise ValueError(f"--out_dir: expected a folder other than --init_from ({cfg.init_from}), which it "
-                         "would overwrite")
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(mcfg)}
     log("config:", json.dumps(resolved))
     dtype, why = pick_dtype(cfg.dtype, dist.device, mcfg.n_embd, mcfg.n_inner)
     dtype = dtype if dist.world == 1 else dist.gather(dtype)[0]               # rank 0's choice, everywhere
     log(f"processes: {dist.world}, device {dist.device}, {why}")
-    if dist.is_main:
-        RunFolder(out_dir).recover()           # finish or undo what a killed step left (nothing, usually)
+    if dist.is_main:                           # the writer: finish or undo what a killed one left
+        RunFolder(out_dir).recover()
     dist.barrier()
-    mode = check_out_dir(out_dir, cfg, resolved, raw.fingerprint, RESUME_MAY_CHANGE)   # reads only
+    mode = check_out_dir(out_dir, cfg, resolved, raw.fingerprint, RESUME_MAY_CHANGE, raw.inputs)   # reads only
     check_sizes(mcfg, len(data.item_raw), {"--beam_size": mcfg.beam_size, "--report_beam_size": cfg.report_beam_size},
                 EVAL_BATCH_SIZE)
     splits, stats = split_stage(cfg, mcfg, data, log, seconds)
@@ -281,9 +280,10 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
     """Evaluate the selected checkpoint on valid and test (and the baselines); write results.json
     (eval.json for --eval_only) and curves.svg; print the table."""
     cfg, dist = run.cfg, run.dist
-    state = load_checkpoint(run.path("checkpoint.pt"), dist.device)
-    check_checkpoint(state, run.path("checkpoint.pt"), run.resolved, sids_digest(run.index))
-    model.load_state_dict(state["model"])
+    state = read_checkpoint(run.out_dir, "checkpoint.pt", run.resolved, sids_digest(run.index),
+                            needs=("model", "config", "sids_sha256", "best_epoch", "train_seconds", "valid_history",
+                                   "loss_history"))
+    load_weights(model, state, run.path("checkpoint.pt"))
     tick = time.time()
     results = {"config": run.resolved, "dataset": {**stats, "source": source}, "processes": dist.world,
                "compute_dtype": str(run.dtype).removeprefix("torch."),
