@@ -514,12 +514,12 @@ def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
     state = load_checkpoint(blobs["checkpoint.pt"], path("checkpoint.pt"))
     trained_items = state.get("sids_items", index.n_items)             # items added later keep the digest
     if type(trained_items) is not int or not 0 < trained_items <= index.n_items:
-        raise ValueError(f"{path('checkpoint.pt')}: trained on {trained_items} items, the index has {index.n_items}")
+        raise ValueError(f"{path('checkpoint.pt')}: trained on {trained_items!r} items, the index has {index.n_items}")
     check_checkpoint(state, path("checkpoint.pt"), config, sids_digest(index, trained_items))
     if mcfg.encoder_n_layer + mcfg.decoder_n_layer > len(state["model"]):   # before building the model
         raise ValueError(f"{path('checkpoint.pt')}: {len(state['model'])} weights cannot hold the "
                          f"{mcfg.encoder_n_layer + mcfg.decoder_n_layer} layers of its config")
-    check_sizes(mcfg, index.n_items, {"--beam_size": mcfg.beam_size}, EVAL_BATCH_SIZE)
+    check_sizes(mcfg, index.n_items, {f"{path('config.json')}: model.beam_size": mcfg.beam_size}, EVAL_BATCH_SIZE)
     model = RPG_ED(mcfg)
     load_weights(model, state, path("checkpoint.pt"))
     weight = chosen_weight(blobs["results.json"], path("results.json")) if "results.json" in blobs else 0.0

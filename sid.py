@@ -619,19 +619,22 @@ class IndexConfig:
 
 
 def main(argv: list) -> None:
-    from cli import parse_flags
+    from cli import check_outputs, exclusive, parse_flags
     args = IndexConfig(**parse_flags(argv, IndexConfig, usage=__doc__))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out: {args.out} is a file; expected a folder")
-    if os.path.exists(os.path.join(args.out, "run.json")):          # never under a trained model's feet
-        raise ValueError(f"--out: {args.out} is a run folder (train.py's); its SIDs belong to its model")
-    if any(os.path.exists(os.path.join(args.out, f)) for f in ("item_id2tokens.npy", "tokens2item.pkl", "opq.npz")) \
-            and not args.overwrite:
-        raise ValueError(f"--out: {args.out} already holds an index; choose another folder or pass --overwrite=true")
-    emb = load_embeddings(args.emb, "--emb")
-    start = time.perf_counter()
-    index, _ = build_index(emb.astype(np.float32), seed=args.seed, n_iter=args.n_iter, verbose=True)
-    index.save(args.out)
+    with exclusive(args.out, "--out"):                                # one writer at a time, checks included
+        if os.path.lexists(os.path.join(args.out, "run.json")):     # never under a trained model's feet
+            raise ValueError(f"--out: {args.out} is a run folder (train.py's); its SIDs belong to its model")
+        names = [os.path.join(args.out, f) for f in ("item_id2tokens.npy", "tokens2item.pkl", "opq.npz")]
+        check_outputs(names, {"--emb": args.emb})                     # never the embeddings being read
+        if any(os.path.lexists(name) for name in names) and not args.overwrite:
+            raise ValueError(f"--out: {args.out} already holds an index; choose another folder or pass "
+                             "--overwrite=true")
+        emb = load_embeddings(args.emb, "--emb")
+        start = time.perf_counter()
+        index, _ = build_index(emb.astype(np.float32), seed=args.seed, n_iter=args.n_iter, verbose=True)
+        index.save(args.out)
     print(f"{index.n_items} items, {time.perf_counter() - start:.1f} s, saved to {args.out}")
 
 

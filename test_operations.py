@@ -976,6 +976,259 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
 
 
 # ----------------------------------------------------------------------------------------------
+# The run store: one writer, readers that never write, names never paths, inputs never outputs
+# ----------------------------------------------------------------------------------------------
+
+HOLD_LOCK = "import sys, time, runs\nwith runs.RunFolder(sys.argv[1]).lock():\n    print('locked', flush=True)\n    time.sleep(120)\n"
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_at_once_before_any_write_and_readers_take_no_lock(group_run, tmp_path):
+    out = _copy_run(group_run, tmp_path / "run")
+    before = _files(out)
+    np.save(tmp_path / "e.npy", group_run["emb"][:1])
+    (tmp_path / "ids.txt").write_text("n1\n")
+    add = [f"--run_dir={out}", f"--add_items={tmp_path / 'e.npy'}", f"--item_ids={tmp_path / 'ids.txt'}"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, out], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for main, argv in ((train.main, [f"--data={group_run['folder'] / 'd.inter'}", f"--out_dir={out}",
+                                         "--overwrite=true"] + GROUP_RUN),
+                           (train.main, [f"--data={group_run['folder'] / 'd.inter'}", f"--out_dir={out}",
+                                         "--eval_only=true"] + GROUP_RUN),
+                           (recommend.main, add)):
+            with pytest.raises(ValueError, match=f"is being written by process {holder.pid} \\(.*-c"):
+                main(argv)
+            assert _files(out) == before
+        assert runs.load_run(out).index.n_items == 36                      # a reader takes no lock
+    finally:
+        holder.kill()
+        holder.wait()
+    recommend.main(add)                                                     # the OS released the dead one's lock
+    assert runs.load_run(out).index.n_items == 37
+
+
+@pytest.mark.slow
+def test_readers_in_a_loop_during_a_training_get_the_old_state_or_the_new_and_the_training_ends(tmp_path):
+    data_path = write_formats(tmp_path, interactions(1, n_users=300, n_items=30))["inter"]
+    out = tmp_path / "run"
+    args = [f"--data={data_path}", f"--out_dir={out}"] + TINY_RUN + ["--epochs=12", "--patience=20"]
+    writer = subprocess.Popen([sys.executable, "train.py"] + args, cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    states, refused = set(), False
+    while writer.poll() is None:
+        try:
+            manifest, blobs = runs.RunFolder(str(out)).read(("last.pt",), optional=runs.RUN_FILES)
+        except ValueError as e:                 # before the first epoch: no run yet, or none finished
+            assert "not a run folder" in str(e) or "has no last.pt yet" in str(e), e
+            continue
+        assert set(blobs) == set(manifest["files"])                          # every file of one state
+        states.add(manifest["files"]["last.pt"]["sha256"])
+        if "checkpoint.pt" in blobs:
+            runs.load_run(str(out))
+        if not refused:                                                      # and a second writer
+            with pytest.raises(ValueError, match=f"is being written by process {writer.pid} \\(.*train.py"):
+                train.main(args + ["--overwrite=true"])
+            refused = True
+    out_text, err_text = writer.communicate()
+    assert writer.returncode == 0, err_text[-2000:]
+    assert len(states) >= 3 and refused, (len(states), refused)
+    assert not [f for f in os.listdir(out) if f.startswith((".tmp-", runs.PENDING))]
+    assert runs.load_run(str(out)).config["train"]["epochs"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["../outside.txt", "absolute", "symlink"])
+def test_run_json_names_only_the_runs_own_files_and_nothing_outside_is_read_or_removed(group_run, tmp_path, how):
+    out = _copy_run(group_run, tmp_path / "run")
+    outside = tmp_path / "outside.txt"
+    if how == "symlink":                        # the right bytes, through a link to a file outside the folder
+        shutil.move(os.path.join(out, "checkpoint.pt"), outside)
+        os.symlink(outside, os.path.join(out, "checkpoint.pt"))
+        fragment = "checkpoint.pt: cannot read it \\(a symbolic link, which is not followed\\)"
+    else:
+        outside.write_text("precious")
+        name = str(outside) if how == "absolute" else how
+        blob = outside.read_bytes()
+        manifest = json.loads(open(os.path.join(out, runs.MANIFEST)).read())
+        manifest["files"][name] = {"size": len(blob), "sha256": runs.sha256(blob)}
+        open(os.path.join(out, runs.MANIFEST), "w").write(json.dumps(manifest))
+        fragment = f"not a run manifest \\(it lists {re_escape(repr(name))}"
+    kept = outside.read_bytes()
+    with pytest.raises(ValueError, match=fragment):
+        runs.load_run(out)
+    for flags in ([], ["--overwrite=true"], ["--resume=true"]):
+        with pytest.raises(ValueError, match=fragment if how != "symlink" else "checkpoint.pt: this command would "
+                           "replace it, and it is a symbolic link, not a regular file"):
+            train.main([f"--data={group_run['folder'] / 'd.inter'}", f"--out_dir={out}"] + GROUP_RUN + flags)
+        assert outside.read_bytes() == kept
+    assert os.path.islink(os.path.join(out, "checkpoint.pt")) == (how == "symlink")
+
+
+def test_a_file_replaced_between_its_check_and_its_parse_is_never_served(group_run, tmp_path, monkeypatch):
+    out = _copy_run(group_run, tmp_path / "run")
+    checked = runs.load_run(out).model.state_dict()
+    other = load_ckpt(os.path.join(out, "checkpoint.pt"))
+    other["model"] = {k: torch.zeros_like(v) for k, v in other["model"].items()}
+    read = cli.read_regular
+
+    def read_then_replace(path: str, limit: int) -> bytes:
+        blob = read(path, limit)
+        if path.endswith("checkpoint.pt"):      # the file changes right after its bytes were read and hashed
+            torch.save(other, path)
+        return blob
+
+    monkeypatch.setattr(cli, "read_regular", read_then_replace)
+    served = runs.load_run(out).model.state_dict()
+    assert all(torch.equal(served[k], checked[k]) for k in checked)         # the bytes checked are the bytes used
+    assert not torch.equal(load_ckpt(os.path.join(out, "checkpoint.pt"))["model"][next(iter(checked))],
+                           checked[next(iter(checked))])                    # (and the file was replaced)
+
+
+@pytest.mark.slow
+def test_an_input_in_the_output_folder_is_refused_with_or_without_overwrite_and_stays(group_run, tmp_path):
+    out = _copy_run(group_run, tmp_path / "run")
+    data = group_run["folder"] / "d.inter"
+    shutil.copy(data, os.path.join(out, "results.json"))                    # the data under a name the run writes
+    os.remove(os.path.join(out, "curves.svg"))
+    os.link(group_run["folder"] / "d_content.npy", os.path.join(out, "curves.svg"))   # a hard link of an input
+    os.mkfifo(tmp_path / "fifo")
+    before = _files(out)
+    for argv, fragment in (([f"--data={out}/results.json", "--format=inter"], "is the file --data reads"),
+                           ([f"--data={data}", f"--item_emb={group_run['folder'] / 'd_content.npy'}"],
+                            "curves.svg: this command would replace it, and it is the file --item_emb reads")):
+        for overwrite in ("false", "true"):
+            with pytest.raises(ValueError, match=fragment):
+                train.main(argv + [f"--out_dir={out}", f"--overwrite={overwrite}"] + GROUP_RUN)
+            assert _files(out) == before
+    os.remove(os.path.join(out, "curves.svg"))
+    os.mkfifo(os.path.join(out, "curves.svg"))                               # --overwrite replaces regular files only
+    with pytest.raises(ValueError, match="curves.svg: this command would replace it, and it is a FIFO"):
+        train.main([f"--data={data}", f"--out_dir={out}", "--overwrite=true"] + GROUP_RUN)
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    np.save(index_dir / "item_id2tokens.npy", group_run["emb"])
+    kept = (index_dir / "item_id2tokens.npy").read_bytes()
+    with pytest.raises(ValueError, match="item_id2tokens.npy: this command would replace it, and it is the file --emb"):
+        sid.main([f"--emb={index_dir / 'item_id2tokens.npy'}", f"--out={index_dir}", "--overwrite=true"])
+    assert (index_dir / "item_id2tokens.npy").read_bytes() == kept
+
+
+@pytest.mark.slow
+def test_loaded_files_are_validated_whatever_their_hashes_say(group_run, tmp_path, monkeypatch):
+    def crafted(name: str, edit) -> str:
+        out = _copy_run(group_run, tmp_path / name)
+        edit(out)
+        _reseal(out)
+        return out
+
+    def checkpoint(edit):
+        def apply(out):
+            path = os.path.join(out, "checkpoint.pt")
+            state = load_ckpt(path)
+            edit(state)
+            torch.save(state, path)
+        return apply
+
+    def config(edit):                           # config.json and the checkpoint's copy, kept in agreement
+        def apply(out):
+            path = os.path.join(out, "config.json")
+            resolved = json.loads(open(path).read())
+            edit(resolved)
+            open(path, "w").write(json.dumps(resolved))
+            checkpoint(lambda state: edit(state["config"]))(out)
+        return apply
+
+    def data(edit):
+        def apply(out):
+            z = dict(np.load(os.path.join(out, "data.npz")))
+            edit(z)
+            np.savez(os.path.join(out, "data.npz"), **z)
+        return apply
+
+    first = lambda state: next(iter(state["model"]))
+    for name, edit, fragment in (
+            ("no_model", checkpoint(lambda s: s.pop("model")), "expected model \\(dict\\), got nothing"),
+            ("wrong_shape", checkpoint(lambda s: s["model"].__setitem__(first(s), torch.zeros(3, 3))),
+             "its weights do not fit its config's model .*shape \\(3, 3\\) there"),
+            ("missing_weight", checkpoint(lambda s: s["model"].pop(first(s))), "missing there"),
+            ("items_as_text", checkpoint(lambda s: s.__setitem__("sids_items", "36")), "trained on '36' items"),
+            ("n_embd_as_text", config(lambda c: c["model"].__setitem__("n_embd", "16")), "config.n_embd: expected int"),
+            ("model_not_a_dict", config(lambda c: c.__setitem__("model", 5)), "not a run config"),
+            ("many_layers", config(lambda c: c["model"].__setitem__("encoder_n_layer", 100_000)),
+             "weights cannot hold the 100001 layers"),
+            ("huge_buckets", config(lambda c: c["model"].__setitem__("n_user_buckets", 10 ** 12)),
+             "parameters need about .* GiB to train, this process may use"),
+            ("repeated_users", data(lambda z: z["user_raw"].__setitem__(1, z["user_raw"][2])),
+             "user_raw: expected each user id once"),
+            ("offsets_backwards", data(lambda z: z.__setitem__("offsets", z["offsets"][::-1].copy())),
+             "its arrays disagree"),
+            ("item_out_of_range", data(lambda z: z["items"].__setitem__(0, 10 ** 6)), "item ids below 36"),
+            ("offsets_2d", data(lambda z: z.__setitem__("offsets", z["offsets"][:, None])), "offsets: expected a 1-d"),
+            ("escape_in_an_id", data(lambda z: z.__setitem__("item_raw", np.array(["\x1b[2J"] + z["item_raw"][1:].tolist()))),
+             "item_raw: expected each item id .* got the character '\\\\x1b'"),
+            ("weight_as_text", lambda out: open(os.path.join(out, "results.json"), "w").write('{"transitions": {"weight": "x"}}'),
+             "transitions.weight: expected a number >= 0, got 'x'")):
+        with pytest.raises(ValueError, match=fragment):
+            runs.load_run(crafted(name, edit))
+    out = _copy_run(group_run, tmp_path / "manifest_types")
+    for manifest, fragment in (('{"version": 1, "files": {"config.json": {"size": "x", "sha256": "0"}}, "data": null}',
+                                'config.json: expected {"size": bytes'), ("[" * 100_000 + "]" * 100_000, "not a run manifest")):
+        open(os.path.join(out, runs.MANIFEST), "w").write(manifest)
+        with pytest.raises(ValueError, match=fragment):
+            runs.load_run(out)
+    os.remove(os.path.join(out, runs.MANIFEST))
+    os.mkfifo(os.path.join(out, runs.MANIFEST))                              # a reader neither blocks nor reads it
+    with pytest.raises(ValueError, match="run.json: expected a regular file, found a FIFO"):
+        runs.load_run(out)
+    monkeypatch.setattr(cli, "memory_limit", lambda: 1_000_000)             # the process's limit, not the RAM
+    with pytest.raises(ValueError, match="model.beam_size: .* a beam search that fits in memory \\(0.0 GiB of 0.0\\)"):
+        runs.load_run(group_run["out"])
+
+
+def test_a_publish_checks_free_disk_first_and_names_its_path(group_run, tmp_path, monkeypatch):
+    out = _copy_run(group_run, tmp_path / "run")
+    before = _files(out)
+    folder = runs.RunFolder(out)
+    with pytest.raises(RuntimeError, match="written without its lock"):
+        folder.publish({"curves.svg": b"<svg/>"})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000))
+    with folder.lock(), pytest.raises(ValueError, match=f"{re_escape(out)}: 1 MiB to write, 0 MiB free on its disk; "
+                                                          "nothing was written"):
+        folder.publish({"curves.svg": b"<svg/>"})
+    assert _files(out) == before
+
+
+def test_every_error_is_one_line_even_a_bug(monkeypatch, capsys):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["x"])
+    try:
+        for error, line, status in ((MemoryError(), "error: out of memory", 1),
+                                    (KeyError("x"), "error: unexpected KeyError: 'x' (a bug: please report it", 1),
+                                    (FileNotFoundError(2, "No such file or directory", "/a/b"),
+                                     "error: /a/b: No such file or directory", 1),
+                                    (KeyboardInterrupt(), None, 130)):
+            def main(argv, error=error):
+                raise error
+            with pytest.raises(SystemExit) as stop:
+                cli.run_main(main)
+            assert stop.value.code == status if line is None else str(stop.value.code).startswith(line), stop.value.code
+            assert "\n" not in str(stop.value.code)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def test_experiments_check_the_training_flags_before_any_write(tmp_path):
+    for argv, fragment in ((["--train_args=--epochs=0"], "--train_args: --epochs: expected a positive int"),
+                           (["--continue_args=--n_embdd=3"], "--continue_args: unknown option --n_embdd"),
+                           (["--train_args=--out_dir=x"], "--train_args: --out_dir is set by the experiment")):
+        with pytest.raises(ValueError, match=fragment):
+            experiments.main(["--experiment=continue", f"--out={tmp_path / 'exp'}"] + argv)
+        assert not (tmp_path / "exp").exists()
+
+
+# ----------------------------------------------------------------------------------------------
 # experiments.py: the cold-start and continued-training experiments
 # ----------------------------------------------------------------------------------------------
 
