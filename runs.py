@@ -1,18 +1,20 @@
 """The run folder as a store: what train.py writes and recommend.py reads (and extends with new
-items), checked at every step.
+items), checked at every step. Its anchors are git's and SQLite's: one writer holds a lock,
+readers never write, names are never paths, a crash leaves the last committed state.
 
     folder = RunFolder(out_dir)
-    folder.publish({"checkpoint.pt": blob, ...})     # one step: every file, then run.json commits them
-    folder.verify(needs=("checkpoint.pt",))          # every listed file matches its size and sha256
+    with folder.lock():                              # the one writer (an OS lock on the folder)
+        folder.recover()                             # finish or undo a killed writer's step
+        folder.publish({"checkpoint.pt": blob})      # one step: every file, then run.json commits them
+    manifest, blobs = folder.read(("checkpoint.pt",))    # a reader: each file once, checked, in memory
     run = load_run(out_dir)                          # a finished run: model, SIDs, id maps, sequences
 
 A run folder holds config.json, the SID index (item_id2tokens.npy, tokens2item.pkl, opq.npz),
 data.npz (id maps, titles, sequences), checkpoint.pt (the best weights), last.pt (to resume),
 results.json (with the ranker's weight chosen on validation; eval.json for --eval_only),
-curves.svg, and run.json, which
-lists them all with their sha256 and the fingerprint of the training data. Readers trust run.json
-and nothing else; a killed step leaves the state before it or after it. Checkpoints load with
-weights_only=True: a crafted pickle is refused, never run.
+curves.svg, and run.json, which lists them all with their sha256 and the fingerprint of the
+training data. Readers trust run.json and nothing else, and parse the bytes they checked.
+Checkpoints load with weights_only=True: a crafted pickle is refused, never run.
 """
 from __future__ import annotations
 
@@ -190,12 +192,16 @@ class RunFolder:
         except OSError as e:
             raise ValueError(f"{e.filename or self.path}: {e.strerror}; nothing was published, {self.path} "
                              "holds its last published state") from None
-        for name in files:
-            os.replace(self.file(PENDING + name), self.file(name))
-        for name in (set(old["files"]) | set(RUN_FILES)) - set(entries):   # files of the state replaced
-            if os.path.isfile(self.file(name)) and not os.path.islink(self.file(name)) \
-                    and (not keep or name in old["files"]):
-                os.remove(self.file(name))
+        try:                                                              # committed: readers see the new state
+            for name in files:
+                os.replace(self.file(PENDING + name), self.file(name))
+            for name in (set(old["files"]) | set(RUN_FILES)) - set(entries):   # files of the state replaced
+                if os.path.isfile(self.file(name)) and not os.path.islink(self.file(name)) \
+                        and (not keep or name in old["files"]):
+                    os.remove(self.file(name))
+        except OSError as e:
+            raise ValueError(f"{e.filename or self.path}: {e.strerror}; the new state is published in {MANIFEST} "
+                             "and the next writer there (this command again, or --resume=true) finishes it") from None
 
 
 def check_out_dir(out_dir: str, cfg, resolved: dict, fingerprint: dict, may_change: tuple, inputs: dict) -> str:
