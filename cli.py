@@ -252,9 +252,11 @@ def atomic_write(path: str, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:    # "No space left on device": say where
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 

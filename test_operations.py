@@ -1186,7 +1186,7 @@ def test_loaded_files_are_validated_whatever_their_hashes_say(group_run, tmp_pat
         runs.load_run(group_run["out"])
 
 
-def test_a_publish_checks_free_disk_first_and_names_its_path(group_run, tmp_path, monkeypatch):
+def test_a_publish_checks_free_disk_first_and_a_failed_write_names_its_path(group_run, tmp_path, monkeypatch):
     out = _copy_run(group_run, tmp_path / "run")
     before = _files(out)
     folder = runs.RunFolder(out)
@@ -1195,6 +1195,16 @@ def test_a_publish_checks_free_disk_first_and_names_its_path(group_run, tmp_path
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000))
     with folder.lock(), pytest.raises(ValueError, match=f"{re_escape(out)}: 1 MiB to write, 0 MiB free on its disk; "
                                                           "nothing was written"):
+        folder.publish({"curves.svg": b"<svg/>"})
+    assert _files(out) == before
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 0, 1 << 30))
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")        # as a write to a full disk fails: no path
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with folder.lock(), pytest.raises(ValueError, match=f"{re_escape(out)}/.pending-curves.svg: No space left on "
+                                                          "device; nothing was published"):
         folder.publish({"curves.svg": b"<svg/>"})
     assert _files(out) == before
 
