@@ -272,18 +272,18 @@ def read_regular(path: str, limit: int) -> bytes:
     does not block: it is opened non-blocking). FileNotFoundError when nothing is there."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise
     except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
         why = "a symbolic link, which is not followed" if e.errno == errno.ELOOP else e.strerror
         raise ValueError(f"{path}: cannot read it ({why}); expected a regular file") from None
     with os.fdopen(fd, "rb") as f:
-        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{path}: expected a regular file, found {file_kind(mode)}")
-        data = f.read(limit + 1) if size <= limit else b""
-    if size > limit or len(data) > limit:
-        raise ValueError(f"{path}: expected at most {limit:,} bytes, found {max(size, len(data)):,}")
+        st = os.fstat(fd)                                  # the file opened, not whatever the path names now
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: expected a regular file, found {file_kind(st.st_mode)}")
+        data = f.read(limit + 1) if st.st_size <= limit else b""
+    if st.st_size > limit or len(data) > limit:
+        raise ValueError(f"{path}: expected at most {limit:,} bytes, found {max(st.st_size, len(data)):,}")
     return data
 
 
@@ -324,7 +324,7 @@ def check_outputs(outputs: list, inputs: dict) -> None:
                              "regular file; move it away or choose another output")
         if (st.st_dev, st.st_ino) in read:
             flag, source = read[(st.st_dev, st.st_ino)]
-            raise ValueError(f"{path}: this command would replace it, and it is the file {flag} reads ({source}); "
+            raise ValueError(f"{path}: this command would replace it, and it is one of its inputs ({flag}: {source}); "
                              "move the input out of the output folder or choose another output")
 
 
@@ -333,10 +333,11 @@ _held: dict = {}     # folder (real path) -> the descriptor whose lock this proc
 
 def _lock_holder(fd: int) -> str:
     """Which process holds the flock on fd's file (Linux: /proc/locks), as "process PID (command)"."""
-    inode = os.fstat(fd).st_ino
-    with contextlib.suppress(OSError, ValueError, IndexError):
+    st = os.fstat(fd)
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"     # as /proc/locks writes it
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
         with open("/proc/locks", encoding="utf-8") as f:
-            pid = next(line.split()[4] for line in f if line.split()[5].endswith(f":{inode}"))
+            pid = next(line.split()[4] for line in f if line.split()[1] == "FLOCK" and line.split()[5] == file_id)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
         return f"process {pid} ({command})"

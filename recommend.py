@@ -321,7 +321,7 @@ def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
     if os.path.isdir(run_dir) and os.path.samefile(parent, run_dir):
         raise ValueError(f"--out: {path} is inside the run folder {run_dir}; choose a path outside it")
     manifest = RunFolder(run_dir).manifest() or {"data": None}
-    cli.check_outputs([path], {"--run_dir's training data": (manifest["data"] or {}).get("path", "")})
+    cli.check_outputs([path], {"the run's training data": (manifest["data"] or {}).get("path", "")})
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"--out: {path} exists; choose another path, or replace it with --overwrite=true")
     if not os.access(parent, os.W_OK):

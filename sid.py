@@ -270,11 +270,12 @@ class SIDIndex:
                              f"the first {min(n, len(codes))} of {fwd}); keep an index's files together")
         try:
             index = cls(codes, quantizer)
-            table = _RefuseGlobals(io.BytesIO(files["tokens2item.pkl"])).load()
         except ValueError as e:
-            raise ValueError(f"{inv if 'refusing' in str(e) else fwd}: {e}") from None
-        except Exception as e:
-            raise ValueError(f"{inv}: not a valid pickle ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{fwd}: {e}") from None
+        try:
+            table = _RefuseGlobals(io.BytesIO(files["tokens2item.pkl"])).load()
+        except Exception as e:                # a refused global, or not a pickle: truncated, corrupt, nested
+            raise ValueError(f"{inv}: not a plain pickle ({type(e).__name__}: {str(e)[:200]})") from None
         if table != index.inverted_dict():
             raise ValueError(f"{inv}: does not match {fwd}; rebuild the index")
         return index
@@ -314,8 +315,8 @@ class _RefuseGlobals(pickle.Unpickler):
     so a crafted file cannot run code (its __reduce__ needs a global such as os.system)."""
 
     def find_class(self, module, name):
-        raise ValueError(f"tokens2item.pkl: refusing to load {module}.{name}; only a plain "
-                         "{(c0, c1, c2, c3): item_id} dict is allowed")
+        raise ValueError(f"refusing to load {module}.{name}; only a plain {{(c0, c1, c2, c3): item_id}} dict "
+                         "is allowed")
 
 
 def build_index(embeddings, seed: int = 0, n_iter: int = 10, kmeans_iter: int = 5,

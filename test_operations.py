@@ -891,7 +891,7 @@ def test_outputs_never_overwrite_unasked_nor_a_file_the_run_reads(group_run, tmp
     for name in ("checkpoint.pt", "run.json", "data.npz", "new.jsonl"):             # inside the run folder
         with pytest.raises(ValueError, match="is inside the run folder"):
             recommend.main(args + [f"--out={os.path.join(out, name)}", "--overwrite=true"])
-    with pytest.raises(ValueError, match="is the file --run_dir's training data reads"):  # the data it was trained on
+    with pytest.raises(ValueError, match="is one of its inputs \\(the run's training data: "):  # the data it was trained on
         recommend.main(args + [f"--out={data_path}", "--overwrite=true"])
     assert _files(out) == before and open(data_path).read()
     recommend.main(args + [f"--out={mine}", "--overwrite=true"])                   # asked: replaced
@@ -963,7 +963,7 @@ def test_init_from_continues_with_the_weights_and_adds_the_new_items(group_run, 
     args = [f"--data={newer / 'd.inter'}", f"--init_from={group_run['out']}", f"--out_dir={out}"]
     with pytest.raises(ValueError, match="--n_embd: the model of --init_from has n_embd=16, got 32"):
         train.main(args + ["--n_embd=32"])
-    with pytest.raises(ValueError, match="run.json: this command would replace it, and it is the file --init_from"):
+    with pytest.raises(ValueError, match="run.json: this command would replace it, and it is one of its inputs \\(--init_from"):
         train.main(args[:2] + [f"--out_dir={group_run['out']}"])
     results = train.main(args + ["--epochs=1", "--lr=1e-9", "--warmup_steps=0", "--log_every=1000"])
     cont = runs.load_run(str(out))
@@ -1094,9 +1094,9 @@ def test_an_input_in_the_output_folder_is_refused_with_or_without_overwrite_and_
     os.link(group_run["folder"] / "d_content.npy", os.path.join(out, "curves.svg"))   # a hard link of an input
     os.mkfifo(tmp_path / "fifo")
     before = _files(out)
-    for argv, fragment in (([f"--data={out}/results.json", "--format=inter"], "is the file --data reads"),
+    for argv, fragment in (([f"--data={out}/results.json", "--format=inter"], "is one of its inputs \\(--data: "),
                            ([f"--data={data}", f"--item_emb={group_run['folder'] / 'd_content.npy'}"],
-                            "curves.svg: this command would replace it, and it is the file --item_emb reads")):
+                            "curves.svg: this command would replace it, and it is one of its inputs \\(--item_emb: ")):
         for overwrite in ("false", "true"):
             with pytest.raises(ValueError, match=fragment):
                 train.main(argv + [f"--out_dir={out}", f"--overwrite={overwrite}"] + GROUP_RUN)
@@ -1109,7 +1109,7 @@ def test_an_input_in_the_output_folder_is_refused_with_or_without_overwrite_and_
     index_dir.mkdir()
     np.save(index_dir / "item_id2tokens.npy", group_run["emb"])
     kept = (index_dir / "item_id2tokens.npy").read_bytes()
-    with pytest.raises(ValueError, match="item_id2tokens.npy: this command would replace it, and it is the file --emb"):
+    with pytest.raises(ValueError, match="item_id2tokens.npy: this command would replace it, and it is one of its inputs \\(--emb: "):
         sid.main([f"--emb={index_dir / 'item_id2tokens.npy'}", f"--out={index_dir}", "--overwrite=true"])
     assert (index_dir / "item_id2tokens.npy").read_bytes() == kept
 
