@@ -313,13 +313,13 @@ def write_all(run: TrainedRun, args: RecommendConfig, dist: Dist) -> None:
 
 
 def check_out_file(path: str, run_dir: str, overwrite: bool) -> None:
-    """--out: a new file, or an existing regular one with --overwrite=true; never inside the run
-    folder, never a file the run reads (the data it was trained on), whatever the flags."""
+    """--out: a new file, or an existing regular one with --overwrite=true; never inside a run
+    folder (its writer owns it), never a file the run reads (its training data), whatever the flags."""
     if os.path.isdir(path):
         raise ValueError(f"--out: {path} is a folder; expected a file path")
     parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(run_dir) and os.path.samefile(parent, run_dir):
-        raise ValueError(f"--out: {path} is inside the run folder {run_dir}; choose a path outside it")
+    if os.path.lexists(os.path.join(parent, MANIFEST)) or os.path.isdir(run_dir) and os.path.samefile(parent, run_dir):
+        raise ValueError(f"--out: {path} is inside a run folder ({parent}); choose a path outside it")
     manifest = RunFolder(run_dir).manifest() or {"data": None}
     cli.check_outputs([path], {"the run's training data": (manifest["data"] or {}).get("path", "")})
     if os.path.lexists(path) and not overwrite:

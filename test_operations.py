@@ -889,7 +889,7 @@ def test_outputs_never_overwrite_unasked_nor_a_file_the_run_reads(group_run, tmp
     assert mine.read_text() == "mine"
     data_path = runs.RunFolder(out).manifest()["data"]["path"]
     for name in ("checkpoint.pt", "run.json", "data.npz", "new.jsonl"):             # inside the run folder
-        with pytest.raises(ValueError, match="is inside the run folder"):
+        with pytest.raises(ValueError, match="is inside a run folder"):
             recommend.main(args + [f"--out={os.path.join(out, name)}", "--overwrite=true"])
     with pytest.raises(ValueError, match="is one of its inputs \\(the run's training data: "):  # the data it was trained on
         recommend.main(args + [f"--out={data_path}", "--overwrite=true"])
