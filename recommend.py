@@ -168,8 +168,7 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
     Returns how many new items collision resolution moved.
     """
     run_folder = RunFolder(folder)
-    with run_folder.lock("--run_dir"):
-        run_folder.recover()
+    with run_folder.lock("--run_dir"):                              # and a killed writer's step undone
         _, blobs = run_folder.read(("item_id2tokens.npy", "tokens2item.pkl", "data.npz"), optional=("opq.npz",))
         index = sid.SIDIndex.from_files(blobs, folder)
         run_data = parse_run_data(blobs["data.npz"], run_folder.file("data.npz"), index.n_items)

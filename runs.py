@@ -3,8 +3,7 @@ items), checked at every step. Its anchors are git's and SQLite's: one writer ho
 readers never write, names are never paths, a crash leaves the last committed state.
 
     folder = RunFolder(out_dir)
-    with folder.lock():                              # the one writer (an OS lock on the folder)
-        folder.recover()                             # finish or undo a killed writer's step
+    with folder.lock():                              # the one writer (an OS lock); it first recovers
         folder.publish({"checkpoint.pt": blob})      # one step: every file, then run.json commits them
     manifest, blobs = folder.read(("checkpoint.pt",))    # a reader: each file once, checked, in memory
     run = load_run(out_dir)                          # a finished run: model, SIDs, id maps, sequences
@@ -18,6 +17,7 @@ Checkpoints load with weights_only=True: a crafted pickle is refused, never run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -66,11 +66,11 @@ class RunFolder:
     and the fingerprint of the data the run was trained on; readers trust it and nothing else.
 
     One writer at a time: a command that writes holds `lock()` (cli.exclusive) for all its run, and
-    only it calls recover() and publish(). A step (the start of a run, an epoch's checkpoints, the
+    only it recovers (as it takes the lock) and publishes. A step (the start of a run, an epoch's checkpoints, the
     results, new items) writes its files beside the old ones as .pending-NAME, then publishes them
     by writing run.json (one atomic rename: the commit point), then renames each .pending-NAME over
     NAME. A kill before the commit leaves the old state, a kill after it the new one, which the
-    next writer's recover() finishes. Readers take no lock and write nothing: read() gives the
+    next writer's lock() finishes. Readers take no lock and write nothing: read() gives the
     state before a publish or after it (see there).
     """
 
@@ -80,8 +80,13 @@ class RunFolder:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    @contextlib.contextmanager
     def lock(self, flag: str = "--out_dir"):
-        return cli.exclusive(self.path, flag)
+        """The one writer's lock on the folder (cli.exclusive) while the block runs. Having taken
+        it, the writer first finishes or undoes a step that a killed writer left (recover); the
+        block gets the manifest (None: no run here yet)."""
+        with cli.exclusive(self.path, flag):
+            yield self.recover()
 
     def manifest(self) -> dict | None:
         """run.json, read once and checked: it lists only names of RUN_FILES, each with its size and
@@ -154,8 +159,8 @@ class RunFolder:
             raise RuntimeError(f"{self.path}: written without its lock (RunFolder.lock)")
 
     def recover(self) -> dict | None:
-        """The writer, under its lock: finish (after the commit) or undo (before it) a step that a
-        killed writer left, and remove that writer's temporary files (only writers make names
+        """The writer, as it takes the lock: finish (after the commit) or undo (before it) a step that
+        a killed writer left, and remove that writer's temporary files (only writers make names
         .tmp-.pending-* and .tmp-run.json*, and this one holds the lock); return the manifest."""
         self._writer()
         manifest = self.manifest()
@@ -205,10 +210,10 @@ class RunFolder:
 
 
 def check_out_dir(out_dir: str, cfg, resolved: dict, fingerprint: dict, may_change: tuple, inputs: dict) -> str:
-    """Everything about out_dir that can fail, checked by its writer (under the lock, after
-    recover) before anything is written (cfg: resume, eval_only and overwrite, as in
-    train.TrainConfig; may_change: the training settings that do not make another run; inputs:
-    {flag: path} of the files the run reads, which it must never replace, --overwrite or not).
+    """Everything about out_dir that can fail, checked before anything is written (its writer holds
+    the lock; under torchrun the other processes check too). cfg: resume, eval_only, overwrite
+    and init_from, as in train.TrainConfig; may_change: the training settings that do not make
+    another run; inputs: {flag: path} of the files the run reads, never replaced, --overwrite or not.
     Returns what the run will do there: "new", "restart" (an unfinished attempt of this same run),
     "resume" or "eval"."""
     if not os.access(out_dir, os.W_OK | os.X_OK):
@@ -300,6 +305,12 @@ def parse_json(blob: bytes, path: str):
         raise ValueError(f"{path}: not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+# what a checkpoint of train.py holds (checkpoint.pt and last.pt alike), with the type of each
+CHECKPOINT_KINDS = {"model": dict, "config": dict, "sids_sha256": str, "sids_items": int, "optimizer": dict,
+                    "rng": list, "epoch": int, "step": int, "best": float, "best_epoch": int, "bad_evals": int,
+                    "done": bool, "examples": int, "train_seconds": float, "valid_history": list, "loss_history": list}
+
+
 def load_checkpoint(blob: bytes, path: str, needs: tuple = ("model", "config", "sids_sha256")) -> dict:
     """A checkpoint's bytes -> its dict, with the keys `needs` of the types this code writes.
     Tensors and plain containers only (weights_only=True): a crafted pickle is refused, never run."""
@@ -317,13 +328,13 @@ def load_checkpoint(blob: bytes, path: str, needs: tuple = ("model", "config", "
     version = state.get("version") if isinstance(state, dict) else None
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {version}, this code reads version {CHECKPOINT_VERSION}")
-    kinds = {"model": dict, "config": dict, "sids_sha256": str, "sids_items": int, "optimizer": dict, "rng": list,
-             "epoch": int, "step": int, "best": float, "best_epoch": int, "bad_evals": int, "done": bool,
-             "examples": int, "train_seconds": float, "valid_history": list, "loss_history": list}
+    kinds = CHECKPOINT_KINDS
     wrong = [k for k in needs if not isinstance(state.get(k), (kinds[k], int) if kinds[k] is float else kinds[k])]
-    if not wrong and not (all(isinstance(v, torch.Tensor) for v in state["model"].values())
-                          and all(isinstance(state["config"].get(k), dict) for k in ("train", "model"))):
-        wrong = ["model" if "model" in needs else "config"]
+    if "model" in needs and "model" not in wrong and not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        wrong.append("model")
+    if "config" in needs and "config" not in wrong and not all(isinstance(state["config"].get(k), dict)
+                                                               for k in ("train", "model")):
+        wrong.append("config")
     if wrong:
         raise ValueError(f"{path}: expected {', '.join(f'{k} ({kinds[k].__name__})' for k in wrong)}, got "
                          f"{', '.join(type(state.get(k)).__name__ if k in state else 'nothing' for k in wrong)}")
@@ -341,12 +352,11 @@ def load_weights(model: RPG_ED, state: dict, path: str) -> None:
     model.load_state_dict(state["model"])
 
 
-def read_checkpoint(folder: str, name: str, resolved: dict, digest: str, may_change: tuple | None = None,
-                    needs: tuple = ("model", "config", "sids_sha256")) -> dict:
+def read_checkpoint(folder: str, name: str, resolved: dict, digest: str, may_change: tuple | None = None) -> dict:
     """A run's checkpoint (checkpoint.pt or last.pt), read once and checked against run.json, then
-    against the run's config and SIDs (check_checkpoint)."""
+    for every key of CHECKPOINT_KINDS, then against the run's config and SIDs (check_checkpoint)."""
     path = os.path.join(folder, name)
-    state = load_checkpoint(RunFolder(folder).read((name,))[1][name], path, needs)
+    state = load_checkpoint(RunFolder(folder).read((name,))[1][name], path, tuple(CHECKPOINT_KINDS))
     check_checkpoint(state, path, resolved, digest, may_change)
     return state
 
@@ -377,8 +387,7 @@ def resume(model: RPG_ED, optimizer: torch.optim.Optimizer, run, progress: dict,
     """--resume: load the run's last.pt into the model and optimizer, restore this process's RNG;
     return the progress record (its keys: those of `progress`). `run`: train.py's Run."""
     path = run.path("last.pt")
-    state = read_checkpoint(run.out_dir, "last.pt", run.resolved, sids_digest(run.index), may_change,
-                            ("model", "config", "sids_sha256", "optimizer", "rng", *progress))
+    state = read_checkpoint(run.out_dir, "last.pt", run.resolved, sids_digest(run.index), may_change)
     load_weights(model, state, path)
     try:
         optimizer.load_state_dict(state["optimizer"])

@@ -133,7 +133,8 @@ def main(argv: list) -> dict:
     dist = init_distributed(cfg.device)
     out_dir = cfg.out_dir or os.path.join("out", os.path.basename(os.path.normpath(cfg.data)).split(".")[0])
     try:
-        with RunFolder(out_dir).lock() if dist.is_main else contextlib.nullcontext():   # the one writer
+        with RunFolder(out_dir).lock() if dist.is_main else contextlib.nullcontext():   # the one writer, who
+            # first finishes or undoes what a killed one left; the others wait for it in load_stage
             results = train_and_evaluate(given, dist, out_dir, start_time)
         dist.barrier()   # no process tears gloo/nccl down while another still talks to it
         return results
@@ -152,9 +153,6 @@ def train_and_evaluate(given: dict, dist: Dist, out_dir: str, start_time: float)
     dtype, why = pick_dtype(cfg.dtype, dist.device, mcfg.n_embd, mcfg.n_inner)
     dtype = dtype if dist.world == 1 else dist.gather(dtype)[0]               # rank 0's choice, everywhere
     log(f"processes: {dist.world}, device {dist.device}, {why}")
-    if dist.is_main:                           # the writer: finish or undo what a killed one left
-        RunFolder(out_dir).recover()
-    dist.barrier()
     mode = check_out_dir(out_dir, cfg, resolved, raw.fingerprint, RESUME_MAY_CHANGE, raw.inputs)   # reads only
     check_sizes(mcfg, len(data.item_raw), {"--beam_size": mcfg.beam_size, "--report_beam_size": cfg.report_beam_size},
                 EVAL_BATCH_SIZE)
@@ -280,9 +278,7 @@ def report_stage(model: RPG_ED, run: "Run", data: Dataset, trained: dict | None,
     """Evaluate the selected checkpoint on valid and test (and the baselines); write results.json
     (eval.json for --eval_only) and curves.svg; print the table."""
     cfg, dist = run.cfg, run.dist
-    state = read_checkpoint(run.out_dir, "checkpoint.pt", run.resolved, sids_digest(run.index),
-                            needs=("model", "config", "sids_sha256", "best_epoch", "train_seconds", "valid_history",
-                                   "loss_history"))
+    state = read_checkpoint(run.out_dir, "checkpoint.pt", run.resolved, sids_digest(run.index))
     load_weights(model, state, run.path("checkpoint.pt"))
     tick = time.time()
     results = {"config": run.resolved, "dataset": {**stats, "source": source}, "processes": dist.world,
@@ -448,7 +444,10 @@ def save_epoch(model: RPG_ED, optimizer: torch.optim.Optimizer, run: Run, progre
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": run.resolved,
                  "sids_sha256": sids_digest(run.index), "sids_items": run.index.n_items, "rng": rng, **progress}
         blob = checkpoint_bytes(state)
-        RunFolder(run.out_dir).publish({"last.pt": blob, **({"checkpoint.pt": blob} if improved else {})})
+        try:
+            RunFolder(run.out_dir).publish({"last.pt": blob, **({"checkpoint.pt": blob} if improved else {})})
+        except ValueError as e:                             # a full disk, say: what was lost, how to go on
+            raise ValueError(f"{e}; epoch {progress['epoch']} is lost, --resume=true goes on from the last one saved")
     dist.barrier()
     if progress["done"]:
         run.log(f"early stop: no better validation NDCG@10 in {cfg.patience} evaluations")
