@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.dom.minidom
 from collections import Counter
@@ -918,6 +920,7 @@ def test_recommend_output_into_a_closed_pipe_ends_quietly_and_escapes_control_ch
     with pytest.raises(ValueError, match="--batch_size: expected a positive int, got 0"):
         recommend.main([f"--run_dir={out}", "--all=true", f"--out={tmp_path / 'r.jsonl'}", "--batch_size=0"])
     assert recommend.printable("x\x1b[2Jy\x00") == "x\\x1b[2Jy\\x00"
+    assert recommend.printable("evil \u202etxt.exe\u200b") == "evil \\u202etxt.exe\\u200b"   # format characters too
 
 
 @pytest.mark.slow
@@ -986,13 +989,16 @@ HOLD_LOCK = "import sys, time, runs\nwith runs.RunFolder(sys.argv[1]).lock():\n 
 @pytest.mark.slow
 def test_a_second_writer_is_refused_at_once_before_any_write_and_readers_take_no_lock(group_run, tmp_path):
     out = _copy_run(group_run, tmp_path / "run")
-    before = _files(out)
     np.save(tmp_path / "e.npy", group_run["emb"][:1])
     (tmp_path / "ids.txt").write_text("n1\n")
     add = [f"--run_dir={out}", f"--add_items={tmp_path / 'e.npy'}", f"--item_ids={tmp_path / 'ids.txt'}"]
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, out], cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        left = [os.path.join(out, name) for name in (".tmp-.pending-last.ptk1ll3d", runs.PENDING + "last.pt")]
+        for path in left:                       # the holder's files in the middle of a step
+            open(path, "wb").write(b"half a checkpoint")
+        before = _files(out)
         for main, argv in ((train.main, [f"--data={group_run['folder'] / 'd.inter'}", f"--out_dir={out}",
                                          "--overwrite=true"] + GROUP_RUN),
                            (train.main, [f"--data={group_run['folder'] / 'd.inter'}", f"--out_dir={out}",
@@ -1001,12 +1007,14 @@ def test_a_second_writer_is_refused_at_once_before_any_write_and_readers_take_no
             with pytest.raises(ValueError, match=f"is being written by process {holder.pid} \\(.*-c"):
                 main(argv)
             assert _files(out) == before
-        assert runs.load_run(out).index.n_items == 36                      # a reader takes no lock
+        assert runs.load_run(out).index.n_items == 36                      # a reader takes no lock ...
+        assert _files(out) == before                                        # ... and removes nothing
     finally:
         holder.kill()
         holder.wait()
     recommend.main(add)                                                     # the OS released the dead one's lock
     assert runs.load_run(out).index.n_items == 37
+    assert not any(os.path.exists(path) for path in left)                  # the next writer cleans up the dead one's
 
 
 @pytest.mark.slow
@@ -1186,6 +1194,31 @@ def test_loaded_files_are_validated_whatever_their_hashes_say(group_run, tmp_pat
     monkeypatch.setattr(cli, "memory_limit", lambda: 1_000_000)             # the process's limit, not the RAM
     with pytest.raises(ValueError, match="model.beam_size: .* a beam search that fits in memory \\(0.0 GiB of 0.0\\)"):
         runs.load_run(group_run["out"])
+
+
+def test_an_embeddings_file_is_read_once_so_a_fifo_works(tmp_path):
+    emb = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    os.mkfifo(tmp_path / "emb.npy")
+
+    def write() -> None:                        # a pipe gives its bytes once: a second open would wait, or get none
+        with open(tmp_path / "emb.npy", "wb") as f:
+            f.write(buf.getvalue())
+
+    def waited(signum, frame):
+        raise TimeoutError("the FIFO was opened a second time, and nothing will ever write to it again")
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(30)
+    try:
+        assert np.array_equal(embeddings.read_item_emb(str(tmp_path / "emb.npy"), 20), emb)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    writer.join(timeout=10)
 
 
 def test_a_publish_checks_free_disk_first_and_a_failed_write_names_its_path(group_run, tmp_path, monkeypatch):
