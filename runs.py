@@ -170,9 +170,10 @@ class RunFolder:
             if name.startswith((".tmp-" + PENDING, ".tmp-" + MANIFEST)) and os.path.isfile(path):
                 os.remove(path)                                               # a write cut before its rename
             elif name.startswith(PENDING) and name[len(PENDING):] in RUN_FILES:
-                blob, entry = cli.read_regular(path, size_limit(name[len(PENDING):])), entries.get(name[len(PENDING):])
+                target = name[len(PENDING):]
+                blob, entry = cli.read_regular(path, size_limit(target)), entries.get(target)
                 if entry and (len(blob), sha256(blob)) == (entry["size"], entry["sha256"]):
-                    os.replace(path, self.file(name[len(PENDING):]))          # committed: roll forward
+                    os.replace(path, self.file(target))                      # committed: roll forward
                 else:
                     os.remove(path)                                           # not committed: roll back
         return manifest
