@@ -176,7 +176,7 @@ def run_main(main) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:                        # the path first, then what went wrong, never "[Errno N]"
-        raise SystemExit(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        raise SystemExit(f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
     except MemoryError:
         raise SystemExit("error: out of memory; a smaller --batch_size (or model, or beam) needs less") from None
     except RuntimeError as e:                   # torch.distributed's error when a peer process is gone
@@ -277,10 +277,11 @@ def read_regular(path: str, limit: int) -> bytes:
             raise
         why = "a symbolic link, which is not followed" if e.errno == errno.ELOOP else e.strerror
         raise ValueError(f"{path}: cannot read it ({why}); expected a regular file") from None
+    st = os.fstat(fd)                                      # the file opened, not whatever the path names now
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: expected a regular file, found {file_kind(st.st_mode)}")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)                                  # the file opened, not whatever the path names now
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: expected a regular file, found {file_kind(st.st_mode)}")
         data = f.read(limit + 1) if st.st_size <= limit else b""
     if st.st_size > limit or len(data) > limit:
         raise ValueError(f"{path}: expected at most {limit:,} bytes, found {max(st.st_size, len(data)):,}")

@@ -92,10 +92,12 @@ class RunFolder:
         """run.json, read once and checked: it lists only names of RUN_FILES, each with its size and
         sha256, and the data's fingerprint; None when there is none."""
         path = self.file(MANIFEST)
-        if not os.path.lexists(path):
+        try:
+            blob = cli.read_regular(path, size_limit(MANIFEST))
+        except FileNotFoundError:
             return None
         try:
-            manifest = json.loads(cli.read_regular(path, size_limit(MANIFEST)), object_pairs_hook=unique_keys)
+            manifest = json.loads(blob, object_pairs_hook=unique_keys)
             if not (isinstance(manifest, dict) and set(manifest) == {"version", "files", "data"}
                     and manifest["version"] == 1 and isinstance(manifest["files"], dict)):
                 raise ValueError("expected {\"version\": 1, \"files\": {...}, \"data\": ...}")
@@ -109,7 +111,7 @@ class RunFolder:
             if data is not None and not (isinstance(data, dict) and set(data) == {"path", "size", "sha256"}
                                          and isinstance(data["path"], str) and type(data["size"]) is int):
                 raise ValueError(f"data: expected null or {{\"path\", \"size\", \"sha256\"}}, got {data!r:.80}")
-        except (ValueError, RecursionError, FileNotFoundError) as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: not a run manifest ({e})") from None
         return manifest
 

@@ -1191,6 +1191,10 @@ def test_loaded_files_are_validated_whatever_their_hashes_say(group_run, tmp_pat
     os.mkfifo(os.path.join(out, runs.MANIFEST))                              # a reader neither blocks nor reads it
     with pytest.raises(ValueError, match="run.json: expected a regular file, found a FIFO"):
         runs.load_run(out)
+    os.remove(os.path.join(out, runs.MANIFEST))
+    os.mkdir(os.path.join(out, runs.MANIFEST))
+    with pytest.raises(ValueError, match="run.json: expected a regular file, found a folder"):
+        runs.load_run(out)
     monkeypatch.setattr(cli, "memory_limit", lambda: 1_000_000)             # the process's limit, not the RAM
     with pytest.raises(ValueError, match="model.beam_size: .* a beam search that fits in memory \\(0.0 GiB of 0.0\\)"):
         runs.load_run(group_run["out"])
@@ -1252,6 +1256,7 @@ def test_every_error_is_one_line_even_a_bug(monkeypatch, capsys):
                                     (KeyError("x"), "error: unexpected KeyError: 'x' (a bug: please report it", 1),
                                     (FileNotFoundError(2, "No such file or directory", "/a/b"),
                                      "error: /a/b: No such file or directory", 1),
+                                    (IsADirectoryError(21, "Is a directory", 3), "error: 3: Is a directory", 1),
                                     (KeyboardInterrupt(), None, 130)):
             def main(argv, error=error):
                 raise error
