@@ -174,9 +174,9 @@ def run_main(main) -> None:
         print(e if isinstance(e, Interrupted) else "stopped by SIGINT", file=sys.stderr)
         raise SystemExit(130)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {printable(str(e))}")
     except OSError as e:                        # the path first, then what went wrong, never "[Errno N]"
-        raise SystemExit(f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
+        raise SystemExit(printable(f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}"))
     except MemoryError:
         raise SystemExit("error: out of memory; a smaller --batch_size (or model, or beam) needs less") from None
     except RuntimeError as e:                   # torch.distributed's error when a peer process is gone
@@ -188,11 +188,19 @@ def run_main(main) -> None:
         _bug(e)
 
 
+def printable(text: str) -> str:
+    """Every non-printable character escaped (\\n, \\x1b, \\u202e, ...): a path or an id from a file
+    keeps an error to one line, and cannot drive the terminal nor reorder what it shows."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                                                   for c in text)
+
+
 def _bug(e: Exception) -> None:
     """An exception no check foresaw: one line that says it is a bug; RPG_ED_TRACEBACK=1 shows where."""
     if os.environ.get("RPG_ED_TRACEBACK"):
         traceback.print_exc()
-    line = " ".join(str(e).split())[:300]
+    line = printable(" ".join(str(e).split())[:300])
     raise SystemExit(f"error: unexpected {type(e).__name__}: {line} (a bug: please report it, with the "
                      "traceback that RPG_ED_TRACEBACK=1 prints)")
 
@@ -360,7 +368,7 @@ def exclusive(folder: str, flag: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"{flag}: {folder} is being written by {_lock_holder(fd)}; wait for it to end, "
+            raise ValueError(f"{flag}: {folder} is being written by {printable(_lock_holder(fd))}; wait for it to end, "
                              "or choose another folder") from None
         _held[os.path.realpath(folder)] = fd
         yield
@@ -373,7 +381,13 @@ def exclusive(folder: str, flag: str):
 
 
 def holds_lock(folder: str) -> bool:
-    return os.path.realpath(folder) in _held
+    """This process holds the lock on `folder`, and the path still names the folder it locked
+    (one moved away while its writer ran must not take the writes meant for it)."""
+    fd = _held.get(os.path.realpath(folder))
+    if fd is None:
+        return False
+    here, locked = os.stat(folder), os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def cold_start(data_path: str, out: str, fraction: float = 0.05, seed: int = 0, 
     cold = np.zeros(n_items, bool)
     cold[rng.choice(n_items, max(1, round(fraction * n_items)), replace=False)] = True
     warm_dir, stem = os.path.join(out, "warm"), os.path.basename(data_path).split(".")[0]
-    cli.check_outputs([os.path.join(warm_dir, stem + e) for e in (".txt", "_content.npy")], raw.inputs)
+    cli.check_outputs([os.path.join(warm_dir, stem + e) for e in (".txt", "_content.npy")] +
+                      [os.path.join(out, "cold_start.json")], raw.inputs)
     os.makedirs(warm_dir, exist_ok=True)
     lines = []
     for user, seq in zip(data.user_raw, data.sequences):          # data preparation, once per user
@@ -144,7 +145,8 @@ def continue_experiment(out: str, cut: float = 0.8, train_args: list = (), conti
     catalogue = dataset.Dataset.from_sequences([], [], data["all"].item_raw)
     vectors = dict(zip(catalogue.item_raw, embeddings.text_embeddings(catalogue, raw.item_text, 64, 0)))
     trained = {}
-    cli.check_outputs([os.path.join(out, n, n + e) for n in ("early", "all") for e in (".inter", "_text.npy")], raw.inputs)
+    cli.check_outputs([os.path.join(out, n, n + e) for n in ("early", "all") for e in (".inter", "_text.npy")] +
+                      [os.path.join(out, "continue.json")], raw.inputs)
     for name, part in (("early", early), ("all", rows)):
         os.makedirs(os.path.join(out, name), exist_ok=True)
         _write_inter(os.path.join(out, name, f"{name}.inter"), part)

@@ -37,7 +37,7 @@ import torch
 
 import cli
 import sid
-from cli import Dist, atomic_write, init_distributed, parse_flags, pick_dtype, run_main
+from cli import Dist, atomic_write, init_distributed, parse_flags, pick_dtype, printable, run_main
 from dataset import Split, check_id, check_ids, ragged_arange
 from embeddings import read_item_emb
 from evaluate import TransitionRanker, beam_batches, item_token_table, user_bucket_table
@@ -168,7 +168,8 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
     Returns how many new items collision resolution moved.
     """
     run_folder = RunFolder(folder)
-    with run_folder.lock("--run_dir"):                              # and a killed writer's step undone
+    with run_folder.lock("--run_dir"):
+        run_folder.recover(inputs or {})                            # a killed writer's step finished or undone
         _, blobs = run_folder.read(("item_id2tokens.npy", "tokens2item.pkl", "data.npz"), optional=("opq.npz",))
         index = sid.SIDIndex.from_files(blobs, folder)
         run_data = parse_run_data(blobs["data.npz"], run_folder.file("data.npz"), index.n_items)
@@ -265,14 +266,6 @@ def read_item_ids(path: str) -> tuple[list, list]:
     return ids, [" ".join(parts[1].split())[:TITLE_CHARS] for _, parts in rows]
 
 
-def printable(text: str) -> str:
-    """Every non-printable character escaped (\\x1b, \\n, \\u202e, ...): text from a data file must
-    not drive the terminal nor reorder what it shows."""
-    text = str(text)
-    return text if text.isprintable() else "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
-                                                   for c in text)
-
-
 def show(run: TrainedRun, items: np.ndarray, scores: np.ndarray, seen: set) -> None:
     print(f"{'rank':>4}  {'item':>10}  {'score':>8}  title")
     for rank, (item, score) in enumerate(zip(items.tolist(), scores.tolist()), start=1):
@@ -340,6 +333,8 @@ def main(argv: list) -> None:
     if args.all:
         check_out_file(args.out, args.run_dir, args.overwrite)
     if args.add_items:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--add_items: expected one process (python recommend.py ...), not torchrun's")
         ids, titles = read_item_ids(args.item_ids)
         emb = read_item_emb(args.add_items, len(ids), "--add_items")
         moved = add_items(args.run_dir, emb, ids, titles, {"--add_items": args.add_items, "--item_ids": args.item_ids})

@@ -3,7 +3,8 @@ items), checked at every step. Its anchors are git's and SQLite's: one writer ho
 readers never write, names are never paths, a crash leaves the last committed state.
 
     folder = RunFolder(out_dir)
-    with folder.lock():                              # the one writer (an OS lock); it first recovers
+    with folder.lock():                              # the one writer (an OS lock on the folder)
+        folder.recover(inputs)                       # finish or undo a killed writer's step
         folder.publish({"checkpoint.pt": blob})      # one step: every file, then run.json commits them
     manifest, blobs = folder.read(("checkpoint.pt",))    # a reader: each file once, checked, in memory
     run = load_run(out_dir)                          # a finished run: model, SIDs, id maps, sequences
@@ -17,7 +18,6 @@ Checkpoints load with weights_only=True: a crafted pickle is refused, never run.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -66,11 +66,11 @@ class RunFolder:
     and the fingerprint of the data the run was trained on; readers trust it and nothing else.
 
     One writer at a time: a command that writes holds `lock()` (cli.exclusive) for all its run, and
-    only it recovers (as it takes the lock) and publishes. A step (the start of a run, an epoch's checkpoints, the
+    only it recovers (before its first write) and publishes. A step (the start of a run, an epoch's checkpoints, the
     results, new items) writes its files beside the old ones as .pending-NAME, then publishes them
     by writing run.json (one atomic rename: the commit point), then renames each .pending-NAME over
     NAME. A kill before the commit leaves the old state, a kill after it the new one, which the
-    next writer's lock() finishes. Readers take no lock and write nothing: read() gives the
+    next writer's recover() finishes. Readers take no lock and write nothing: read() gives the
     state before a publish or after it (see there).
     """
 
@@ -80,13 +80,9 @@ class RunFolder:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    @contextlib.contextmanager
     def lock(self, flag: str = "--out_dir"):
-        """The one writer's lock on the folder (cli.exclusive) while the block runs. Having taken
-        it, the writer first finishes or undoes a step that a killed writer left (recover); the
-        block gets the manifest (None: no run here yet)."""
-        with cli.exclusive(self.path, flag):
-            yield self.recover()
+        """The one writer's lock on the folder (cli.exclusive) while the block runs."""
+        return cli.exclusive(self.path, flag)
 
     def manifest(self) -> dict | None:
         """run.json, read once and checked: it lists only names of RUN_FILES, each with its size and
@@ -109,7 +105,9 @@ class RunFolder:
                     raise ValueError(f"{name}: expected {{\"size\": bytes, \"sha256\": 64 hex digits}}, got {entry!r:.80}")
             data = manifest["data"]
             if data is not None and not (isinstance(data, dict) and set(data) == {"path", "size", "sha256"}
-                                         and isinstance(data["path"], str) and type(data["size"]) is int):
+                                         and isinstance(data["path"], str) and "\0" not in data["path"]
+                                         and type(data["size"]) is int and isinstance(data["sha256"], str)
+                                         and SHA256.fullmatch(data["sha256"])):
                 raise ValueError(f"data: expected null or {{\"path\", \"size\", \"sha256\"}}, got {data!r:.80}")
         except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: not a run manifest ({e})") from None
@@ -160,18 +158,22 @@ class RunFolder:
         if not cli.holds_lock(self.path):
             raise RuntimeError(f"{self.path}: written without its lock (RunFolder.lock)")
 
-    def recover(self) -> dict | None:
-        """The writer, as it takes the lock: finish (after the commit) or undo (before it) a step that
-        a killed writer left, and remove that writer's temporary files (only writers make names
-        .tmp-.pending-* and .tmp-run.json*, and this one holds the lock); return the manifest."""
+    def recover(self, inputs: dict) -> dict | None:
+        """The writer, under its lock, before its first write: finish (after the commit) or undo
+        (before it) a step that a killed writer left, and remove that writer's temporary files
+        (only writers make names .tmp-.pending-* and .tmp-run.json*, and this one holds the lock),
+        never one of `inputs` ({flag: path}, cli.check_outputs); return the manifest."""
         self._writer()
         manifest = self.manifest()
         entries = manifest["files"] if manifest else {}
-        for name in sorted(os.listdir(self.path)):
+        names = sorted(n for n in os.listdir(self.path) if n.startswith((".tmp-" + PENDING, ".tmp-" + MANIFEST))
+                       or n.startswith(PENDING) and n[len(PENDING):] in RUN_FILES)
+        cli.check_outputs([self.file(name) for name in names], inputs)
+        for name in names:
             path = self.file(name)
-            if name.startswith((".tmp-" + PENDING, ".tmp-" + MANIFEST)) and os.path.isfile(path):
+            if name.startswith(".tmp-"):
                 os.remove(path)                                               # a write cut before its rename
-            elif name.startswith(PENDING) and name[len(PENDING):] in RUN_FILES:
+            else:
                 target = name[len(PENDING):]
                 blob, entry = cli.read_regular(path, size_limit(target)), entries.get(target)
                 if entry and (len(blob), sha256(blob)) == (entry["size"], entry["sha256"]):
@@ -338,6 +340,10 @@ def load_checkpoint(blob: bytes, path: str, needs: tuple = ("model", "config", "
     if "config" in needs and "config" not in wrong and not all(isinstance(state["config"].get(k), dict)
                                                                for k in ("train", "model")):
         wrong.append("config")
+    for key in ("valid_history", "loss_history"):      # copied into results.json
+        if key in needs and key not in wrong and not all(isinstance(r, dict) and all(
+                isinstance(v, (int, float)) for v in r.values()) for r in state[key]):
+            wrong.append(key)
     if wrong:
         raise ValueError(f"{path}: expected {', '.join(f'{k} ({kinds[k].__name__})' for k in wrong)}, got "
                          f"{', '.join(type(state.get(k)).__name__ if k in state else 'nothing' for k in wrong)}")
@@ -346,12 +352,16 @@ def load_checkpoint(blob: bytes, path: str, needs: tuple = ("model", "config", "
 
 def load_weights(model: RPG_ED, state: dict, path: str) -> None:
     """The checkpoint's weights into `model`, once their names and shapes are the model's."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state["model"].items()}
+    want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    got = {str(k): (tuple(v.shape), v.dtype) for k, v in state["model"].items()}
+    bad = next((k for k, v in state["model"].items() if not isinstance(k, str) or v.layout != torch.strided
+                or v.device.type != "cpu" or v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{path}: weight {str(bad)!r}: expected a name, and a dense, finite tensor in memory")
     if want != got:
         key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
-        raise ValueError(f"{path}: its weights do not fit its config's model ({key}: shape {got.get(key, 'missing')} "
-                         f"there, {want.get(key, 'no such weight')} in the model)")
+        raise ValueError(f"{path}: its weights do not fit its config's model ({key}: shape and dtype "
+                         f"{got.get(key, 'missing')} there, {want.get(key, 'no such weight')} in the model)")
     model.load_state_dict(state["model"])
 
 
@@ -438,7 +448,7 @@ RUN_DATA_KEYS = ("version", "item_raw", "user_raw", "item_title", "offsets", "it
 
 def parse_run_data(blob: bytes, path: str, n_items: int) -> dict:
     """data.npz's bytes -> {name: array}, refusing pickled objects, and checked: ids unique and
-    valid (dataset.check_ids), one title per item, offsets from 0 that never run backwards to the
+    valid (dataset.check_ids), one title per item, offsets from 0 that rise (every user has an item) to the
     end of the sequences, item ids below n_items (the index's)."""
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as z:
@@ -456,9 +466,9 @@ def parse_run_data(blob: bytes, path: str, n_items: int) -> dict:
     offsets, items = arrays["offsets"].astype(np.int64), arrays["items"].astype(np.int64)
     if int(arrays["version"]) != 1 or len(arrays["item_raw"]) != n_items or len(arrays["item_title"]) != n_items \
             or len(offsets) != len(arrays["user_raw"]) + 1 or offsets[0] != 0 or offsets[-1] != len(items) \
-            or (np.diff(offsets) < 0).any() or (items.size and not 0 <= items.min() <= items.max() < n_items):
+            or (np.diff(offsets) < 1).any() or (items.size and not 0 <= items.min() <= items.max() < n_items):
         raise ValueError(f"{path}: its arrays disagree (version 1; {n_items} item ids and titles, the index's "
-                         "count; offsets from 0, never decreasing, to the end of the sequences; item ids below "
+                         "count; offsets from 0, rising (an item or more a user), to the end of the sequences; item ids below "
                          f"{n_items}); found {len(arrays['item_raw'])} ids, {len(arrays['item_title'])} titles, "
                          f"{len(offsets)} offsets for {len(arrays['user_raw'])} users")
     for kind in ("item", "user"):
@@ -519,8 +529,9 @@ def load_run(folder: str, device: str | torch.device = "cpu") -> TrainedRun:
     path = lambda name: os.path.join(folder, name)
     config = parse_json(blobs["config.json"], path("config.json"))
     try:
-        if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
-            raise TypeError("expected {\"train\": {...}, \"model\": {...}}")
+        if not isinstance(config, dict) or not isinstance(config.get("train"), dict) \
+                or not isinstance(config["train"].get("preset"), str):
+            raise TypeError("expected {\"train\": {\"preset\": ..., ...}, \"model\": {...}}")
         mcfg = RPGEDConfig(**config["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path('config.json')}: not a run config ({type(e).__name__}: {e})") from None

@@ -290,6 +290,12 @@ def _load_opq(blob: bytes, path: str) -> OPQ:
                 raise ValueError(f"{path}: index version {version}, this code reads {INDEX_VERSION}; rebuild the index")
             mean, rotation, books, counts = z["mean"], z["rotation"], z["codebooks"], z["n_centroids"]
             width = rotation.shape[0] if rotation.ndim == 2 else 0
+            arrays = (mean, rotation, books)
+            placed = [z[k].dtype.kind for k in ("placed_items", "placed_sha256") if k in z.files]
+            if not all(a.dtype.kind == "f" and np.isfinite(a).all() for a in arrays) or counts.dtype.kind not in "iu" \
+                    or placed not in ([], ["i", "U"], ["u", "U"]):
+                raise ValueError(f"{path}: expected finite float arrays and integer counts, got "
+                                 f"{[str(a.dtype) for a in (*arrays, counts)]}")
             if not (mean.ndim == 1 and 0 < len(mean) <= width and rotation.shape == (width, width)
                     and books.shape == (N_DIGIT, CODEBOOK_SIZE, width // N_DIGIT) and width % N_DIGIT == 0
                     and counts.shape == (N_DIGIT,) and ((1 <= counts) & (counts <= CODEBOOK_SIZE)).all()):

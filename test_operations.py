@@ -518,8 +518,8 @@ def killed_at(k: int, under: str):
 def _state(out: str):
     """What a reader sees after a kill: None (no run) or the verified manifest."""
     folder = runs.RunFolder(out)
-    with folder.lock() as manifest:             # the next writer finishes or undoes the killed one's step
-        pass
+    with folder.lock():                         # the next writer finishes or undoes the killed one's step
+        manifest = folder.recover({})
     if manifest is not None:
         folder.read(tuple(manifest["files"]))
         assert not [f for f in os.listdir(out) if f.startswith((".tmp-", runs.PENDING))]
@@ -1160,7 +1160,17 @@ def test_loaded_files_are_validated_whatever_their_hashes_say(group_run, tmp_pat
     for name, edit, fragment in (
             ("no_model", checkpoint(lambda s: s.pop("model")), "expected model \\(dict\\), got nothing"),
             ("wrong_shape", checkpoint(lambda s: s["model"].__setitem__(first(s), torch.zeros(3, 3))),
-             "its weights do not fit its config's model .*shape \\(3, 3\\) there"),
+             "its weights do not fit its config's model .*\\(\\(3, 3\\), torch.float32\\) there"),
+            ("nan_weight", checkpoint(lambda s: s["model"][first(s)].fill_(float("nan"))), "a dense, finite tensor"),
+            ("int_key", checkpoint(lambda s: s["model"].__setitem__(7, s["model"].pop(first(s)))), "weight '7': expected a name"),
+            ("float64", checkpoint(lambda s: s["model"].__setitem__(first(s), s["model"][first(s)].double())),
+             "torch.float64\\) there"),
+            ("nan_rotation", lambda out: np.savez(os.path.join(out, "opq.npz"), **{**np.load(os.path.join(out, "opq.npz")),
+                                                  "rotation": np.full_like(np.load(os.path.join(out, "opq.npz"))["rotation"], np.nan)}),
+             "opq.npz: expected finite float arrays"),
+            ("user_without_items", data(lambda z: (z.__setitem__("user_raw", np.append(z["user_raw"], "u_new")),
+                                                   z.__setitem__("offsets", np.append(z["offsets"], z["offsets"][-1])))),
+             "its arrays disagree"),
             ("missing_weight", checkpoint(lambda s: s["model"].pop(first(s))), "missing there"),
             ("items_as_text", checkpoint(lambda s: s.__setitem__("sids_items", "36")), "trained on '36' items"),
             ("n_embd_as_text", config(lambda c: c["model"].__setitem__("n_embd", "16")), "config.n_embd: expected int"),

@@ -133,8 +133,7 @@ def main(argv: list) -> dict:
     dist = init_distributed(cfg.device)
     out_dir = cfg.out_dir or os.path.join("out", os.path.basename(os.path.normpath(cfg.data)).split(".")[0])
     try:
-        with RunFolder(out_dir).lock() if dist.is_main else contextlib.nullcontext():   # the one writer, who
-            # first finishes or undoes what a killed one left; the others wait for it in load_stage
+        with RunFolder(out_dir).lock() if dist.is_main else contextlib.nullcontext():   # the one writer
             results = train_and_evaluate(given, dist, out_dir, start_time)
         dist.barrier()   # no process tears gloo/nccl down while another still talks to it
         return results
@@ -158,7 +157,9 @@ def train_and_evaluate(given: dict, dist: Dist, out_dir: str, start_time: float)
                 EVAL_BATCH_SIZE)
     splits, stats = split_stage(cfg, mcfg, data, log, seconds)
     index = sids_stage(cfg, dist, raw, data, splits, base, index, log, seconds)
-    if dist.is_main and mode in ("new", "restart"):                        # every check has passed: write
+    if dist.is_main:                           # every check has passed: write, after finishing or undoing
+        RunFolder(out_dir).recover(raw.inputs)  # what a killed writer left, if anything
+    if dist.is_main and mode in ("new", "restart"):
         start_stage(out_dir, mode, resolved, raw, data, index, base, log)
     dist.barrier()
     if not dist.is_main or mode in ("resume", "eval"):
