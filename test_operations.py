@@ -1075,6 +1075,32 @@ def test_run_json_names_only_the_runs_own_files_and_nothing_outside_is_read_or_r
     assert os.path.islink(os.path.join(out, "checkpoint.pt")) == (how == "symlink")
 
 
+@pytest.mark.slow
+def test_a_writer_never_removes_an_input_nor_writes_into_a_folder_moved_away(group_run, tmp_path, monkeypatch):
+    out = _copy_run(group_run, tmp_path / "run")
+    data = os.path.join(out, runs.PENDING + "curves.svg")                   # named like a killed writer's file
+    shutil.copy(group_run["folder"] / "d.inter", data)
+    with pytest.raises(ValueError, match="is one of its inputs \\(--data: "):
+        train.main([f"--data={data}", "--format=inter", f"--out_dir={out}", "--overwrite=true"] + GROUP_RUN)
+    assert os.path.exists(data)
+    emb, ids = os.path.join(out, ".tmp-run.json.npy"), os.path.join(out, runs.PENDING + "eval.json")
+    np.save(emb, group_run["emb"][:1])
+    open(ids, "w").write("n1\n")
+    with pytest.raises(ValueError, match="is one of its inputs \\(--(add_items|item_ids): "):
+        recommend.main([f"--run_dir={out}", f"--add_items={emb}", f"--item_ids={ids}"])
+    assert os.path.exists(emb) and os.path.exists(ids)
+    folder = runs.RunFolder(out)
+    with folder.lock():
+        os.rename(out, tmp_path / "moved")                                  # the folder leaves its path ...
+        os.mkdir(out)                                                       # ... and another takes it
+        with pytest.raises(RuntimeError, match="written without its lock"):
+            folder.publish({"curves.svg": b"<svg/>"})
+    assert os.listdir(out) == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--add_items: expected one process"):
+        recommend.main([f"--run_dir={tmp_path / 'moved'}", "--add_items=e.npy", "--item_ids=i.txt"])
+
+
 def test_a_file_replaced_between_its_check_and_its_parse_is_never_served(group_run, tmp_path, monkeypatch):
     out = _copy_run(group_run, tmp_path / "run")
     checked = runs.load_run(out).model.state_dict()
@@ -1267,6 +1293,7 @@ def test_every_error_is_one_line_even_a_bug(monkeypatch, capsys):
                                     (FileNotFoundError(2, "No such file or directory", "/a/b"),
                                      "error: /a/b: No such file or directory", 1),
                                     (IsADirectoryError(21, "Is a directory", 3), "error: 3: Is a directory", 1),
+                                    (ValueError("/a\nb: not a run folder"), "error: /a\\nb: not a run folder", 1),
                                     (KeyboardInterrupt(), None, 130)):
             def main(argv, error=error):
                 raise error
