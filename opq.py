@@ -13,6 +13,7 @@ semantic IDs.
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -244,6 +245,36 @@ def check_embeddings(x, name: str = "embeddings") -> np.ndarray:
     return x
 
 
+def read_npy(blob: bytes, name: str) -> np.ndarray:
+    """A .npy file's bytes -> its array, never a pickle, and only after its header's shape and dtype
+    are seen to fit in the bytes there (a 200-byte file cannot ask for terabytes)."""
+    f = io.BytesIO(blob)
+    try:
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(f),
+                                                                        np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects, which are never loaded")
+        if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > len(blob):
+            raise ValueError(f"its header asks for {shape} of {dtype}, more than its {len(blob):,} bytes hold")
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise ValueError(f"{name}: not a readable .npy array ({str(e)[:200]})") from None
+
+
+def read_npz(blob: bytes, name: str) -> dict:
+    """An uncompressed .npz archive's bytes (what np.savez writes) -> {key: array}: no member may be
+    larger than the archive (no decompression bomb), and each is read by read_npy."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            big = [i.filename for i in z.infolist() if i.file_size > len(blob) or not i.filename.endswith(".npy")]
+            if big:
+                raise ValueError(f"{name}: {big[0]} is not an .npy array stored whole (np.savez) in the archive")
+            return {i.filename[:-4]: read_npy(z.read(i), f"{name}: {i.filename}") for i in z.infolist()}
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
+        raise ValueError(f"{name}: not a readable .npz archive ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def load_embeddings(path: str, name: str = "embeddings") -> np.ndarray:
     """An [N, D] numeric .npy file, read once (a FIFO works), checked: never a pickle, never a .npz archive."""
     try:
@@ -256,9 +287,5 @@ def load_embeddings(path: str, name: str = "embeddings") -> np.ndarray:
     if blob[:6] != b"\x93NUMPY":
         raise ValueError(f"{name}: {path} is not a .npy file (it does not start with the .npy header); "
                          "save the [n_items, D] array with np.save")
-    try:
-        emb = np.load(io.BytesIO(blob), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        reason = "it holds Python objects, which are never loaded" if "pickle" in str(e) else str(e)
-        raise ValueError(f"{name}: {path} is not a readable .npy array ({reason}); save a numeric array") from None
+    emb = read_npy(blob, f"{name}: {path}")
     return check_embeddings(emb, f"{name} ({path})")

@@ -37,6 +37,7 @@ import sid
 from dataset import Dataset, check_ids, train_split, unique_keys
 from embeddings import read_item_emb
 from evaluate import EVAL_BATCH_SIZE, Transitions
+from opq import read_npz
 from rpg_ed import RPG_ED, RPGEDConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -451,10 +452,9 @@ def parse_run_data(blob: bytes, path: str, n_items: int) -> dict:
     valid (dataset.check_ids), one title per item, offsets from 0 that rise (every user has an item) to the
     end of the sequences, item ids below n_items (the index's)."""
     try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:   # truncated, or holding pickled objects
-        raise ValueError(f"{path}: not a readable run data file ({type(e).__name__}: {str(e)[:200]})") from None
+        arrays = read_npz(blob, path)               # no pickled objects, no member larger than the file
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable run data file ({e})") from None
     if sorted(arrays) != sorted(RUN_DATA_KEYS):
         raise ValueError(f"{path}: expected the arrays {list(RUN_DATA_KEYS)}, found {sorted(arrays)}")
     kinds = {"version": "iu", "item_raw": "U", "user_raw": "U", "item_title": "U", "offsets": "iu", "items": "iu",

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 
 if __package__:                  # copied into a package: mypkg/sid.py beside mypkg/opq.py
-    from .opq import CODEBOOK_SIZE, OPQ, check_embeddings, load_embeddings, train_opq
+    from .opq import CODEBOOK_SIZE, OPQ, check_embeddings, load_embeddings, read_npy, read_npz, train_opq
 else:                            # a flat folder, as here
-    from opq import CODEBOOK_SIZE, OPQ, check_embeddings, load_embeddings, train_opq
+    from opq import CODEBOOK_SIZE, OPQ, check_embeddings, load_embeddings, read_npy, read_npz, train_opq
 
 # ----------------------------------------------------------------------------------------------
 # Constants: the token-id layout and the shape of a SID
@@ -257,10 +257,7 @@ class SIDIndex:
             if os.path.basename(path) not in files:
                 raise ValueError(f"{path}: missing; an index folder holds item_id2tokens.npy and tokens2item.pkl "
                                  "(and opq.npz); rebuild the index")
-        try:
-            codes = np.load(io.BytesIO(files["item_id2tokens.npy"]), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{fwd}: not a readable uint8 [n_items, 4] array ({e})") from None
+        codes = read_npy(files["item_id2tokens.npy"], fwd)
         if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != N_DIGIT:
             raise ValueError(f"{fwd}: expected a uint8 [n_items, {N_DIGIT}] array, got {codes.dtype} {codes.shape}")
         quantizer = _load_opq(files["opq.npz"], opq_path) if "opq.npz" in files else None
@@ -282,32 +279,27 @@ class SIDIndex:
 
 
 def _load_opq(blob: bytes, path: str) -> OPQ:
-    """opq.npz's bytes -> the quantiser."""
-    try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-            version = int(z["version"]) if "version" in z.files else None
-            if version != INDEX_VERSION:
-                raise ValueError(f"{path}: index version {version}, this code reads {INDEX_VERSION}; rebuild the index")
-            mean, rotation, books, counts = z["mean"], z["rotation"], z["codebooks"], z["n_centroids"]
-            width = rotation.shape[0] if rotation.ndim == 2 else 0
-            arrays = (mean, rotation, books)
-            placed = [z[k].dtype.kind for k in ("placed_items", "placed_sha256") if k in z.files]
-            if not all(a.dtype.kind == "f" and np.isfinite(a).all() for a in arrays) or counts.dtype.kind not in "iu" \
-                    or placed not in ([], ["i", "U"], ["u", "U"]):
-                raise ValueError(f"{path}: expected finite float arrays and integer counts, got "
-                                 f"{[str(a.dtype) for a in (*arrays, counts)]}")
-            if not (mean.ndim == 1 and 0 < len(mean) <= width and rotation.shape == (width, width)
-                    and books.shape == (N_DIGIT, CODEBOOK_SIZE, width // N_DIGIT) and width % N_DIGIT == 0
-                    and counts.shape == (N_DIGIT,) and ((1 <= counts) & (counts <= CODEBOOK_SIZE)).all()):
-                raise ValueError(f"{path}: shapes disagree: mean {mean.shape}, rotation {rotation.shape}, codebooks "
-                                 f"{books.shape}, n_centroids {counts.shape}")
-            return OPQ(mean=mean, rotation=rotation, errors=list(z["errors"]),
-                       codebooks=[books[d, :k] for d, k in enumerate(counts)],
-                       placed=(int(z["placed_items"]), str(z["placed_sha256"])) if "placed_sha256" in z.files else (0, ""))
-    except ValueError:
-        raise
-    except Exception as e:  # a truncated or corrupt zip: BadZipFile, EOFError, KeyError, OSError
-        raise ValueError(f"{path}: not a readable OPQ file ({type(e).__name__}: {e})") from None
+    """opq.npz's bytes -> the quantiser, its arrays' kinds and shapes checked."""
+    z = read_npz(blob, path)
+    missing = [k for k in ("version", "mean", "rotation", "codebooks", "n_centroids", "errors") if k not in z]
+    if missing or int(z["version"]) != INDEX_VERSION:
+        raise ValueError(f"{path}: index version {z.get('version')}, this code reads {INDEX_VERSION} (missing: "
+                         f"{missing}); rebuild the index")
+    mean, rotation, books, counts = z["mean"], z["rotation"], z["codebooks"], z["n_centroids"]
+    width = rotation.shape[0] if rotation.ndim == 2 else 0
+    placed = [z[k].dtype.kind for k in ("placed_items", "placed_sha256") if k in z]
+    if not all(a.dtype.kind == "f" and np.isfinite(a).all() for a in (mean, rotation, books)) \
+            or counts.dtype.kind not in "iu" or placed not in ([], ["i", "U"], ["u", "U"]):
+        raise ValueError(f"{path}: expected finite float arrays and integer counts, got "
+                         f"{[str(a.dtype) for a in (mean, rotation, books, counts)]}")
+    if not (mean.ndim == 1 and 0 < len(mean) <= width and rotation.shape == (width, width)
+            and books.shape == (N_DIGIT, CODEBOOK_SIZE, width // N_DIGIT) and width % N_DIGIT == 0
+            and counts.shape == (N_DIGIT,) and ((1 <= counts) & (counts <= CODEBOOK_SIZE)).all()):
+        raise ValueError(f"{path}: shapes disagree: mean {mean.shape}, rotation {rotation.shape}, codebooks "
+                         f"{books.shape}, n_centroids {counts.shape}")
+    return OPQ(mean=mean, rotation=rotation, errors=list(z["errors"]),
+               codebooks=[books[d, :k] for d, k in enumerate(counts)],
+               placed=(int(z["placed_items"]), str(z["placed_sha256"])) if placed else (0, ""))
 
 
 def _like(array: np.ndarray, reference):

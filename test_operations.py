@@ -1150,6 +1150,12 @@ def test_an_input_in_the_output_folder_is_refused_with_or_without_overwrite_and_
     assert (index_dir / "item_id2tokens.npy").read_bytes() == kept
 
 
+def _npy_header(shape: tuple, descr: str) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()                       # magic, version 1.0 and the header, no data
+
+
 @pytest.mark.slow
 def test_loaded_files_are_validated_whatever_their_hashes_say(group_run, tmp_path, monkeypatch):
     def crafted(name: str, edit) -> str:
@@ -1194,6 +1200,11 @@ def test_loaded_files_are_validated_whatever_their_hashes_say(group_run, tmp_pat
             ("nan_rotation", lambda out: np.savez(os.path.join(out, "opq.npz"), **{**np.load(os.path.join(out, "opq.npz")),
                                                   "rotation": np.full_like(np.load(os.path.join(out, "opq.npz"))["rotation"], np.nan)}),
              "opq.npz: expected finite float arrays"),
+            ("compressed_bomb", lambda out: np.savez_compressed(os.path.join(out, "data.npz"), **{
+                **np.load(os.path.join(out, "data.npz")), "items": np.zeros(10 ** 7, np.int32)}),
+             "items.npy is not an .npy array stored whole"),
+            ("header_asks_too_much", lambda out: open(os.path.join(out, "item_id2tokens.npy"), "wb").write(
+                _npy_header((2 ** 42, 4), "|u1") + bytes(64)), "its header asks for \\(4398046511104, 4\\) of uint8"),
             ("user_without_items", data(lambda z: (z.__setitem__("user_raw", np.append(z["user_raw"], "u_new")),
                                                    z.__setitem__("offsets", np.append(z["offsets"], z["offsets"][-1])))),
              "its arrays disagree"),
