@@ -247,7 +247,10 @@ def atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file of this process's own unique name in the same folder, fsync, then
     rename over `path`; on any failure the temporary file goes, and only it."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    except OSError as e:                                       # a read-only folder, say: name the file meant
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())                       # mkstemp's 0600 -> what open() would give
         with os.fdopen(fd, "wb") as f:
@@ -303,14 +306,17 @@ def memory_limit() -> int:
     for kind in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
         soft = resource.getrlimit(kind)[0]
         limits += [soft] if soft != resource.RLIM_INFINITY else []
-    try:
+    groups = {}                                    # cgroup v2: "0::/path"; v1: "N:memory,...:/path"
+    with contextlib.suppress(OSError, ValueError):
         with open("/proc/self/cgroup", encoding="utf-8") as f:
-            group = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), "")
-        with open(f"/sys/fs/cgroup{group.rstrip('/')}/memory.max", encoding="utf-8") as f:
-            text = f.read().strip()
-        limits += [int(text)] if text.isdigit() else []
-    except (OSError, ValueError):
-        pass
+            for _, controllers, path in (line.rstrip("\n").split(":", 2) for line in f):
+                groups.update({c: path.strip("/") for c in controllers.split(",")})
+    for path in (f"/sys/fs/cgroup/{groups.get('', '')}/memory.max",
+                 f"/sys/fs/cgroup/memory/{groups.get('memory', '')}/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError):
+            with open(path.replace("//", "/"), encoding="utf-8") as f:
+                text = f.read().strip()
+            limits += [int(text)] if text.isdigit() else []
     return min(limits)
 
 
@@ -358,7 +364,9 @@ def exclusive(folder: str, flag: str):
     """Hold the one writer's lock on `folder` (created if missing) while the block runs: an OS lock
     (flock) on the folder itself, so nothing is written to take it and the OS releases it when the
     process ends, however it ends. A second writer is refused at once, naming the holder."""
-    created = not os.path.lexists(folder)
+    created, parent = [], os.path.abspath(folder)
+    while not os.path.lexists(parent):             # the folders this call creates, deepest first
+        created, parent = created + [parent], os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
@@ -375,9 +383,9 @@ def exclusive(folder: str, flag: str):
     finally:
         _held.pop(os.path.realpath(folder), None)
         os.close(fd)                                   # releases the lock
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)                       # only while still empty: a run that wrote nothing
+        with contextlib.suppress(OSError):
+            for path in created:
+                os.rmdir(path)                         # only while empty: a run that wrote nothing
 
 
 def holds_lock(folder: str) -> bool:

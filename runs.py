@@ -111,7 +111,8 @@ class RunFolder:
                                          and SHA256.fullmatch(data["sha256"])):
                 raise ValueError(f"data: expected null or {{\"path\", \"size\", \"sha256\"}}, got {data!r:.80}")
         except (ValueError, RecursionError) as e:
-            raise ValueError(f"{path}: not a run manifest ({e})") from None
+            raise ValueError(f"{path}: not a run manifest ({e}); nothing in this folder is trusted or touched: "
+                             "move the folder away, or remove its run.json") from None
         return manifest
 
     def read(self, needs: tuple, optional: tuple = ()) -> tuple[dict, dict]:
@@ -191,8 +192,8 @@ class RunFolder:
         old = self.manifest() or {"files": {}, "data": None}
         need, free = sum(map(len, files.values())) + (1 << 20), shutil.disk_usage(self.path).free
         if free < need:
-            raise ValueError(f"{self.path}: {need / 2 ** 20:.0f} MiB to write, {free / 2 ** 20:.0f} MiB free on its "
-                             "disk; nothing was written, the folder holds its last published state")
+            raise ValueError(f"{self.path}: {need:,} bytes to write, {free:,} bytes free on its disk; nothing was "
+                             "written, the folder holds its last published state")
         entries = dict(old["files"]) if keep else {}
         try:
             for name, blob in files.items():
@@ -224,6 +225,8 @@ def check_out_dir(out_dir: str, cfg, resolved: dict, fingerprint: dict, may_chan
     "resume" or "eval"."""
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ValueError(f"--out_dir: {out_dir} cannot be written (not a writable folder)")
+    if os.path.isdir(cfg.data) and os.path.samefile(cfg.data, out_dir):     # its files would become "data files"
+        raise ValueError(f"--out_dir: {out_dir} is the --data folder; choose another folder for the run")
     folder, base = RunFolder(out_dir), cfg.init_from
     inputs = {**inputs, **{f"--init_from ({n})": os.path.join(base, n) for n in (MANIFEST, *RUN_FILES) if base}}
     cli.check_outputs([folder.file(n) for n in (MANIFEST, *RUN_FILES)] +
@@ -237,7 +240,7 @@ def check_out_dir(out_dir: str, cfg, resolved: dict, fingerprint: dict, may_chan
         check_fingerprint(manifest["data"], fingerprint, flag)
         return "resume" if cfg.resume else "eval"
     found = [f for f in RUN_FILES if os.path.lexists(folder.file(f))]
-    if manifest is None and not found or cfg.overwrite:
+    if (manifest is None and not found) or cfg.overwrite:
         return "new"
     if manifest is not None and "results.json" not in manifest["files"] and same_data(manifest["data"], fingerprint) \
             and "config.json" in manifest["files"]:

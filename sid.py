@@ -231,12 +231,20 @@ class SIDIndex:
     def save(self, folder: str) -> None:
         """The files() into `folder`, each written whole (a temporary file renamed over the name)."""
         os.makedirs(folder, exist_ok=True)
-        for name, data in self.files().items():
-            tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(folder, name))
+        files = self.files()
+        tmp = {name: os.path.join(folder, f".tmp-{os.getpid()}-{name}") for name in files}
+        try:                                      # every file whole first (a full disk fails here), then renamed
+            for name, data in files.items():
+                with open(tmp[name], "wb") as f:
+                    f.write(data)
+                    os.fsync(f.fileno())
+        except OSError as e:
+            for path in tmp.values():             # this process's own temporary files, and only them
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            raise OSError(e.errno, e.strerror, os.path.join(folder, name)) from None
+        for name in files:
+            os.replace(tmp[name], os.path.join(folder, name))
 
     @classmethod
     def load(cls, folder: str) -> "SIDIndex":

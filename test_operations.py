@@ -1279,8 +1279,8 @@ def test_a_publish_checks_free_disk_first_and_a_failed_write_names_its_path(grou
     with pytest.raises(RuntimeError, match="written without its lock"):
         folder.publish({"curves.svg": b"<svg/>"})
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000))
-    with folder.lock(), pytest.raises(ValueError, match=f"{re_escape(out)}: 1 MiB to write, 0 MiB free on its disk; "
-                                                          "nothing was written"):
+    with folder.lock(), pytest.raises(ValueError, match=f"{re_escape(out)}: 1,048,582 bytes to write, 1,000 bytes free on "
+                                                          "its disk; nothing was written"):
         folder.publish({"curves.svg": b"<svg/>"})
     assert _files(out) == before
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 0, 1 << 30))
@@ -1293,6 +1293,20 @@ def test_a_publish_checks_free_disk_first_and_a_failed_write_names_its_path(grou
                                                           "device; nothing was published"):
         folder.publish({"curves.svg": b"<svg/>"})
     assert _files(out) == before
+
+
+def test_a_writer_that_fails_leaves_no_folder_it_created_and_names_the_file_it_meant(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="bad input"), cli.exclusive(str(tmp_path / "a" / "b" / "c"), "--out"):
+        raise ValueError("bad input")
+    assert os.listdir(tmp_path) == []
+
+    def read_only(**kwargs):
+        raise OSError(30, "Read-only file system", os.path.join(kwargs["dir"], ".tmp-out.jsonk3x9"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as failed:
+        cli.atomic_write(str(tmp_path / "out.json"), b"{}")
+    assert failed.value.filename == str(tmp_path / "out.json")              # not the temporary name
 
 
 def test_every_error_is_one_line_even_a_bug(monkeypatch, capsys):
