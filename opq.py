@@ -13,6 +13,7 @@ semantic IDs.
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from dataclasses import dataclass, field
 
@@ -255,7 +256,7 @@ def read_npy(blob: bytes, name: str) -> np.ndarray:
         shape, _, dtype = read_header(f)
         if dtype.hasobject:
             raise ValueError("it holds Python objects, which are never loaded")
-        if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > len(blob):
+        if math.prod(shape) * dtype.itemsize > len(blob):                   # exact ints: no overflow
             raise ValueError(f"its header asks for {shape} of {dtype}, more than its {len(blob):,} bytes hold")
         return np.load(io.BytesIO(blob), allow_pickle=False)
     except (ValueError, OSError, EOFError, TypeError) as e:

@@ -167,18 +167,17 @@ def add_items(folder: str, embeddings: np.ndarray, item_ids: list, titles: list 
     a kill leaves the old run or the new. `inputs` ({flag: path}): files read, never replaced.
     Returns how many new items collision resolution moved.
     """
-    run_folder = RunFolder(folder)
+    run_folder, titles = RunFolder(folder), titles or [""] * len(item_ids)
     with run_folder.lock("--run_dir"):
         run_folder.recover(inputs or {})                            # a killed writer's step finished or undone
         _, blobs = run_folder.read(("item_id2tokens.npy", "tokens2item.pkl", "data.npz"), optional=("opq.npz",))
         index = sid.SIDIndex.from_files(blobs, folder)
         run_data = parse_run_data(blobs["data.npz"], run_folder.file("data.npz"), index.n_items)
-        check_new_items(folder, run_data, index, embeddings, item_ids, titles or [""] * len(item_ids))
+        check_new_items(folder, run_data, index, embeddings, item_ids, titles)
         cli.check_outputs([run_folder.file(n) for n in (MANIFEST, *RUN_FILES)], inputs or {})
         new_index, moved = index.add_items(np.asarray(embeddings))
         new_data = _npz_bytes(**{**run_data, "item_raw": np.concatenate([run_data["item_raw"], np.array(item_ids, str)]),
-                                 "item_title": np.concatenate([run_data["item_title"],
-                                                               np.array(titles or [""] * len(item_ids), str)])})
+                                 "item_title": np.concatenate([run_data["item_title"], np.array(titles, str)])})
         run_folder.publish({**new_index.files(), "data.npz": new_data})
     return moved
 
